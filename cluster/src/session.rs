@@ -1,0 +1,267 @@
+//! Persistent session state as data, and the store that keeps it durable.
+//!
+//! API boundary: the broker writes through [`SessionStore`] at the points where MQTT promises
+//! durability (subscription changes, messages queued for a persistent subscriber before the
+//! publisher is acknowledged, acknowledgements, disconnect). Each call resolves once the
+//! write is durable. [`MemorySessionStore`] keeps everything in memory for a single node;
+//! the Raft-replicated store implements the same trait.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+
+use crate::message::{Message, QoS};
+use crate::StoreError;
+
+/// What to drop when a session queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DropPolicy {
+    /// Drop the oldest QoS 0 message, else the oldest message, to make room (EMQX default).
+    #[default]
+    DropOldest,
+    /// Refuse the new message.
+    DropNew,
+}
+
+/// Per-subscription options (MQTT 5 §3.8.3.1; MQTT 3 uses only `qos`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SubscriptionOptions {
+    /// Maximum QoS granted.
+    pub qos: QoS,
+    /// Do not deliver the subscriber's own publishes.
+    pub no_local: bool,
+    /// Keep the RETAIN flag of live messages as published.
+    pub retain_as_published: bool,
+    /// 0 = send retained at subscribe, 1 = only for a new subscription, 2 = never.
+    pub retain_handling: u8,
+    /// Subscription Identifier to attach to matching deliveries.
+    pub subscription_identifier: Option<u32>,
+}
+
+/// A message waiting in a session queue, with what the delivery needs besides the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedMessage {
+    /// Shared message.
+    pub message: Arc<Message>,
+    /// QoS to deliver with: min(published, granted).
+    pub qos: QoS,
+    /// RETAIN flag to deliver with.
+    pub retain: bool,
+    /// Subscription identifiers of every matching subscription.
+    pub subscription_ids: Vec<u32>,
+}
+
+/// Where an unacknowledged outbound QoS 1/2 message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflightStage {
+    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Published,
+    /// PUBREL sent, waiting for PUBCOMP.
+    Released,
+}
+
+/// One outbound message the client has not fully acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InflightMessage {
+    /// The delivery.
+    pub queued: QueuedMessage,
+    /// Handshake stage.
+    pub stage: InflightStage,
+}
+
+/// A will message held by the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WillMessage {
+    /// The message to publish.
+    pub message: Message,
+    /// MQTT 5 Will Delay Interval in seconds.
+    pub delay_secs: u32,
+}
+
+/// The whole state of one persistent session.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SessionState {
+    /// Client identifier.
+    pub client_id: String,
+    /// Subscriptions by filter.
+    pub subscriptions: BTreeMap<String, SubscriptionOptions>,
+    /// Messages not yet sent to the client.
+    pub queue: VecDeque<QueuedMessage>,
+    /// Messages sent but not acknowledged, by packet id.
+    pub inflight: BTreeMap<u16, InflightMessage>,
+    /// Inbound QoS 2 packet ids awaiting PUBREL.
+    pub awaiting_rel: Vec<u16>,
+    /// Session Expiry Interval in seconds after disconnect.
+    pub expiry_secs: u32,
+    /// Will message, if any.
+    pub will: Option<WillMessage>,
+    /// Time the client disconnected (ms since the Unix epoch), 0 while connected.
+    pub disconnected_at_ms: u64,
+}
+
+/// Bounds applied by the store to a session queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Maximum queued messages.
+    pub max_len: usize,
+    /// Maximum queued bytes (see [`Message::weight`]).
+    pub max_bytes: usize,
+    /// Which message to drop when full.
+    pub policy: DropPolicy,
+}
+
+/// Durable home of persistent sessions.
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// The stored state of `client_id`, if any.
+    async fn load(&self, client_id: &str) -> Result<Option<SessionState>, StoreError>;
+    /// Replaces the stored state of a session.
+    async fn save(&self, state: SessionState) -> Result<(), StoreError>;
+    /// Appends messages to session queues (one write for many sessions). Returns how many
+    /// messages the queue bounds dropped.
+    async fn append(&self, batch: Vec<(String, QueuedMessage)>, limits: QueueLimits) -> Result<u64, StoreError>;
+    /// Removes a session; returns its last state.
+    async fn remove(&self, client_id: &str) -> Result<Option<SessionState>, StoreError>;
+    /// Number of stored sessions.
+    fn len(&self) -> usize;
+    /// True when no session is stored.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Pushes `item` onto `queue` within `limits`; returns the number of messages dropped.
+pub fn push_bounded(queue: &mut VecDeque<QueuedMessage>, bytes: &mut usize, item: QueuedMessage, limits: QueueLimits) -> u64 {
+    let weight = item.message.weight();
+    let mut dropped = 0;
+    let full = |q: &VecDeque<QueuedMessage>, b: usize| q.len() >= limits.max_len || b + weight > limits.max_bytes;
+    if full(queue, *bytes) {
+        if limits.policy == DropPolicy::DropNew || limits.max_len == 0 || weight > limits.max_bytes {
+            return 1;
+        }
+        while full(queue, *bytes) {
+            let idx = queue.iter().position(|q| q.qos == QoS::AtMostOnce).unwrap_or(0);
+            match queue.remove(idx) {
+                Some(old) => {
+                    *bytes = bytes.saturating_sub(old.message.weight());
+                    dropped += 1;
+                }
+                None => break,
+            }
+        }
+    }
+    *bytes += weight;
+    queue.push_back(item);
+    dropped
+}
+
+/// Single-node, in-memory [`SessionStore`]. Writes are durable as soon as they return
+/// because nothing outlives the process anyway.
+#[derive(Debug, Default)]
+pub struct MemorySessionStore {
+    sessions: DashMap<String, SessionState>,
+}
+
+impl MemorySessionStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemorySessionStore {
+    async fn load(&self, client_id: &str) -> Result<Option<SessionState>, StoreError> {
+        Ok(self.sessions.get(client_id).map(|s| s.clone()))
+    }
+
+    async fn save(&self, state: SessionState) -> Result<(), StoreError> {
+        self.sessions.insert(state.client_id.clone(), state);
+        Ok(())
+    }
+
+    async fn append(&self, batch: Vec<(String, QueuedMessage)>, limits: QueueLimits) -> Result<u64, StoreError> {
+        let mut dropped = 0;
+        for (client_id, item) in batch {
+            if let Some(mut s) = self.sessions.get_mut(&client_id) {
+                let mut bytes = s.queue.iter().map(|q| q.message.weight()).sum();
+                dropped += push_bounded(&mut s.queue, &mut bytes, item, limits);
+            }
+        }
+        Ok(dropped)
+    }
+
+    async fn remove(&self, client_id: &str) -> Result<Option<SessionState>, StoreError> {
+        Ok(self.sessions.remove(client_id).map(|(_, s)| s))
+    }
+
+    fn len(&self) -> usize {
+        self.sessions.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn item(qos: QoS, n: u8) -> QueuedMessage {
+        QueuedMessage {
+            message: Arc::new(Message {
+                topic: "t".into(),
+                payload: Bytes::from(vec![n]),
+                qos,
+                retain: false,
+                properties: Default::default(),
+                received_at_ms: 0,
+                publisher: String::new(),
+            }),
+            qos,
+            retain: false,
+            subscription_ids: vec![],
+        }
+    }
+
+    #[test]
+    fn drop_oldest_prefers_qos0() {
+        let limits = QueueLimits { max_len: 2, max_bytes: usize::MAX, policy: DropPolicy::DropOldest };
+        let mut q = VecDeque::new();
+        let mut b = 0;
+        assert_eq!(push_bounded(&mut q, &mut b, item(QoS::AtLeastOnce, 1), limits), 0);
+        assert_eq!(push_bounded(&mut q, &mut b, item(QoS::AtMostOnce, 2), limits), 0);
+        assert_eq!(push_bounded(&mut q, &mut b, item(QoS::AtLeastOnce, 3), limits), 1);
+        let left: Vec<u8> = q.iter().map(|i| i.message.payload[0]).collect();
+        assert_eq!(left, vec![1, 3]);
+        assert_eq!(push_bounded(&mut q, &mut b, item(QoS::AtLeastOnce, 4), limits), 1);
+        let left: Vec<u8> = q.iter().map(|i| i.message.payload[0]).collect();
+        assert_eq!(left, vec![3, 4]);
+    }
+
+    #[test]
+    fn drop_new_refuses() {
+        let limits = QueueLimits { max_len: 1, max_bytes: usize::MAX, policy: DropPolicy::DropNew };
+        let mut q = VecDeque::new();
+        let mut b = 0;
+        push_bounded(&mut q, &mut b, item(QoS::AtLeastOnce, 1), limits);
+        assert_eq!(push_bounded(&mut q, &mut b, item(QoS::AtLeastOnce, 2), limits), 1);
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].message.payload[0], 1);
+    }
+
+    #[tokio::test]
+    async fn memory_store_round_trip() {
+        let store = MemorySessionStore::new();
+        let state = SessionState { client_id: "c".into(), expiry_secs: 10, ..Default::default() };
+        store.save(state.clone()).await.ok();
+        let limits = QueueLimits { max_len: 10, max_bytes: usize::MAX, policy: DropPolicy::DropOldest };
+        let dropped = store.append(vec![("c".into(), item(QoS::AtLeastOnce, 7)), ("nobody".into(), item(QoS::AtLeastOnce, 8))], limits).await;
+        assert_eq!(dropped.ok(), Some(0));
+        let loaded = store.load("c").await.ok().flatten();
+        assert_eq!(loaded.map(|s| s.queue.len()), Some(1));
+        assert_eq!(store.len(), 1);
+        assert!(store.remove("c").await.ok().flatten().is_some());
+        assert!(store.is_empty());
+    }
+}
