@@ -1,1 +1,2 @@
-//! placeholder
+//! raftmq-node: the MQTT broker.
+pub mod codec;

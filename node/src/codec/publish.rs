@@ -1,0 +1,179 @@
+//! PUBLISH and its four acknowledgements (§3.3-§3.7).
+
+use bytes::{BufMut, Bytes, BytesMut};
+use raftmq_cluster::message::QoS;
+
+use super::wire::{read_string, read_u16, read_u8, varint_len, write_string, write_varint};
+use super::{write_frame, DecodeError, Properties, PropertyContext, Protocol};
+
+/// PUBLISH: an application message in either direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    /// DUP flag: this may be a re-delivery.
+    pub dup: bool,
+    /// QoS of this transfer.
+    pub qos: QoS,
+    /// RETAIN flag.
+    pub retain: bool,
+    /// Topic name; empty when an MQTT 5 Topic Alias stands for it.
+    pub topic: String,
+    /// Packet identifier, 0 for QoS 0.
+    pub packet_id: u16,
+    /// PUBLISH properties (MQTT 5).
+    pub properties: Properties,
+    /// Application payload.
+    pub payload: Bytes,
+}
+
+impl Publish {
+    pub(super) fn read(flags: u8, mut b: Bytes, protocol: Protocol) -> Result<Publish, DecodeError> {
+        let dup = flags & 0x08 != 0;
+        let qos = QoS::from_u8((flags >> 1) & 0x03).ok_or(DecodeError::Malformed("PUBLISH QoS 3"))?;
+        let retain = flags & 0x01 != 0;
+        if dup && qos == QoS::AtMostOnce {
+            return Err(DecodeError::Malformed("DUP set on QoS 0 PUBLISH"));
+        }
+        let topic = read_string(&mut b)?;
+        let packet_id = if qos == QoS::AtMostOnce { 0 } else { read_u16(&mut b)? };
+        if qos != QoS::AtMostOnce && packet_id == 0 {
+            return Err(DecodeError::Malformed("packet identifier 0"));
+        }
+        let properties = if protocol.is_v5() { Properties::read(&mut b, PropertyContext::Publish)? } else { Properties::default() };
+        Ok(Publish { dup, qos, retain, topic, packet_id, properties, payload: b })
+    }
+
+    fn body_len(&self, protocol: Protocol, props_body: &[u8]) -> usize {
+        let mut body = 2 + self.topic.len() + self.payload.len();
+        if self.qos != QoS::AtMostOnce {
+            body += 2;
+        }
+        if protocol.is_v5() {
+            body += Properties::wire_len(props_body);
+        }
+        body
+    }
+
+    /// Encoded size of the whole packet, given its encoded property body.
+    pub fn wire_len(&self, protocol: Protocol, props_body: &[u8]) -> usize {
+        let body = self.body_len(protocol, props_body);
+        1 + varint_len(body) + body
+    }
+
+    /// Writes the packet with a pre-encoded property body (the broker encodes properties
+    /// once to check the client's Maximum Packet Size before writing).
+    pub fn write_with(&self, protocol: Protocol, props_body: &[u8], out: &mut BytesMut) {
+        let body = self.body_len(protocol, props_body);
+        out.reserve(1 + varint_len(body) + body);
+        let mut first = 0x30 | ((self.qos as u8) << 1);
+        if self.dup {
+            first |= 0x08;
+        }
+        if self.retain {
+            first |= 0x01;
+        }
+        out.put_u8(first);
+        write_varint(out, body);
+        write_string(out, &self.topic);
+        if self.qos != QoS::AtMostOnce {
+            out.put_u16(self.packet_id);
+        }
+        if protocol.is_v5() {
+            Properties::write_body(out, props_body);
+        }
+        out.put_slice(&self.payload);
+    }
+
+    pub(super) fn write(&self, protocol: Protocol, out: &mut BytesMut) {
+        let props = if protocol.is_v5() { self.properties.body() } else { BytesMut::new() };
+        self.write_with(protocol, &props, out);
+    }
+}
+
+/// Which acknowledgement a [`PubResponse`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PubKind {
+    /// QoS 1 acknowledgement.
+    PubAck,
+    /// QoS 2, step 1.
+    PubRec,
+    /// QoS 2, step 2.
+    PubRel,
+    /// QoS 2, step 3.
+    PubComp,
+}
+
+impl PubKind {
+    /// Lower-case packet name.
+    pub fn name(self) -> &'static str {
+        match self {
+            PubKind::PubAck => "puback",
+            PubKind::PubRec => "pubrec",
+            PubKind::PubRel => "pubrel",
+            PubKind::PubComp => "pubcomp",
+        }
+    }
+
+    fn first_byte(self) -> u8 {
+        match self {
+            PubKind::PubAck => 0x40,
+            PubKind::PubRec => 0x50,
+            PubKind::PubRel => 0x62,
+            PubKind::PubComp => 0x70,
+        }
+    }
+}
+
+/// PUBACK, PUBREC, PUBREL or PUBCOMP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PubResponse {
+    /// Which of the four.
+    pub kind: PubKind,
+    /// Packet identifier of the PUBLISH.
+    pub packet_id: u16,
+    /// Reason code (MQTT 5; always 0 on 3.x).
+    pub reason: u8,
+    /// Properties (MQTT 5).
+    pub properties: Properties,
+}
+
+impl PubResponse {
+    /// A response with no properties.
+    pub fn new(kind: PubKind, packet_id: u16, reason: u8) -> PubResponse {
+        PubResponse { kind, packet_id, reason, properties: Properties::default() }
+    }
+
+    pub(super) fn read(kind: PubKind, mut b: Bytes, protocol: Protocol) -> Result<PubResponse, DecodeError> {
+        let packet_id = read_u16(&mut b)?;
+        if packet_id == 0 {
+            return Err(DecodeError::Malformed("packet identifier 0"));
+        }
+        let mut r = PubResponse::new(kind, packet_id, 0);
+        if protocol.is_v5() {
+            if !b.is_empty() {
+                r.reason = read_u8(&mut b)?;
+            }
+            if !b.is_empty() {
+                r.properties = Properties::read(&mut b, PropertyContext::PubResponse)?;
+            }
+        }
+        if !b.is_empty() {
+            return Err(DecodeError::Malformed("unexpected bytes at end of acknowledgement"));
+        }
+        Ok(r)
+    }
+
+    pub(super) fn write(&self, protocol: Protocol, out: &mut BytesMut) {
+        let mut body = BytesMut::with_capacity(4);
+        body.put_u16(self.packet_id);
+        if protocol.is_v5() {
+            let props = self.properties.body();
+            if self.reason != 0 || !props.is_empty() {
+                body.put_u8(self.reason);
+            }
+            if !props.is_empty() {
+                Properties::write_body(&mut body, &props);
+            }
+        }
+        write_frame(out, self.kind.first_byte(), &body);
+    }
+}
