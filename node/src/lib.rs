@@ -1,2 +1,22 @@
-//! raftmq-node: the MQTT broker.
+//! raftmq-node: the MQTT broker of a raftmq node.
+//!
+//! Layout (see docs/ARCHITECTURE.md for the invariants):
+//! - [`codec`]: the MQTT 3.1/3.1.1/5.0 wire format, IO-free;
+//! - [`connection`]: one task per client, from CONNECT to close;
+//! - [`session`]: a client id's session slot (queue, inflight, subscriptions);
+//! - [`router`]: the local subscription index;
+//! - [`broker`]: sessions, routing, wills, expiry;
+//! - [`listener`] and [`server`]: accepting connections, start and shutdown;
+//! - [`config`]: file, environment and flags.
+//!
+//! Shared state (retained messages, persistent sessions, routes) goes through the store
+//! traits of `raftmq-cluster`.
+
+pub mod broker;
 pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod listener;
+pub mod router;
+pub mod server;
+pub mod session;

@@ -1,0 +1,445 @@
+//! The broker: session slots by client id, the subscription index, routing, wills and
+//! session expiry. Connection tasks call in here; nothing here knows about sockets or
+//! packets.
+//!
+//! Architecture invariant: a slot has at most one attached connection. Attaching takes the
+//! slot's `connect_lock`, kicks the previous owner and waits for it to detach (bounded by
+//! `takeover_timeout_secs`), so two connections never deliver for one session.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use raftmq_cluster::message::{now_ms, Message, QoS};
+use raftmq_cluster::retained::{MemoryRetainedStore, RetainOutcome, RetainedLimits, RetainedStore};
+use raftmq_cluster::routes::{LocalRoutes, RouteTable};
+use raftmq_cluster::session::{MemorySessionStore, QueueLimits, SessionStore, SubscriptionOptions, WillMessage};
+use raftmq_cluster::StoreError;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::router::SubscriptionIndex;
+use crate::session::{ConnHandle, Offer, SessionSlot};
+
+/// Counters exposed to tests, `$SYS` and metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections with an accepted CONNECT.
+    pub connections: AtomicUsize,
+    /// Highest value `connections` reached.
+    pub connections_max: AtomicUsize,
+    /// PUBLISH packets received from clients.
+    pub messages_received: AtomicU64,
+    /// PUBLISH packets written to clients.
+    pub messages_sent: AtomicU64,
+    /// Deliveries dropped (queue full, offline QoS 0, too large for the client, expired).
+    pub messages_dropped: AtomicU64,
+    /// Will messages published.
+    pub wills_published: AtomicU64,
+    /// Sessions taken over by a new connection.
+    pub takeovers: AtomicU64,
+}
+
+/// Why a connection ended, as far as wills and sessions care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndKind {
+    /// DISCONNECT with reason 0x00: discard the will.
+    Normal,
+    /// DISCONNECT 0x04, or any abnormal end: publish the will.
+    PublishWill,
+    /// Another connection took the session over.
+    TakenOver,
+}
+
+/// What a connection gets when it attaches to a session.
+#[derive(Debug)]
+pub struct Attached {
+    /// The slot now owned by the connection.
+    pub slot: Arc<SessionSlot>,
+    /// Whether an existing session was resumed (CONNACK Session Present).
+    pub session_present: bool,
+    /// Kick signal for the connection loop.
+    pub kicked: oneshot::Receiver<u8>,
+}
+
+/// The shared state of one node.
+pub struct Broker {
+    /// Configuration in force.
+    pub config: Arc<Config>,
+    sessions: DashMap<Arc<str>, Arc<SessionSlot>>,
+    index: SubscriptionIndex,
+    retained: Arc<dyn RetainedStore>,
+    store: Arc<dyn SessionStore>,
+    routes: Arc<dyn RouteTable>,
+    next_conn_id: AtomicU64,
+    /// Counters.
+    pub stats: Stats,
+    /// Cancelled at shutdown; every task watches it.
+    pub shutdown: CancellationToken,
+    /// Every connection and timer task, awaited at shutdown.
+    pub tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("node", &self.config.node_name).field("sessions", &self.sessions.len()).finish()
+    }
+}
+
+impl Broker {
+    /// A single-node broker with in-memory stores.
+    pub fn new(config: Config) -> Arc<Broker> {
+        let retained = Arc::new(MemoryRetainedStore::new(RetainedLimits {
+            max_messages: if config.retained.enabled { config.retained.max_messages } else { 0 },
+            max_bytes: config.retained.max_bytes,
+            max_payload: config.retained.max_payload,
+        }));
+        Broker::with_stores(config, retained, Arc::new(MemorySessionStore::new()), Arc::new(LocalRoutes::new()))
+    }
+
+    /// A broker over the given stores (the cluster plugs its replicated stores in here).
+    pub fn with_stores(
+        config: Config,
+        retained: Arc<dyn RetainedStore>,
+        store: Arc<dyn SessionStore>,
+        routes: Arc<dyn RouteTable>,
+    ) -> Arc<Broker> {
+        Arc::new(Broker {
+            config: Arc::new(config),
+            sessions: DashMap::new(),
+            index: SubscriptionIndex::default(),
+            retained,
+            store,
+            routes,
+            next_conn_id: AtomicU64::new(1),
+            stats: Stats::default(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// A fresh connection number.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Number of sessions (online and offline).
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Number of distinct subscribed filters.
+    pub fn subscription_filter_count(&self) -> usize {
+        self.index.filter_count()
+    }
+
+    /// Number of retained messages.
+    pub fn retained_count(&self) -> usize {
+        self.retained.count()
+    }
+
+    /// The queue bounds of every session.
+    pub fn queue_limits(&self) -> QueueLimits {
+        let m = &self.config.mqtt;
+        QueueLimits { max_len: m.max_queue_len, max_bytes: m.max_queue_bytes, policy: m.queue_drop_policy.into() }
+    }
+
+    /// Attaches connection `conn_id` to the session of `client_id`, taking it over from any
+    /// previous connection. `clean_start` discards an existing session [MQTT-3.1.2-4];
+    /// otherwise it is resumed [MQTT-3.1.2-5]. `expiry_secs` 0 makes the session end with
+    /// the connection.
+    pub async fn attach(&self, client_id: &str, conn_id: u64, clean_start: bool, expiry_secs: u32) -> Result<Attached, StoreError> {
+        loop {
+            let slot = self.sessions.entry(Arc::from(client_id)).or_insert_with(|| Arc::new(SessionSlot::new(Arc::from(client_id)))).clone();
+            let _guard = slot.connect_lock.lock().await;
+            if slot.lock().removed {
+                continue;
+            }
+            self.take_over(&slot).await;
+            if slot.lock().removed {
+                // The previous owner's session ended with its connection.
+                continue;
+            }
+            let mut session_present = false;
+            let existed = {
+                let inner = slot.lock();
+                inner.persistent || !inner.subscriptions.is_empty() || !inner.queue.is_empty()
+            };
+            if clean_start {
+                if existed {
+                    self.discard(&slot).await?;
+                    continue;
+                }
+                // A fresh slot may still have a stored session (another node, or a restart).
+                if self.store.load(client_id).await?.is_some() {
+                    self.store.remove(client_id).await?;
+                }
+            } else if existed {
+                session_present = true;
+            } else if let Some(state) = self.store.load(client_id).await? {
+                for (filter, opts) in &state.subscriptions {
+                    self.index_subscribe(&slot.client_id, filter, *opts).await;
+                }
+                slot.restore(state);
+                session_present = true;
+            }
+            let (kick_tx, kicked) = oneshot::channel();
+            {
+                let mut inner = slot.lock();
+                inner.conn = Some(ConnHandle { conn_id, kick: Some(kick_tx) });
+                inner.generation += 1;
+                inner.persistent = expiry_secs > 0;
+                inner.expiry_secs = expiry_secs;
+                // A reconnect before the will delay passed cancels the will [MQTT-3.1.3-9].
+                inner.pending_will = None;
+            }
+            if expiry_secs > 0 {
+                self.store.save(slot.snapshot()).await?;
+            }
+            return Ok(Attached { slot: Arc::clone(&slot), session_present, kicked });
+        }
+    }
+
+    /// Kicks the connection attached to `slot` (if any) and waits for it to detach.
+    async fn take_over(&self, slot: &Arc<SessionSlot>) {
+        let released = slot.released.notified();
+        tokio::pin!(released);
+        released.as_mut().enable();
+        let kick = {
+            let mut inner = slot.lock();
+            match inner.conn.as_mut() {
+                Some(conn) => conn.kick.take(),
+                None => return,
+            }
+        };
+        self.stats.takeovers.fetch_add(1, Ordering::Relaxed);
+        if let Some(kick) = kick {
+            let _ = kick.send(crate::codec::reason::SESSION_TAKEN_OVER);
+        }
+        let timeout = Duration::from_secs(self.config.mqtt.takeover_timeout_secs);
+        if tokio::time::timeout(timeout, released).await.is_err() {
+            // The old task is stuck (for example in a blocked write); fence it off.
+            tracing::warn!(client_id = %slot.client_id, "previous connection did not release the session in time");
+            let mut inner = slot.lock();
+            inner.conn = None;
+            inner.generation += 1;
+        }
+    }
+
+    /// Ends a session: subscriptions, queue, store entry; publishes a pending will.
+    async fn discard(&self, slot: &Arc<SessionSlot>) -> Result<(), StoreError> {
+        let (filters, will) = {
+            let mut inner = slot.lock();
+            inner.removed = true;
+            inner.generation += 1;
+            let filters: Vec<String> = inner.subscriptions.drain().map(|(f, _)| f).collect();
+            (filters, inner.pending_will.take())
+        };
+        for filter in filters {
+            self.index_unsubscribe(&slot.client_id, &filter).await;
+        }
+        self.sessions.remove_if(&slot.client_id, |_, s| Arc::ptr_eq(s, slot));
+        self.store.remove(&slot.client_id).await?;
+        if let Some(will) = will {
+            self.publish_will_now(will.message).await;
+        }
+        Ok(())
+    }
+
+    /// Detaches connection `conn_id` from its slot when the connection ends.
+    pub async fn detach(self: &Arc<Self>, slot: &Arc<SessionSlot>, conn_id: u64, end: EndKind, will: Option<WillMessage>) {
+        let will = will.filter(|_| end != EndKind::Normal);
+        let (fenced, persistent, generation, expiry) = {
+            let mut inner = slot.lock();
+            let mine = inner.conn.as_ref().is_some_and(|c| c.conn_id == conn_id);
+            if mine {
+                inner.conn = None;
+                inner.generation += 1;
+            }
+            // Not ours any more: a takeover that timed out fenced this connection off.
+            let fenced = !mine && inner.conn.is_some();
+            (fenced, inner.persistent && !inner.removed, inner.generation, inner.expiry_secs)
+        };
+        if fenced {
+            if let Some(will) = will {
+                self.publish_will_now(will.message).await;
+            }
+            return;
+        }
+        if !persistent {
+            if let Err(e) = self.discard(slot).await {
+                tracing::warn!(client_id = %slot.client_id, error = %e, "failed to remove session");
+            }
+            if let Some(will) = will {
+                self.publish_will_now(will.message).await;
+            }
+        } else {
+            match will {
+                Some(will) if will.delay_secs > 0 => {
+                    slot.lock().pending_will = Some(will.clone());
+                    let delay = Duration::from_secs(u64::from(will.delay_secs.min(expiry)));
+                    self.spawn_will_timer(Arc::clone(slot), generation, delay);
+                }
+                Some(will) => self.publish_will_now(will.message).await,
+                None => {}
+            }
+            let mut state = slot.snapshot();
+            state.disconnected_at_ms = now_ms();
+            if let Err(e) = self.store.save(state).await {
+                tracing::warn!(client_id = %slot.client_id, error = %e, "failed to save session");
+            }
+            self.spawn_expiry_timer(Arc::clone(slot), generation, Duration::from_secs(u64::from(expiry)));
+        }
+        slot.released.notify_waiters();
+    }
+
+    fn spawn_will_timer(self: &Arc<Self>, slot: Arc<SessionSlot>, generation: u64, delay: Duration) {
+        let broker = Arc::clone(self);
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = broker.shutdown.cancelled() => return,
+            }
+            let will = {
+                let mut inner = slot.lock();
+                if inner.generation != generation {
+                    return;
+                }
+                inner.pending_will.take()
+            };
+            if let Some(will) = will {
+                broker.publish_will_now(will.message).await;
+            }
+        });
+    }
+
+    fn spawn_expiry_timer(self: &Arc<Self>, slot: Arc<SessionSlot>, generation: u64, after: Duration) {
+        let broker = Arc::clone(self);
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(after) => {}
+                _ = broker.shutdown.cancelled() => return,
+            }
+            let _guard = slot.connect_lock.lock().await;
+            if slot.lock().generation != generation {
+                return;
+            }
+            tracing::debug!(client_id = %slot.client_id, "session expired");
+            if let Err(e) = broker.discard(&slot).await {
+                tracing::warn!(client_id = %slot.client_id, error = %e, "failed to expire session");
+            }
+        });
+    }
+
+    /// Publishes a will message as if its client had published it.
+    pub async fn publish_will_now(&self, message: Message) {
+        self.stats.wills_published.fetch_add(1, Ordering::Relaxed);
+        let mut message = message;
+        message.received_at_ms = now_ms();
+        let message = Arc::new(message);
+        if message.retain {
+            if let Err(e) = self.retain(&message).await {
+                tracing::warn!(error = %e, "failed to retain will message");
+            }
+        }
+        if let Err(e) = self.route(&message).await {
+            tracing::warn!(error = %e, "failed to route will message");
+        }
+    }
+
+    /// Stores or deletes a retained message.
+    pub async fn retain(&self, message: &Arc<Message>) -> Result<RetainOutcome, StoreError> {
+        let outcome = self.retained.set(Arc::clone(message)).await?;
+        if outcome == RetainOutcome::Refused {
+            tracing::warn!(topic = %message.topic, "retained message refused by limits");
+        }
+        Ok(outcome)
+    }
+
+    /// Routes a message to every matching session. Resolves once every persistent
+    /// subscriber's copy is durable; returns the number of sessions that matched.
+    pub async fn route(&self, message: &Arc<Message>) -> Result<usize, StoreError> {
+        let deliveries = self.index.deliveries(message);
+        let matched = deliveries.len();
+        let limits = self.queue_limits();
+        let queue_qos0 = self.config.mqtt.queue_qos0;
+        let mut durable = Vec::new();
+        for (client_id, item) in deliveries {
+            let Some(slot) = self.sessions.get(&client_id).map(|s| Arc::clone(&s)) else { continue };
+            let qos = item.qos;
+            let copy = (qos != QoS::AtMostOnce).then(|| item.clone());
+            match slot.offer(item, limits, queue_qos0) {
+                Offer::Offline => {
+                    if let Some(copy) = copy {
+                        durable.push((client_id.to_string(), copy));
+                    }
+                }
+                Offer::Online => {}
+                Offer::Dropped => {
+                    self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if !durable.is_empty() {
+            self.store.append(durable, limits).await?;
+        }
+        Ok(matched)
+    }
+
+    async fn index_subscribe(&self, client_id: &Arc<str>, filter: &str, options: SubscriptionOptions) -> bool {
+        let (existed, new_route) = self.index.subscribe(client_id, filter, options);
+        if new_route {
+            self.routes.add(filter).await;
+        }
+        existed
+    }
+
+    async fn index_unsubscribe(&self, client_id: &Arc<str>, filter: &str) -> bool {
+        let (existed, route_gone) = self.index.unsubscribe(client_id, filter);
+        if route_gone {
+            self.routes.remove(filter).await;
+        }
+        existed
+    }
+
+    /// Adds or replaces a subscription of the session in `slot`. Returns whether it already
+    /// existed (for Retain Handling 1).
+    pub async fn subscribe(&self, slot: &Arc<SessionSlot>, filter: &str, options: SubscriptionOptions) -> Result<bool, StoreError> {
+        slot.lock().subscriptions.insert(filter.to_owned(), options);
+        let existed = self.index_subscribe(&slot.client_id, filter, options).await;
+        self.save_if_persistent(slot).await?;
+        Ok(existed)
+    }
+
+    /// Removes a subscription. Returns whether it existed.
+    pub async fn unsubscribe(&self, slot: &Arc<SessionSlot>, filter: &str) -> Result<bool, StoreError> {
+        slot.lock().subscriptions.remove(filter);
+        let existed = self.index_unsubscribe(&slot.client_id, filter).await;
+        self.save_if_persistent(slot).await?;
+        Ok(existed)
+    }
+
+    async fn save_if_persistent(&self, slot: &Arc<SessionSlot>) -> Result<(), StoreError> {
+        if slot.lock().persistent {
+            self.store.save(slot.snapshot()).await?;
+        }
+        Ok(())
+    }
+
+    /// Retained messages matching `filter`, for a new subscription.
+    pub fn retained_for(&self, filter: &str) -> Vec<Arc<Message>> {
+        self.retained.matching(filter, now_ms())
+    }
+
+    /// Asks every connection to close (server shutting down) and waits for them.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
+            tracing::warn!("some connections did not close within the shutdown grace period");
+        }
+    }
+}

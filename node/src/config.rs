@@ -1,0 +1,320 @@
+//! Configuration: defaults that work with no file, a TOML file, `RAFTMQ_` environment
+//! variables, then command-line flags, each layer overriding the one before.
+//!
+//! Environment variables name a key path with `__` between sections:
+//! `RAFTMQ_NODE_NAME=n1`, `RAFTMQ_MQTT__MAX_INFLIGHT=64`. Values are parsed as TOML
+//! (numbers, booleans), falling back to a string.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use raftmq_cluster::session::DropPolicy;
+use serde::Deserialize;
+
+/// A configuration that could not be loaded; the broker refuses to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML or a value in it is invalid.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Everything a node needs to run.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Name of this node in logs, `$SYS` and the cluster.
+    pub node_name: String,
+    /// Directory for persistent data.
+    pub data_dir: PathBuf,
+    /// Log filter (RUST_LOG syntax); the `RUST_LOG` variable wins when set.
+    pub log: String,
+    /// MQTT protocol settings and limits.
+    pub mqtt: MqttConfig,
+    /// Retained message settings.
+    pub retained: RetainedConfig,
+    /// Admin HTTP listener (health, API, metrics).
+    pub admin: AdminConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_name: "raftmq@127.0.0.1".into(),
+            data_dir: PathBuf::from("./data"),
+            log: "info".into(),
+            mqtt: MqttConfig::default(),
+            retained: RetainedConfig::default(),
+            admin: AdminConfig::default(),
+        }
+    }
+}
+
+/// What to drop when a session queue is full (config spelling of [`DropPolicy`]).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueDropPolicy {
+    /// Drop the oldest QoS 0 message, else the oldest message.
+    #[default]
+    DropOldest,
+    /// Refuse the new message.
+    DropNew,
+}
+
+impl From<QueueDropPolicy> for DropPolicy {
+    fn from(p: QueueDropPolicy) -> Self {
+        match p {
+            QueueDropPolicy::DropOldest => DropPolicy::DropOldest,
+            QueueDropPolicy::DropNew => DropPolicy::DropNew,
+        }
+    }
+}
+
+/// MQTT listener, protocol and limit settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// TCP listener address.
+    pub listen: SocketAddr,
+    /// Largest packet accepted or sent, in bytes (MQTT 5 Maximum Packet Size).
+    pub max_packet_size: usize,
+    /// Largest packet accepted before CONNECT has been accepted.
+    pub max_connect_packet_size: usize,
+    /// Seconds a new connection has to send a complete CONNECT.
+    pub connect_timeout_secs: u64,
+    /// Largest keep alive accepted (0 = no limit). MQTT 5 clients asking for more (or for
+    /// 0) get this as Server Keep Alive; MQTT 3 clients are refused with 0x02.
+    pub max_keepalive: u16,
+    /// Keep alive tolerance: the connection closes after this many keep-alive periods of silence.
+    pub keepalive_multiplier: f64,
+    /// Longest client identifier accepted, in bytes.
+    pub max_client_id_len: usize,
+    /// Most levels in a topic name or filter.
+    pub max_topic_levels: usize,
+    /// Outbound QoS 1/2 messages in flight per client (never above its Receive Maximum).
+    pub max_inflight: u16,
+    /// Inbound QoS 1/2 messages in flight per client, advertised as Receive Maximum.
+    pub receive_maximum: u16,
+    /// Inbound QoS 2 messages awaiting PUBREL per client (MQTT 3 clients; MQTT 5 clients are
+    /// bounded by `receive_maximum`).
+    pub max_awaiting_rel: usize,
+    /// Seconds an inbound QoS 2 packet id may wait for its PUBREL.
+    pub await_rel_timeout_secs: u64,
+    /// Messages queued per session.
+    pub max_queue_len: usize,
+    /// Bytes queued per session.
+    pub max_queue_bytes: usize,
+    /// Queue QoS 0 messages for offline persistent sessions.
+    pub queue_qos0: bool,
+    /// What to drop when a queue is full.
+    pub queue_drop_policy: QueueDropPolicy,
+    /// Session expiry of MQTT 3 persistent sessions (clean session 0), seconds.
+    pub session_expiry_secs: u32,
+    /// Longest session expiry granted to any client, seconds.
+    pub max_session_expiry_secs: u32,
+    /// Subscriptions per client.
+    pub max_subscriptions: usize,
+    /// Concurrent connections on this node.
+    pub max_connections: usize,
+    /// Seconds a takeover waits for the old connection to hand its session over.
+    pub takeover_timeout_secs: u64,
+    /// Seconds a write to a client may block before the connection is dropped.
+    pub write_timeout_secs: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            max_packet_size: 1024 * 1024,
+            max_connect_packet_size: 64 * 1024,
+            connect_timeout_secs: 10,
+            max_keepalive: 0,
+            keepalive_multiplier: 1.5,
+            max_client_id_len: 256,
+            max_topic_levels: 128,
+            max_inflight: 32,
+            receive_maximum: 32,
+            max_awaiting_rel: 100,
+            await_rel_timeout_secs: 300,
+            max_queue_len: 1000,
+            max_queue_bytes: 16 * 1024 * 1024,
+            queue_qos0: false,
+            queue_drop_policy: QueueDropPolicy::DropOldest,
+            session_expiry_secs: 7200,
+            max_session_expiry_secs: 7 * 24 * 3600,
+            max_subscriptions: 1000,
+            max_connections: 100_000,
+            takeover_timeout_secs: 5,
+            write_timeout_secs: 30,
+        }
+    }
+}
+
+/// Retained message settings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetainedConfig {
+    /// Accept retained messages (advertised as Retain Available).
+    pub enabled: bool,
+    /// Most retained topics.
+    pub max_messages: usize,
+    /// Most retained bytes.
+    pub max_bytes: usize,
+    /// Largest retained payload.
+    pub max_payload: usize,
+}
+
+impl Default for RetainedConfig {
+    fn default() -> Self {
+        RetainedConfig { enabled: true, max_messages: 100_000, max_bytes: 256 * 1024 * 1024, max_payload: 1024 * 1024 }
+    }
+}
+
+/// Admin HTTP listener settings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP listener.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: SocketAddr::from(([0, 0, 0, 0], 18083)) }
+    }
+}
+
+const ENV_PREFIX: &str = "RAFTMQ_";
+
+impl Config {
+    /// Builds the configuration from an optional file and `RAFTMQ_*` variables in `env`.
+    pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let mut root = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                text.parse::<toml::Table>().map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for (key, value) in env {
+            let Some(path) = key.strip_prefix(ENV_PREFIX) else { continue };
+            // Variables read by the CLI itself, not configuration keys.
+            if path == "CONFIG" {
+                continue;
+            }
+            let segments: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+            set_path(&mut root, &segments, parse_env_value(&value)).map_err(|e| ConfigError::Invalid(format!("{key}: {e}")))?;
+        }
+        let config: Config = toml::Value::Table(root).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rejects values that would make the broker misbehave.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.mqtt;
+        let bad = |msg: &str| Err(ConfigError::Invalid(msg.to_owned()));
+        if !(64..=268_435_460).contains(&m.max_packet_size) {
+            return bad("mqtt.max_packet_size must be between 64 and 268435460");
+        }
+        if m.max_connect_packet_size < 64 || m.max_connect_packet_size > m.max_packet_size {
+            return bad("mqtt.max_connect_packet_size must be between 64 and mqtt.max_packet_size");
+        }
+        if m.max_inflight == 0 || m.receive_maximum == 0 {
+            return bad("mqtt.max_inflight and mqtt.receive_maximum must be at least 1");
+        }
+        if m.max_client_id_len < 23 {
+            return bad("mqtt.max_client_id_len must be at least 23 (MQTT-3.1.3-5)");
+        }
+        if m.max_topic_levels == 0 {
+            return bad("mqtt.max_topic_levels must be at least 1");
+        }
+        if !(m.keepalive_multiplier >= 1.0 && m.keepalive_multiplier <= 10.0) {
+            return bad("mqtt.keepalive_multiplier must be between 1.0 and 10.0");
+        }
+        if m.connect_timeout_secs == 0 || m.write_timeout_secs == 0 || m.takeover_timeout_secs == 0 {
+            return bad("mqtt timeouts must be at least 1 second");
+        }
+        if m.max_connections == 0 {
+            return bad("mqtt.max_connections must be at least 1");
+        }
+        if self.node_name.is_empty() || self.node_name.contains(['/', '+', '#']) {
+            return bad("node_name must be non-empty and contain no '/', '+' or '#'");
+        }
+        Ok(())
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    match path {
+        [] => Err("empty key".into()),
+        [leaf] => {
+            table.insert(leaf.clone(), value);
+            Ok(())
+        }
+        [head, rest @ ..] => {
+            let entry = table.entry(head.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(t) => set_path(t, rest, value),
+                _ => Err(format!("{head} is not a section")),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_work_without_a_file() {
+        let c = Config::load(None, Vec::new()).ok();
+        assert_eq!(c, Some(Config::default()));
+    }
+
+    #[test]
+    fn env_overrides_file_and_nested_keys() {
+        let dir = std::env::temp_dir().join(format!("raftmq-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok();
+        let file = dir.join("raftmq.toml");
+        std::fs::write(&file, "node_name = \"a\"\n[mqtt]\nmax_inflight = 8\n").ok();
+        let env = vec![
+            ("RAFTMQ_MQTT__MAX_INFLIGHT".to_string(), "64".to_string()),
+            ("RAFTMQ_DATA_DIR".to_string(), "/tmp/x".to_string()),
+            ("OTHER".to_string(), "1".to_string()),
+        ];
+        let c = Config::load(Some(&file), env).ok();
+        assert_eq!(c.as_ref().map(|c| c.mqtt.max_inflight), Some(64));
+        assert_eq!(c.as_ref().map(|c| c.node_name.as_str()), Some("a"));
+        assert_eq!(c.as_ref().map(|c| c.data_dir.clone()), Some(PathBuf::from("/tmp/x")));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_a_message() {
+        let err = Config::load(None, vec![("RAFTMQ_MQTT__MAX_INFLIGHT".into(), "0".into())]).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("max_inflight")));
+        let err = Config::load(None, vec![("RAFTMQ_MQTT__NO_SUCH_KEY".into(), "1".into())]).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("no_such_key")));
+        let err = Config::load(Some(Path::new("/nonexistent/raftmq.toml")), Vec::new()).err();
+        assert!(matches!(err, Some(ConfigError::Read { .. })));
+    }
+}

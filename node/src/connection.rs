@@ -1,0 +1,731 @@
+//! One MQTT connection: the CONNECT handshake, then a loop over incoming packets, queued
+//! deliveries, the keep-alive deadline, takeover kicks and shutdown.
+//!
+//! Generic over the byte stream so TCP, TLS and WebSocket share this code path. Every
+//! `select!` branch is cancellation safe: reads go into a buffer that survives a cancelled
+//! read, and writes happen outside the `select!`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use raftmq_cluster::message::{now_ms, Message, MessageProperties, QoS};
+use raftmq_cluster::session::{InflightMessage, InflightStage, QueuedMessage, WillMessage};
+use raftmq_cluster::topic::{self, TopicError};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::broker::{Attached, Broker, EndKind};
+use crate::codec::{
+    self, connack_v3, reason, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Protocol, PubKind, PubResponse, Publish, SubAck, Subscribe,
+    UnsubAck, Unsubscribe,
+};
+use crate::session::SessionSlot;
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// Socket error or unexpected end of stream.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// Bytes that are not a valid packet.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A valid packet that breaks a rule; carries the MQTT 5 reason code.
+    #[error("protocol violation {reason:#04x}: {what}")]
+    Violation {
+        /// Reason code for DISCONNECT.
+        reason: u8,
+        /// What went wrong.
+        what: &'static str,
+    },
+    /// No CONNECT, or a write, within its deadline.
+    #[error("timed out")]
+    Timeout,
+    /// The session store failed.
+    #[error("store: {0}")]
+    Store(#[from] raftmq_cluster::StoreError),
+}
+
+impl ConnectionError {
+    fn reason_code(&self) -> u8 {
+        match self {
+            ConnectionError::Decode(e) => e.reason_code(),
+            ConnectionError::Violation { reason, .. } => *reason,
+            ConnectionError::Store(_) => reason::IMPLEMENTATION_SPECIFIC_ERROR,
+            ConnectionError::Io(_) | ConnectionError::Timeout => reason::UNSPECIFIED_ERROR,
+        }
+    }
+}
+
+fn violation(reason: u8, what: &'static str) -> ConnectionError {
+    ConnectionError::Violation { reason, what }
+}
+
+/// Framed reads and batched writes over one byte stream.
+struct Framed<S> {
+    stream: S,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    protocol: Option<Protocol>,
+    max_in: usize,
+    write_timeout: Duration,
+}
+
+/// Buffers above this size are released once empty, so an idle connection stays small.
+const BUF_KEEP: usize = 16 * 1024;
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
+    /// Reads the next packet; `Ok(None)` at a clean end of stream. Cancellation safe.
+    async fn read_packet(&mut self) -> Result<Option<Packet>, ConnectionError> {
+        loop {
+            if let Some(packet) = codec::decode(&mut self.rbuf, self.protocol, self.max_in)? {
+                if self.rbuf.is_empty() && self.rbuf.capacity() > BUF_KEEP {
+                    self.rbuf = BytesMut::new();
+                }
+                return Ok(Some(packet));
+            }
+            let missing = codec::pending_len(&self.rbuf).unwrap_or(0).saturating_sub(self.rbuf.len());
+            self.rbuf.reserve(missing.clamp(512, 64 * 1024));
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                if self.rbuf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+        }
+    }
+
+    fn send(&mut self, packet: &Packet) {
+        codec::encode(packet, self.protocol.unwrap_or(Protocol::V311), &mut self.wbuf);
+    }
+
+    /// Writes everything buffered in one go.
+    async fn flush(&mut self) -> Result<(), ConnectionError> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let write = async {
+            self.stream.write_all(&self.wbuf).await?;
+            self.stream.flush().await
+        };
+        tokio::time::timeout(self.write_timeout, write).await.map_err(|_| ConnectionError::Timeout)??;
+        self.wbuf.clear();
+        if self.wbuf.capacity() > BUF_KEEP {
+            self.wbuf = BytesMut::new();
+        }
+        Ok(())
+    }
+}
+
+/// What a connected client negotiated.
+struct Client {
+    client_id: Arc<str>,
+    protocol: Protocol,
+    conn_id: u64,
+    keep_alive: Option<Duration>,
+    /// Client's Receive Maximum: our outbound window is at most this.
+    receive_maximum: u16,
+    /// Client's Maximum Packet Size: we never send more.
+    max_packet_size: usize,
+    will: Option<WillMessage>,
+    /// Session expiry from CONNECT (a DISCONNECT may change it unless it was 0).
+    connect_expiry: u32,
+}
+
+/// Serves one accepted connection to its end.
+pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let cfg = &broker.config.mqtt;
+    let mut framed = Framed {
+        stream,
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+        protocol: None,
+        max_in: cfg.max_connect_packet_size,
+        write_timeout: Duration::from_secs(cfg.write_timeout_secs),
+    };
+    let connect_timeout = Duration::from_secs(cfg.connect_timeout_secs);
+    let first = tokio::select! {
+        r = tokio::time::timeout(connect_timeout, framed.read_packet()) => r,
+        _ = broker.shutdown.cancelled() => return,
+    };
+    let connect = match first {
+        Ok(Ok(Some(Packet::Connect(c)))) => c,
+        Ok(Ok(_)) => return,
+        Ok(Err(ConnectionError::Decode(DecodeError::UnsupportedProtocol { level }))) => {
+            // MQTT 5 and later get 0x84 in the 5.0 format, older levels 0x01 [MQTT-3.1.2-2].
+            let (protocol, code) = if level >= 5 {
+                (Protocol::V5, reason::UNSUPPORTED_PROTOCOL_VERSION)
+            } else {
+                (Protocol::V311, connack_v3::UNACCEPTABLE_PROTOCOL_VERSION)
+            };
+            framed.protocol = Some(protocol);
+            framed.send(&Packet::ConnAck(ConnAck { code, ..ConnAck::default() }));
+            let _ = framed.flush().await;
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "bad first packet");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no CONNECT within the connect timeout");
+            return;
+        }
+    };
+    let protocol = connect.protocol;
+    framed.protocol = Some(protocol);
+    let client_id = connect.client_id.clone();
+    let span = tracing::info_span!("conn", %peer, client_id = %client_id);
+    let _entered = span.enter();
+    drop(_entered);
+    run(broker, framed, *connect, peer).await;
+}
+
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<S>, protocol: Protocol, v5_code: u8, v3_code: u8) {
+    let code = if protocol.is_v5() { v5_code } else { v3_code };
+    framed.send(&Packet::ConnAck(ConnAck { code, ..ConnAck::default() }));
+    let _ = framed.flush().await;
+}
+
+fn will_message(client_id: &str, connect: &Connect) -> Option<WillMessage> {
+    let w = connect.will.as_ref()?;
+    Some(WillMessage {
+        message: Message {
+            topic: w.topic.clone(),
+            payload: w.payload.clone(),
+            qos: w.qos,
+            retain: w.retain,
+            properties: message_properties(&w.properties),
+            received_at_ms: 0,
+            publisher: client_id.to_owned(),
+        },
+        delay_secs: w.properties.will_delay_interval.unwrap_or(0),
+    })
+}
+
+fn message_properties(p: &Properties) -> MessageProperties {
+    MessageProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone(),
+        user_properties: p.user_properties.clone(),
+    }
+}
+
+static AUTO_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A server-assigned client id, unique on this node.
+fn assign_client_id(node: &str) -> String {
+    let n = AUTO_ID.fetch_add(1, Ordering::Relaxed);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("raftmq-{:08x}-{:x}-{n:x}", h as u32, now_ms())
+}
+
+async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(broker: Arc<Broker>, mut framed: Framed<S>, connect: Connect, peer: SocketAddr) {
+    let cfg = &broker.config.mqtt;
+    let protocol = connect.protocol;
+    let v5 = protocol.is_v5();
+    let props = &connect.properties;
+
+    // Client identifier rules [MQTT-3.1.3-6..8].
+    let mut assigned = None;
+    let client_id = if connect.client_id.is_empty() {
+        if !v5 && !connect.clean_start {
+            // B7: refuse and close.
+            return refuse(&mut framed, protocol, reason::CLIENT_IDENTIFIER_NOT_VALID, connack_v3::IDENTIFIER_REJECTED).await;
+        }
+        let id = assign_client_id(&broker.config.node_name);
+        assigned = Some(id.clone());
+        id
+    } else {
+        connect.client_id.clone()
+    };
+    if client_id.len() > cfg.max_client_id_len {
+        return refuse(&mut framed, protocol, reason::CLIENT_IDENTIFIER_NOT_VALID, connack_v3::IDENTIFIER_REJECTED).await;
+    }
+    if props.authentication_method.is_some() {
+        // No enhanced authentication method is configured [MQTT-4.12.0-1].
+        return refuse(&mut framed, protocol, reason::BAD_AUTHENTICATION_METHOD, connack_v3::NOT_AUTHORIZED).await;
+    }
+    if let Some(w) = &connect.will {
+        if topic::validate_topic_name(&w.topic, cfg.max_topic_levels).is_err() {
+            return refuse(&mut framed, protocol, reason::TOPIC_NAME_INVALID, connack_v3::NOT_AUTHORIZED).await;
+        }
+        if w.topic.starts_with("$SYS") {
+            return refuse(&mut framed, protocol, reason::NOT_AUTHORIZED, connack_v3::NOT_AUTHORIZED).await;
+        }
+        if w.retain && !broker.config.retained.enabled {
+            return refuse(&mut framed, protocol, reason::RETAIN_NOT_SUPPORTED, connack_v3::NOT_AUTHORIZED).await;
+        }
+    }
+    // Keep alive [MQTT-3.1.2-22..24] with an optional maximum (B27).
+    let mut keep_alive = connect.keep_alive;
+    let mut server_keep_alive = None;
+    if cfg.max_keepalive > 0 && (keep_alive == 0 || keep_alive > cfg.max_keepalive) {
+        if !v5 {
+            return refuse(&mut framed, protocol, 0, connack_v3::IDENTIFIER_REJECTED).await;
+        }
+        keep_alive = cfg.max_keepalive;
+        server_keep_alive = Some(keep_alive);
+    }
+    // Session expiry.
+    let requested_expiry = if v5 { props.session_expiry_interval.unwrap_or(0) } else if connect.clean_start { 0 } else { cfg.session_expiry_secs };
+    let expiry = requested_expiry.min(cfg.max_session_expiry_secs);
+
+    let conn_id = broker.next_conn_id();
+    let Attached { slot, session_present, mut kicked } = match broker.attach(&client_id, conn_id, connect.clean_start, expiry).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "session store unavailable");
+            return refuse(&mut framed, protocol, reason::SERVER_UNAVAILABLE, connack_v3::SERVER_UNAVAILABLE).await;
+        }
+    };
+    let mut connack = ConnAck { session_present, code: 0, properties: Properties::default() };
+    if v5 {
+        let p = &mut connack.properties;
+        p.assigned_client_identifier = assigned;
+        p.server_keep_alive = server_keep_alive;
+        p.receive_maximum = Some(cfg.receive_maximum);
+        p.maximum_packet_size = Some(cfg.max_packet_size as u32);
+        p.topic_alias_maximum = None;
+        p.retain_available = (!broker.config.retained.enabled).then_some(0);
+        p.shared_subscription_available = Some(0);
+        if expiry != requested_expiry {
+            p.session_expiry_interval = Some(expiry);
+        }
+    }
+    framed.send(&Packet::ConnAck(connack));
+    framed.max_in = cfg.max_packet_size;
+    let count = broker.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
+    broker.stats.connections_max.fetch_max(count, Ordering::Relaxed);
+    tracing::debug!(%peer, client_id = %client_id, ?protocol, session_present, "connected");
+
+    let mut client = Client {
+        client_id: Arc::clone(&slot.client_id),
+        protocol,
+        conn_id,
+        keep_alive: (keep_alive > 0).then(|| Duration::from_secs_f64(f64::from(keep_alive) * cfg.keepalive_multiplier)),
+        receive_maximum: props.receive_maximum.unwrap_or(u16::MAX),
+        max_packet_size: props.maximum_packet_size.map_or(usize::MAX, |m| m as usize),
+        will: will_message(&client_id, &connect),
+        connect_expiry: expiry,
+    };
+
+    // Resume: resend unacknowledged PUBLISH with DUP and PUBREL [MQTT-4.4.0-1].
+    if session_present {
+        resend_inflight(&broker, &slot, &client, &mut framed);
+    }
+    let result = connected_loop(&broker, &slot, &mut client, &mut framed, &mut kicked).await;
+    let end = match &result {
+        Ok(end) => *end,
+        Err(e) => {
+            tracing::debug!(%peer, client_id = %client.client_id, error = %e, "connection closed with error");
+            if v5 && !matches!(e, ConnectionError::Io(_) | ConnectionError::Timeout) {
+                framed.send(&Packet::Disconnect(Disconnect::new(e.reason_code())));
+                let _ = framed.flush().await;
+            }
+            EndKind::PublishWill
+        }
+    };
+    let _ = framed.stream.shutdown().await;
+    broker.stats.connections.fetch_sub(1, Ordering::Relaxed);
+    broker.detach(&slot, client.conn_id, end, client.will.take()).await;
+    tracing::debug!(%peer, client_id = %client.client_id, ?end, "disconnected");
+}
+
+fn resend_inflight<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, slot: &SessionSlot, client: &Client, framed: &mut Framed<S>) {
+    let now = now_ms();
+    let inner = slot.lock();
+    for (id, m) in &inner.inflight {
+        match m.stage {
+            InflightStage::Published => {
+                encode_delivery(broker, client, framed, &m.queued, *id, true, now);
+            }
+            InflightStage::Released => framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, *id, 0))),
+        }
+    }
+}
+
+/// Encodes one delivery; returns false if it exceeds the client's Maximum Packet Size and
+/// was discarded instead [MQTT-3.1.2-25].
+fn encode_delivery<S: AsyncRead + AsyncWrite + Unpin>(
+    broker: &Broker,
+    client: &Client,
+    framed: &mut Framed<S>,
+    item: &QueuedMessage,
+    packet_id: u16,
+    dup: bool,
+    now: u64,
+) -> bool {
+    let m = &item.message;
+    let mut props = Properties::default();
+    if client.protocol.is_v5() {
+        let mp = &m.properties;
+        props.payload_format_indicator = mp.payload_format_indicator;
+        props.message_expiry_interval = m.remaining_expiry(now);
+        props.content_type.clone_from(&mp.content_type);
+        props.response_topic.clone_from(&mp.response_topic);
+        props.correlation_data.clone_from(&mp.correlation_data);
+        props.user_properties.clone_from(&mp.user_properties);
+        props.subscription_identifiers.clone_from(&item.subscription_ids);
+    }
+    let body = props.body();
+    let publish = Publish {
+        dup,
+        qos: item.qos,
+        retain: item.retain,
+        topic: m.topic.clone(),
+        packet_id,
+        properties: Properties::default(),
+        payload: m.payload.clone(),
+    };
+    if publish.wire_len(client.protocol, &body) > client.max_packet_size {
+        broker.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    publish.write_with(client.protocol, &body, &mut framed.wbuf);
+    broker.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+/// Moves queued deliveries into the socket buffer within the inflight window.
+fn pump<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, slot: &SessionSlot, client: &Client, framed: &mut Framed<S>) {
+    let window = usize::from(broker.config.mqtt.max_inflight.min(client.receive_maximum));
+    let now = now_ms();
+    let mut inner = slot.lock();
+    while let Some(front) = inner.queue.front() {
+        if front.qos != QoS::AtMostOnce && inner.inflight.len() >= window {
+            break;
+        }
+        let Some(item) = inner.queue.pop_front() else { break };
+        inner.queue_bytes = inner.queue_bytes.saturating_sub(item.message.weight());
+        if item.message.is_expired(now) {
+            inner.dropped += 1;
+            broker.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        if item.qos == QoS::AtMostOnce {
+            encode_delivery(broker, client, framed, &item, 0, false, now);
+            continue;
+        }
+        let Some(packet_id) = inner.next_packet_id() else {
+            inner.queue.push_front(item);
+            break;
+        };
+        if encode_delivery(broker, client, framed, &item, packet_id, false, now) {
+            inner.inflight.insert(packet_id, InflightMessage { queued: item, stage: InflightStage::Published });
+        }
+    }
+}
+
+enum Event {
+    Packet(Result<Option<Packet>, ConnectionError>),
+    Wake,
+    Kicked(u8),
+    KeepAliveExpired,
+    Tick,
+    Shutdown,
+}
+
+async fn connected_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    broker: &Arc<Broker>,
+    slot: &Arc<SessionSlot>,
+    client: &mut Client,
+    framed: &mut Framed<S>,
+    kicked: &mut tokio::sync::oneshot::Receiver<u8>,
+) -> Result<EndKind, ConnectionError> {
+    let v5 = client.protocol.is_v5();
+    let far_future = Duration::from_secs(86_400 * 365);
+    let mut deadline = tokio::time::Instant::now() + client.keep_alive.unwrap_or(far_future);
+    let mut sweep = tokio::time::interval(Duration::from_secs(1).max(Duration::from_secs(broker.config.mqtt.await_rel_timeout_secs / 10)));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        pump(broker, slot, client, framed);
+        framed.flush().await?;
+        let event = tokio::select! {
+            biased;
+            _ = broker.shutdown.cancelled() => Event::Shutdown,
+            r = &mut *kicked => Event::Kicked(r.unwrap_or(reason::SESSION_TAKEN_OVER)),
+            r = framed.read_packet() => Event::Packet(r),
+            _ = slot.wake.notified() => Event::Wake,
+            _ = tokio::time::sleep_until(deadline) => Event::KeepAliveExpired,
+            _ = sweep.tick() => Event::Tick,
+        };
+        match event {
+            Event::Wake => {}
+            Event::Tick => expire_awaiting_rel(broker, slot),
+            Event::Shutdown => {
+                if v5 {
+                    framed.send(&Packet::Disconnect(Disconnect::new(reason::SERVER_SHUTTING_DOWN)));
+                    let _ = framed.flush().await;
+                }
+                return Ok(EndKind::PublishWill);
+            }
+            Event::Kicked(code) => {
+                if v5 {
+                    framed.send(&Packet::Disconnect(Disconnect::new(code)));
+                    let _ = framed.flush().await;
+                }
+                return Ok(EndKind::TakenOver);
+            }
+            Event::KeepAliveExpired => {
+                // [MQTT-3.1.2-24] / [MQTT-3.1.2-22]: close after 1.5x keep alive of silence.
+                if v5 {
+                    framed.send(&Packet::Disconnect(Disconnect::new(reason::KEEP_ALIVE_TIMEOUT)));
+                    let _ = framed.flush().await;
+                }
+                return Ok(EndKind::PublishWill);
+            }
+            Event::Packet(result) => {
+                let Some(packet) = result? else {
+                    // Closed without DISCONNECT: the will is published.
+                    return Ok(EndKind::PublishWill);
+                };
+                if let Some(ka) = client.keep_alive {
+                    deadline = tokio::time::Instant::now() + ka;
+                }
+                if let Some(end) = handle_packet(broker, slot, client, framed, packet).await? {
+                    return Ok(end);
+                }
+            }
+        }
+    }
+}
+
+fn expire_awaiting_rel(broker: &Broker, slot: &SessionSlot) {
+    let timeout = Duration::from_secs(broker.config.mqtt.await_rel_timeout_secs);
+    let now = Instant::now();
+    slot.lock().awaiting_rel.retain(|_, since| now.duration_since(*since) < timeout);
+}
+
+async fn handle_packet<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    broker: &Arc<Broker>,
+    slot: &Arc<SessionSlot>,
+    client: &mut Client,
+    framed: &mut Framed<S>,
+    packet: Packet,
+) -> Result<Option<EndKind>, ConnectionError> {
+    let v5 = client.protocol.is_v5();
+    match packet {
+        Packet::Publish(p) => handle_publish(broker, slot, client, framed, p).await?,
+        Packet::PubResponse(r) => {
+            let failed = v5 && r.reason >= 0x80;
+            match r.kind {
+                PubKind::PubAck => {
+                    slot.lock().complete(r.packet_id, InflightStage::Published);
+                }
+                PubKind::PubRec => {
+                    let known = slot.lock().received(r.packet_id, failed);
+                    if known && !failed {
+                        framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, r.packet_id, 0)));
+                    } else if !known && v5 {
+                        framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, r.packet_id, reason::PACKET_IDENTIFIER_NOT_FOUND)));
+                    }
+                }
+                PubKind::PubComp => {
+                    slot.lock().complete(r.packet_id, InflightStage::Released);
+                }
+                PubKind::PubRel => {
+                    let known = slot.lock().awaiting_rel.remove(&r.packet_id).is_some();
+                    let code = if known || !v5 { 0 } else { reason::PACKET_IDENTIFIER_NOT_FOUND };
+                    framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubComp, r.packet_id, code)));
+                }
+            }
+        }
+        Packet::Subscribe(s) => handle_subscribe(broker, slot, client, framed, s).await?,
+        Packet::Unsubscribe(u) => handle_unsubscribe(broker, slot, client, framed, u).await?,
+        Packet::PingReq => framed.send(&Packet::PingResp),
+        Packet::Disconnect(d) => {
+            if let Some(new_expiry) = d.properties.session_expiry_interval {
+                if client.connect_expiry == 0 && new_expiry != 0 {
+                    // [MQTT-3.14.2-2]
+                    return Err(violation(reason::PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 in CONNECT"));
+                }
+                let expiry = new_expiry.min(broker.config.mqtt.max_session_expiry_secs);
+                let mut inner = slot.lock();
+                inner.expiry_secs = expiry;
+                inner.persistent = expiry > 0;
+            }
+            return Ok(Some(if d.reason == reason::DISCONNECT_WITH_WILL { EndKind::PublishWill } else { EndKind::Normal }));
+        }
+        Packet::Auth(_) => return Err(violation(reason::PROTOCOL_ERROR, "AUTH without an authentication method")),
+        Packet::Connect(_) => return Err(violation(reason::PROTOCOL_ERROR, "second CONNECT")),
+        Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+            return Err(violation(reason::PROTOCOL_ERROR, "server-to-client packet sent by a client"));
+        }
+    }
+    Ok(None)
+}
+
+async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    broker: &Arc<Broker>,
+    slot: &Arc<SessionSlot>,
+    client: &mut Client,
+    framed: &mut Framed<S>,
+    p: Publish,
+) -> Result<(), ConnectionError> {
+    let cfg = &broker.config.mqtt;
+    let v5 = client.protocol.is_v5();
+    broker.stats.messages_received.fetch_add(1, Ordering::Relaxed);
+    if p.properties.topic_alias.is_some() {
+        // We advertise no Topic Alias Maximum, so any alias is invalid [MQTT-3.3.2-8].
+        return Err(violation(reason::TOPIC_ALIAS_INVALID, "topic alias not allowed"));
+    }
+    if !p.properties.subscription_identifiers.is_empty() {
+        return Err(violation(reason::PROTOCOL_ERROR, "subscription identifier in client PUBLISH"));
+    }
+    if p.properties.response_topic.as_deref().is_some_and(|t| topic::validate_topic_name(t, cfg.max_topic_levels).is_err()) {
+        return Err(violation(reason::PROTOCOL_ERROR, "invalid response topic"));
+    }
+    match topic::validate_topic_name(&p.topic, cfg.max_topic_levels) {
+        Ok(()) => {}
+        Err(TopicError::Empty) => return Err(violation(reason::PROTOCOL_ERROR, "empty topic without topic alias")),
+        Err(_) => return Err(violation(reason::TOPIC_NAME_INVALID, "invalid topic name")),
+    }
+    if p.retain && !broker.config.retained.enabled {
+        return Err(violation(reason::RETAIN_NOT_SUPPORTED, "retain not supported"));
+    }
+    let ack_kind = match p.qos {
+        QoS::AtMostOnce => None,
+        QoS::AtLeastOnce => Some(PubKind::PubAck),
+        QoS::ExactlyOnce => Some(PubKind::PubRec),
+    };
+    if p.qos == QoS::ExactlyOnce {
+        let inner = slot.lock();
+        if inner.awaiting_rel.contains_key(&p.packet_id) {
+            // A re-sent QoS 2 PUBLISH: acknowledge again, never deliver twice [MQTT-4.3.3-10].
+            drop(inner);
+            framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRec, p.packet_id, 0)));
+            return Ok(());
+        }
+        let limit = if v5 { usize::from(cfg.receive_maximum) } else { cfg.max_awaiting_rel };
+        if inner.awaiting_rel.len() >= limit {
+            // B21, B23: more QoS 2 messages in flight than allowed.
+            return Err(violation(reason::RECEIVE_MAXIMUM_EXCEEDED, "too many QoS 2 messages awaiting PUBREL"));
+        }
+    }
+    if p.topic.starts_with("$SYS") {
+        // Clients never publish to $SYS; the message is dropped.
+        broker.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+        if let (Some(kind), true) = (ack_kind, v5) {
+            framed.send(&Packet::PubResponse(PubResponse::new(kind, p.packet_id, reason::NOT_AUTHORIZED)));
+        } else if let Some(kind) = ack_kind {
+            framed.send(&Packet::PubResponse(PubResponse::new(kind, p.packet_id, 0)));
+            if kind == PubKind::PubRec {
+                slot.lock().awaiting_rel.insert(p.packet_id, Instant::now());
+            }
+        }
+        return Ok(());
+    }
+    if v5 && p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
+        if let Some(kind) = ack_kind {
+            framed.send(&Packet::PubResponse(PubResponse::new(kind, p.packet_id, reason::PAYLOAD_FORMAT_INVALID)));
+            return Ok(());
+        }
+        return Err(violation(reason::PAYLOAD_FORMAT_INVALID, "payload is not UTF-8"));
+    }
+    let message = Arc::new(Message {
+        topic: p.topic,
+        payload: p.payload,
+        qos: p.qos,
+        retain: p.retain,
+        properties: message_properties(&p.properties),
+        received_at_ms: now_ms(),
+        publisher: client.client_id.to_string(),
+    });
+    if message.retain {
+        broker.retain(&message).await?;
+    }
+    let matched = broker.route(&message).await?;
+    if let Some(kind) = ack_kind {
+        let code = if v5 && matched == 0 { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
+        framed.send(&Packet::PubResponse(PubResponse::new(kind, p.packet_id, code)));
+        if kind == PubKind::PubRec {
+            slot.lock().awaiting_rel.insert(p.packet_id, Instant::now());
+        }
+    }
+    Ok(())
+}
+
+async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    broker: &Arc<Broker>,
+    slot: &Arc<SessionSlot>,
+    client: &Client,
+    framed: &mut Framed<S>,
+    s: Subscribe,
+) -> Result<(), ConnectionError> {
+    let cfg = &broker.config.mqtt;
+    let v5 = client.protocol.is_v5();
+    let mut codes = Vec::with_capacity(s.filters.len());
+    let mut retained = Vec::new();
+    for (filter, opts) in s.filters {
+        let failure = |v5_code: u8| if v5 { v5_code } else { 0x80 };
+        if filter.starts_with("$share/") || filter.starts_with("$queue/") {
+            codes.push(failure(reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED));
+            continue;
+        }
+        if topic::validate_topic_filter(&filter, cfg.max_topic_levels).is_err() {
+            codes.push(failure(reason::TOPIC_FILTER_INVALID));
+            continue;
+        }
+        let at_limit = {
+            let inner = slot.lock();
+            !inner.subscriptions.contains_key(&filter) && inner.subscriptions.len() >= cfg.max_subscriptions
+        };
+        if at_limit {
+            codes.push(failure(reason::QUOTA_EXCEEDED));
+            continue;
+        }
+        let existed = broker.subscribe(slot, &filter, opts).await?;
+        codes.push(opts.qos as u8);
+        // Retained messages for a new subscription; a repeated SUBSCRIBE counts as new
+        // unless Retain Handling says otherwise [MQTT-3.3.1-9..11].
+        if opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed) {
+            for m in broker.retained_for(&filter) {
+                retained.push(QueuedMessage {
+                    qos: m.qos.min(opts.qos),
+                    retain: true,
+                    subscription_ids: opts.subscription_identifier.into_iter().collect(),
+                    message: m,
+                });
+            }
+        }
+    }
+    framed.send(&Packet::SubAck(SubAck { packet_id: s.packet_id, properties: Properties::default(), codes }));
+    let limits = broker.queue_limits();
+    for item in retained {
+        if slot.offer(item, limits, true) == crate::session::Offer::Dropped {
+            broker.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+async fn handle_unsubscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    broker: &Arc<Broker>,
+    slot: &Arc<SessionSlot>,
+    client: &Client,
+    framed: &mut Framed<S>,
+    u: Unsubscribe,
+) -> Result<(), ConnectionError> {
+    let mut codes = Vec::with_capacity(u.filters.len());
+    for filter in u.filters {
+        let existed = broker.unsubscribe(slot, &filter).await?;
+        codes.push(if existed { reason::SUCCESS } else { reason::NO_SUBSCRIPTION_EXISTED });
+    }
+    if !client.protocol.is_v5() {
+        codes.clear();
+    }
+    framed.send(&Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, properties: Properties::default(), codes }));
+    Ok(())
+}

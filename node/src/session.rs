@@ -1,0 +1,195 @@
+//! A session slot: everything the broker holds for one client id, online or offline.
+//!
+//! The slot outlives connections. Routing pushes deliveries into its bounded queue; the
+//! connection task that owns the slot drains the queue into the socket within the inflight
+//! window and records acknowledgements. A takeover moves the slot from one connection task
+//! to the next, so the queue, the inflight messages and the packet ids carry over.
+//!
+//! Concurrency: `inner` is a std `Mutex` because every critical section is short and never
+//! awaits; `wake` tells the owning task there is work; `released` tells a taking-over task
+//! that the previous owner let go.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use raftmq_cluster::message::QoS;
+use raftmq_cluster::session::{push_bounded, InflightMessage, InflightStage, QueueLimits, QueuedMessage, SessionState, SubscriptionOptions, WillMessage};
+use tokio::sync::{oneshot, Notify};
+
+/// The live connection attached to a slot.
+#[derive(Debug)]
+pub struct ConnHandle {
+    /// Broker-wide connection number.
+    pub conn_id: u64,
+    /// Tells the connection to close with an MQTT 5 reason code (takeover, admin kick).
+    pub kick: Option<oneshot::Sender<u8>>,
+}
+
+/// Mutable state of a slot.
+#[derive(Debug, Default)]
+pub struct SlotInner {
+    /// Attached connection, `None` while offline.
+    pub conn: Option<ConnHandle>,
+    /// Bumped at every attach and detach; timers compare it to know they are stale.
+    pub generation: u64,
+    /// The session outlives the connection (expiry > 0).
+    pub persistent: bool,
+    /// Session expiry after disconnect, seconds.
+    pub expiry_secs: u32,
+    /// Subscriptions by filter.
+    pub subscriptions: HashMap<String, SubscriptionOptions>,
+    /// Messages waiting for the inflight window or for the client to come back.
+    pub queue: VecDeque<QueuedMessage>,
+    /// Bytes in `queue`.
+    pub queue_bytes: usize,
+    /// Outbound messages sent and not fully acknowledged, by packet id.
+    pub inflight: BTreeMap<u16, InflightMessage>,
+    /// Last packet id handed out.
+    pub last_packet_id: u16,
+    /// Inbound QoS 2 packet ids awaiting PUBREL, with the time they arrived.
+    pub awaiting_rel: HashMap<u16, std::time::Instant>,
+    /// A will waiting for its delay to pass.
+    pub pending_will: Option<WillMessage>,
+    /// The slot has been removed from the broker; nothing may be added any more.
+    pub removed: bool,
+    /// Messages dropped because the queue was full or they could not be queued.
+    pub dropped: u64,
+}
+
+/// Outcome of offering a delivery to a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// Queued for an online client.
+    Online,
+    /// Queued for an offline persistent session.
+    Offline,
+    /// Not queued (offline QoS 0, queue full, or session gone).
+    Dropped,
+}
+
+/// Everything the broker holds for one client id.
+#[derive(Debug)]
+pub struct SessionSlot {
+    /// Client identifier.
+    pub client_id: Arc<str>,
+    inner: Mutex<SlotInner>,
+    /// Work for the owning connection task (a delivery or a kick).
+    pub wake: Notify,
+    /// The owning connection detached.
+    pub released: Notify,
+    /// Serialises CONNECTs for this client id (takeover races, F15).
+    pub connect_lock: tokio::sync::Mutex<()>,
+}
+
+impl SessionSlot {
+    /// A fresh, offline, empty slot.
+    pub fn new(client_id: Arc<str>) -> SessionSlot {
+        SessionSlot {
+            client_id,
+            inner: Mutex::new(SlotInner::default()),
+            wake: Notify::new(),
+            released: Notify::new(),
+            connect_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Locks the slot state. A poisoned lock (a panic elsewhere) still yields the data: the
+    /// state is plain collections that stay consistent between statements.
+    pub fn lock(&self) -> MutexGuard<'_, SlotInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Offers a delivery under the queue limits.
+    pub fn offer(&self, item: QueuedMessage, limits: QueueLimits, queue_qos0: bool) -> Offer {
+        let mut inner = self.lock();
+        if inner.removed {
+            return Offer::Dropped;
+        }
+        let online = inner.conn.is_some();
+        if !online && (!inner.persistent || (item.qos == QoS::AtMostOnce && !queue_qos0)) {
+            inner.dropped += 1;
+            return Offer::Dropped;
+        }
+        let SlotInner { queue, queue_bytes, dropped, .. } = &mut *inner;
+        let lost = push_bounded(queue, queue_bytes, item, limits);
+        *dropped += lost;
+        drop(inner);
+        if online {
+            self.wake.notify_one();
+            Offer::Online
+        } else {
+            Offer::Offline
+        }
+    }
+
+    /// The session as data, for the session store.
+    pub fn snapshot(&self) -> SessionState {
+        let inner = self.lock();
+        SessionState {
+            client_id: self.client_id.to_string(),
+            subscriptions: inner.subscriptions.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            queue: inner.queue.clone(),
+            inflight: inner.inflight.clone(),
+            awaiting_rel: inner.awaiting_rel.keys().copied().collect(),
+            expiry_secs: inner.expiry_secs,
+            will: inner.pending_will.clone(),
+            disconnected_at_ms: 0,
+        }
+    }
+
+    /// Restores a slot from stored state (a session that lived on another node or before a
+    /// restart).
+    pub fn restore(&self, state: SessionState) {
+        let mut inner = self.lock();
+        inner.persistent = true;
+        inner.expiry_secs = state.expiry_secs;
+        inner.subscriptions = state.subscriptions.into_iter().collect();
+        inner.queue_bytes = state.queue.iter().map(|q| q.message.weight()).sum();
+        inner.queue = state.queue;
+        inner.last_packet_id = state.inflight.keys().next_back().copied().unwrap_or(0);
+        inner.inflight = state.inflight;
+        let now = std::time::Instant::now();
+        inner.awaiting_rel = state.awaiting_rel.into_iter().map(|id| (id, now)).collect();
+        inner.pending_will = state.will;
+    }
+}
+
+impl SlotInner {
+    /// Next free outbound packet id [MQTT-2.2.1-4], `None` if all 65,535 are in use.
+    pub fn next_packet_id(&mut self) -> Option<u16> {
+        for _ in 0..u16::MAX {
+            self.last_packet_id = self.last_packet_id.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains_key(&self.last_packet_id) {
+                return Some(self.last_packet_id);
+            }
+        }
+        None
+    }
+
+    /// Records PUBACK (QoS 1) or PUBCOMP (QoS 2). Returns whether the id was known.
+    pub fn complete(&mut self, packet_id: u16, stage: InflightStage) -> bool {
+        match self.inflight.get(&packet_id) {
+            Some(m) if m.stage == stage => {
+                self.inflight.remove(&packet_id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records PUBREC: the message moves to the PUBREL stage. Returns whether the id was
+    /// known; a PUBREC with an error reason ends the exchange.
+    pub fn received(&mut self, packet_id: u16, failed: bool) -> bool {
+        match self.inflight.get_mut(&packet_id) {
+            Some(m) if m.queued.qos == QoS::ExactlyOnce => {
+                if failed {
+                    self.inflight.remove(&packet_id);
+                } else {
+                    m.stage = InflightStage::Released;
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
