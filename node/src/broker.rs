@@ -371,16 +371,10 @@ impl Broker {
             let Some(slot) = self.sessions.get(&client_id).map(|s| Arc::clone(&s)) else { continue };
             let qos = item.qos;
             let copy = (qos != QoS::AtMostOnce).then(|| item.clone());
-            match slot.offer(item, limits, queue_qos0) {
-                Offer::Offline => {
-                    if let Some(copy) = copy {
-                        durable.push((client_id.to_string(), copy));
-                    }
-                }
-                Offer::Online => {}
-                Offer::Dropped => {
-                    self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
-                }
+            let (offer, lost) = slot.offer(item, limits, queue_qos0);
+            self.stats.messages_dropped.fetch_add(lost, Ordering::Relaxed);
+            if let (Offer::Offline, Some(copy)) = (offer, copy) {
+                durable.push((client_id.to_string(), copy));
             }
         }
         if !durable.is_empty() {

@@ -87,7 +87,7 @@ pub struct MqttConfig {
     pub listen: SocketAddr,
     /// Largest packet accepted or sent, in bytes (MQTT 5 Maximum Packet Size).
     pub max_packet_size: usize,
-    /// Largest packet accepted before CONNECT has been accepted.
+    /// Largest packet accepted before CONNECT has been accepted (capped by `max_packet_size`).
     pub max_connect_packet_size: usize,
     /// Seconds a new connection has to send a complete CONNECT.
     pub connect_timeout_secs: u64,
@@ -227,8 +227,8 @@ impl Config {
         if !(64..=268_435_460).contains(&m.max_packet_size) {
             return bad("mqtt.max_packet_size must be between 64 and 268435460");
         }
-        if m.max_connect_packet_size < 64 || m.max_connect_packet_size > m.max_packet_size {
-            return bad("mqtt.max_connect_packet_size must be between 64 and mqtt.max_packet_size");
+        if m.max_connect_packet_size < 64 {
+            return bad("mqtt.max_connect_packet_size must be at least 64");
         }
         if m.max_inflight == 0 || m.receive_maximum == 0 {
             return bad("mqtt.max_inflight and mqtt.receive_maximum must be at least 1");

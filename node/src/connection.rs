@@ -145,7 +145,7 @@ where
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         protocol: None,
-        max_in: cfg.max_connect_packet_size,
+        max_in: cfg.max_connect_packet_size.min(cfg.max_packet_size),
         write_timeout: Duration::from_secs(cfg.write_timeout_secs),
     };
     let connect_timeout = Duration::from_secs(cfg.connect_timeout_secs);
@@ -704,9 +704,8 @@ async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
     framed.send(&Packet::SubAck(SubAck { packet_id: s.packet_id, properties: Properties::default(), codes }));
     let limits = broker.queue_limits();
     for item in retained {
-        if slot.offer(item, limits, true) == crate::session::Offer::Dropped {
-            broker.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        let (_, lost) = slot.offer(item, limits, true);
+        broker.stats.messages_dropped.fetch_add(lost, Ordering::Relaxed);
     }
     Ok(())
 }

@@ -99,16 +99,17 @@ impl SessionSlot {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Offers a delivery under the queue limits.
-    pub fn offer(&self, item: QueuedMessage, limits: QueueLimits, queue_qos0: bool) -> Offer {
+    /// Offers a delivery under the queue limits. Returns where it went and how many
+    /// messages were dropped (the offered one or older ones the drop policy evicted).
+    pub fn offer(&self, item: QueuedMessage, limits: QueueLimits, queue_qos0: bool) -> (Offer, u64) {
         let mut inner = self.lock();
         if inner.removed {
-            return Offer::Dropped;
+            return (Offer::Dropped, 1);
         }
         let online = inner.conn.is_some();
         if !online && (!inner.persistent || (item.qos == QoS::AtMostOnce && !queue_qos0)) {
             inner.dropped += 1;
-            return Offer::Dropped;
+            return (Offer::Dropped, 1);
         }
         let SlotInner { queue, queue_bytes, dropped, .. } = &mut *inner;
         let lost = push_bounded(queue, queue_bytes, item, limits);
@@ -116,9 +117,9 @@ impl SessionSlot {
         drop(inner);
         if online {
             self.wake.notify_one();
-            Offer::Online
+            (Offer::Online, lost)
         } else {
-            Offer::Offline
+            (Offer::Offline, lost)
         }
     }
 

@@ -1,0 +1,13 @@
+//! Integration tests of a single raftmq node, one module per area. Tests are named after
+//! the normative statement (MQTT-x.y.z-n) or bad-input case (Bn) they prove.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+mod t10_connect;
+mod t20_publish;
+mod t30_retained;
+mod t40_will;
+mod t50_session;
+mod t60_topics;
+mod t70_bad_input;
+mod t80_clients;

@@ -1,0 +1,136 @@
+//! Sessions: clean session / clean start, session present, offline queue, resend with DUP,
+//! takeover, expiry.
+
+use std::time::Duration;
+
+use raftmq_cluster::message::QoS;
+use raftmq_node::codec::{reason, Disconnect, Packet, Protocol, PubKind, PubResponse};
+use raftmq_tests::*;
+
+#[tokio::test]
+async fn mqtt_3_2_2_persistent_session_queues_qos1_while_offline() -> anyhow::Result<()> {
+    let b = start_broker(|_| {}).await?;
+    let (mut sub, ack) = Raw::connect(b.addr, Protocol::V311, "durable", false).await?;
+    assert!(!ack.session_present);
+    sub.subscribe(1, "cmd/#", QoS::AtLeastOnce).await?;
+    sub.send(&Packet::Disconnect(Disconnect::new(0))).await?;
+    sub.expect_closed(DEADLINE).await?;
+    let (mut publ, _) = Raw::connect(b.addr, Protocol::V311, "commander", true).await?;
+    for i in 0..3u8 {
+        publ.publish("cmd/x", &[i], QoS::AtLeastOnce, false, u16::from(i) + 1).await?;
+    }
+    publ.publish("cmd/x", b"q0", QoS::AtMostOnce, false, 0).await?;
+    let (mut sub, ack) = Raw::connect(b.addr, Protocol::V311, "durable", false).await?;
+    assert!(ack.session_present);
+    for i in 0..3u8 {
+        let p = sub.recv_publish().await?;
+        assert_eq!(p.payload[0], i, "offline queue in order");
+        sub.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, p.packet_id, 0))).await?;
+    }
+    // QoS 0 is not queued for offline sessions by default.
+    publ.publish("cmd/x", b"live", QoS::AtMostOnce, false, 0).await?;
+    assert_eq!(&sub.recv_publish().await?.payload[..], b"live");
+    Ok(())
+}
+
+#[tokio::test]
+async fn mqtt_4_4_0_1_unacknowledged_publish_resent_with_dup_on_resume() -> anyhow::Result<()> {
+    let b = start_broker(|_| {}).await?;
+    let (mut sub, _) = Raw::connect(b.addr, Protocol::V5, "forgetful", false).await?;
+    sub.subscribe(1, "t", QoS::ExactlyOnce).await?;
+    let (mut publ, _) = Raw::connect(b.addr, Protocol::V5, "p", true).await?;
+    publ.publish("t", b"one", QoS::AtLeastOnce, false, 1).await?;
+    publ.publish("t", b"two", QoS::ExactlyOnce, false, 2).await?;
+    let first = sub.recv_publish().await?;
+    let second = sub.recv_publish().await?;
+    assert!(!first.dup);
+    // Acknowledge step one of QoS 2 only, then vanish.
+    sub.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRec, second.packet_id, 0))).await?;
+    assert_eq!(sub.recv().await?, Packet::PubResponse(PubResponse::new(PubKind::PubRel, second.packet_id, 0)));
+    drop(sub);
+    let (mut sub, ack) = Raw::connect(b.addr, Protocol::V5, "forgetful", false).await?;
+    assert!(ack.session_present);
+    let again = sub.recv_publish().await?;
+    assert!(again.dup);
+    assert_eq!((again.packet_id, &again.payload[..]), (first.packet_id, &b"one"[..]));
+    assert_eq!(sub.recv().await?, Packet::PubResponse(PubResponse::new(PubKind::PubRel, second.packet_id, 0)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn mqtt_3_1_2_4_clean_start_discards_session() -> anyhow::Result<()> {
+    let b = start_broker(|_| {}).await?;
+    let (mut sub, _) = Raw::connect(b.addr, Protocol::V311, "cleaner", false).await?;
+    sub.subscribe(1, "c", QoS::AtLeastOnce).await?;
+    drop(sub);
+    let (mut sub, ack) = Raw::connect(b.addr, Protocol::V311, "cleaner", true).await?;
+    assert!(!ack.session_present);
+    let (mut publ, _) = Raw::connect(b.addr, Protocol::V5, "cp", true).await?;
+    assert_eq!(publ.publish("c", b"x", QoS::AtLeastOnce, false, 1).await?, reason::NO_MATCHING_SUBSCRIBERS);
+    sub.ping().await
+}
+
+#[tokio::test]
+async fn takeover_closes_old_connection_with_0x8e_and_keeps_session() -> anyhow::Result<()> {
+    let b = start_broker(|_| {}).await?;
+    let (mut old, _) = Raw::connect(b.addr, Protocol::V5, "dev-1", false).await?;
+    old.subscribe(1, "dev/1/#", QoS::AtLeastOnce).await?;
+    let (mut new, ack) = Raw::connect(b.addr, Protocol::V5, "dev-1", false).await?;
+    assert!(ack.session_present);
+    assert_eq!(old.expect_closed(DEADLINE).await?, Some(Packet::Disconnect(Disconnect::new(reason::SESSION_TAKEN_OVER))));
+    let (mut publ, _) = Raw::connect(b.addr, Protocol::V311, "ctl", true).await?;
+    publ.publish("dev/1/cmd", b"on", QoS::AtLeastOnce, false, 1).await?;
+    assert_eq!(&new.recv_publish().await?.payload[..], b"on");
+    assert_eq!(b.server.broker.stats.takeovers.load(std::sync::atomic::Ordering::Relaxed), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn v311_takeover_closes_old_connection() -> anyhow::Result<()> {
+    let b = start_broker(|_| {}).await?;
+    let (mut old, _) = Raw::connect(b.addr, Protocol::V311, "dup-id", true).await?;
+    let (mut new, _) = Raw::connect(b.addr, Protocol::V311, "dup-id", true).await?;
+    assert_eq!(old.expect_closed(DEADLINE).await?, None);
+    new.ping().await
+}
+
+#[tokio::test]
+async fn session_expires_after_interval() -> anyhow::Result<()> {
+    let b = start_broker(|_| {}).await?;
+    let mut c = connect_packet(Protocol::V5, "brief", false);
+    c.properties.session_expiry_interval = Some(1);
+    let (mut raw, _) = Raw::connect_with(b.addr, c.clone()).await?;
+    raw.subscribe(1, "b", QoS::AtLeastOnce).await?;
+    drop(raw);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while b.server.broker.session_count() > 0 {
+        assert!(std::time::Instant::now() < deadline, "session never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_raw, ack) = Raw::connect_with(b.addr, c).await?;
+    assert!(!ack.session_present);
+    Ok(())
+}
+
+#[tokio::test]
+async fn f17_offline_queue_bounded_drop_oldest() -> anyhow::Result<()> {
+    let b = start_broker(|c| c.mqtt.max_queue_len = 3).await?;
+    let (mut sub, _) = Raw::connect(b.addr, Protocol::V311, "full", false).await?;
+    sub.subscribe(1, "f", QoS::AtLeastOnce).await?;
+    drop(sub);
+    let (mut publ, _) = Raw::connect(b.addr, Protocol::V311, "flood", true).await?;
+    // Wait until the session is offline: its connection count drops to the publisher's.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while b.server.broker.stats.connections.load(std::sync::atomic::Ordering::Relaxed) > 1 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..5u8 {
+        publ.publish("f", &[i], QoS::AtLeastOnce, false, u16::from(i) + 1).await?;
+    }
+    let (mut sub, _) = Raw::connect(b.addr, Protocol::V311, "full", false).await?;
+    let got: Vec<u8> = [sub.recv_publish().await?, sub.recv_publish().await?, sub.recv_publish().await?].iter().map(|p| p.payload[0]).collect();
+    assert_eq!(got, vec![2, 3, 4]);
+    assert!(b.server.broker.stats.messages_dropped.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+    Ok(())
+}
