@@ -5,8 +5,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=cluster.proto");
-    tonic_prost_build::configure()
-        .build_transport(false)
-        .compile_protos(&["cluster.proto"], &["."])?;
+    tonic_prost_build::configure().build_transport(false).compile_protos(&["cluster.proto"], &["."])?;
     Ok(())
 }

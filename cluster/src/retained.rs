@@ -134,12 +134,8 @@ impl Index {
                     if let Some(m) = node.value.as_ref().filter(|_| depth > 0) {
                         keep(m, &mut out);
                     }
-                    let mut sub: Vec<&Node> = node
-                        .children
-                        .iter()
-                        .filter(|(name, _)| !(depth == 0 && name.starts_with('$')))
-                        .map(|(_, n)| n)
-                        .collect();
+                    let mut sub: Vec<&Node> =
+                        node.children.iter().filter(|(name, _)| !(depth == 0 && name.starts_with('$'))).map(|(_, n)| n).collect();
                     while let Some(n) = sub.pop() {
                         if let Some(m) = &n.value {
                             keep(m, &mut out);

@@ -256,7 +256,8 @@ mod tests {
         let state = SessionState { client_id: "c".into(), expiry_secs: 10, ..Default::default() };
         store.save(state.clone()).await.ok();
         let limits = QueueLimits { max_len: 10, max_bytes: usize::MAX, policy: DropPolicy::DropOldest };
-        let dropped = store.append(vec![("c".into(), item(QoS::AtLeastOnce, 7)), ("nobody".into(), item(QoS::AtLeastOnce, 8))], limits).await;
+        let dropped =
+            store.append(vec![("c".into(), item(QoS::AtLeastOnce, 7)), ("nobody".into(), item(QoS::AtLeastOnce, 8))], limits).await;
         assert_eq!(dropped.ok(), Some(0));
         let loaded = store.load("c").await.ok().flatten();
         assert_eq!(loaded.map(|s| s.queue.len()), Some(1));

@@ -153,7 +153,8 @@ impl Broker {
     /// the connection.
     pub async fn attach(&self, client_id: &str, conn_id: u64, clean_start: bool, expiry_secs: u32) -> Result<Attached, StoreError> {
         loop {
-            let slot = self.sessions.entry(Arc::from(client_id)).or_insert_with(|| Arc::new(SessionSlot::new(Arc::from(client_id)))).clone();
+            let slot =
+                self.sessions.entry(Arc::from(client_id)).or_insert_with(|| Arc::new(SessionSlot::new(Arc::from(client_id)))).clone();
             let _guard = slot.connect_lock.lock().await;
             if slot.lock().removed {
                 continue;

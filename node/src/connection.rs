@@ -18,8 +18,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::broker::{Attached, Broker, EndKind};
 use crate::codec::{
-    self, connack_v3, reason, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Protocol, PubKind, PubResponse, Publish, SubAck, Subscribe,
-    UnsubAck, Unsubscribe,
+    self, connack_v3, reason, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Protocol, PubKind, PubResponse, Publish,
+    SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::session::SessionSlot;
 
@@ -279,7 +279,13 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(broker: Arc<Broker>, mut 
         server_keep_alive = Some(keep_alive);
     }
     // Session expiry.
-    let requested_expiry = if v5 { props.session_expiry_interval.unwrap_or(0) } else if connect.clean_start { 0 } else { cfg.session_expiry_secs };
+    let requested_expiry = if v5 {
+        props.session_expiry_interval.unwrap_or(0)
+    } else if connect.clean_start {
+        0
+    } else {
+        cfg.session_expiry_secs
+    };
     let expiry = requested_expiry.min(cfg.max_session_expiry_secs);
 
     let conn_id = broker.next_conn_id();
@@ -428,6 +434,9 @@ fn pump<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, slot: &SessionSlot, 
     }
 }
 
+/// One wake-up of the connection loop. Lives on the stack for one iteration; boxing the
+/// packet variant would cost an allocation per packet.
+#[allow(clippy::large_enum_variant)]
 enum Event {
     Packet(Result<Option<Packet>, ConnectionError>),
     Wake,
@@ -529,7 +538,11 @@ async fn handle_packet<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     if known && !failed {
                         framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, r.packet_id, 0)));
                     } else if !known && v5 {
-                        framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, r.packet_id, reason::PACKET_IDENTIFIER_NOT_FOUND)));
+                        framed.send(&Packet::PubResponse(PubResponse::new(
+                            PubKind::PubRel,
+                            r.packet_id,
+                            reason::PACKET_IDENTIFIER_NOT_FOUND,
+                        )));
                     }
                 }
                 PubKind::PubComp => {

@@ -13,7 +13,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use raftmq_cluster::message::QoS;
-use raftmq_cluster::session::{push_bounded, InflightMessage, InflightStage, QueueLimits, QueuedMessage, SessionState, SubscriptionOptions, WillMessage};
+use raftmq_cluster::session::{
+    push_bounded, InflightMessage, InflightStage, QueueLimits, QueuedMessage, SessionState, SubscriptionOptions, WillMessage,
+};
 use tokio::sync::{oneshot, Notify};
 
 /// The live connection attached to a slot.

@@ -139,7 +139,12 @@ impl Raw {
     }
 
     /// Subscribes with full options and waits for the SUBACK.
-    pub async fn subscribe_with(&mut self, packet_id: u16, filters: Vec<(String, SubscriptionOptions)>, properties: Properties) -> anyhow::Result<Vec<u8>> {
+    pub async fn subscribe_with(
+        &mut self,
+        packet_id: u16,
+        filters: Vec<(String, SubscriptionOptions)>,
+        properties: Properties,
+    ) -> anyhow::Result<Vec<u8>> {
         self.send(&Packet::Subscribe(Subscribe { packet_id, properties, filters })).await?;
         match self.recv().await? {
             Packet::SubAck(s) if s.packet_id == packet_id => Ok(s.codes),

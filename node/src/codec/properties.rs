@@ -3,7 +3,9 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::wire::{read_binary, read_string, read_u16, read_u32, read_u8, read_varint, varint_len, write_binary, write_string, write_varint};
+use super::wire::{
+    read_binary, read_string, read_u16, read_u32, read_u8, read_varint, varint_len, write_binary, write_string, write_varint,
+};
 use super::DecodeError;
 
 /// Where a property block appears; each context allows a fixed set of identifiers.
@@ -106,8 +108,14 @@ impl PropertyContext {
             }
             SUBSCRIPTION_IDENTIFIER => matches!(self, C::Publish | C::Subscribe),
             SESSION_EXPIRY_INTERVAL => matches!(self, C::Connect | C::ConnAck | C::Disconnect),
-            ASSIGNED_CLIENT_IDENTIFIER | SERVER_KEEP_ALIVE | RESPONSE_INFORMATION | MAXIMUM_QOS | RETAIN_AVAILABLE
-            | WILDCARD_SUBSCRIPTION_AVAILABLE | SUBSCRIPTION_IDENTIFIER_AVAILABLE | SHARED_SUBSCRIPTION_AVAILABLE => self == C::ConnAck,
+            ASSIGNED_CLIENT_IDENTIFIER
+            | SERVER_KEEP_ALIVE
+            | RESPONSE_INFORMATION
+            | MAXIMUM_QOS
+            | RETAIN_AVAILABLE
+            | WILDCARD_SUBSCRIPTION_AVAILABLE
+            | SUBSCRIPTION_IDENTIFIER_AVAILABLE
+            | SHARED_SUBSCRIPTION_AVAILABLE => self == C::ConnAck,
             AUTHENTICATION_METHOD | AUTHENTICATION_DATA => matches!(self, C::Connect | C::ConnAck | C::Auth),
             REQUEST_PROBLEM_INFORMATION | REQUEST_RESPONSE_INFORMATION => self == C::Connect,
             WILL_DELAY_INTERVAL => self == C::Will,

@@ -56,36 +56,37 @@ fn all_properties() -> BoxedStrategy<Properties> {
         proptest::option::of(0u8..=1),
         proptest::option::of(0u8..=1),
     );
-    (a, b, c).prop_map(|(a, b, c)| Properties {
-        payload_format_indicator: a.0,
-        message_expiry_interval: a.1,
-        content_type: a.2,
-        response_topic: a.3,
-        correlation_data: a.4,
-        subscription_identifiers: a.5,
-        session_expiry_interval: a.6,
-        assigned_client_identifier: a.7,
-        server_keep_alive: a.8,
-        authentication_method: b.0,
-        authentication_data: b.1,
-        request_problem_information: b.2,
-        will_delay_interval: b.3,
-        request_response_information: b.4,
-        response_information: b.5,
-        server_reference: b.6,
-        reason_string: b.7,
-        receive_maximum: b.8,
-        topic_alias_maximum: c.0,
-        topic_alias: c.1,
-        maximum_qos: c.2,
-        retain_available: c.3,
-        user_properties: c.4,
-        maximum_packet_size: c.5,
-        wildcard_subscription_available: c.6,
-        subscription_identifier_available: c.7,
-        shared_subscription_available: c.8,
-    })
-    .boxed()
+    (a, b, c)
+        .prop_map(|(a, b, c)| Properties {
+            payload_format_indicator: a.0,
+            message_expiry_interval: a.1,
+            content_type: a.2,
+            response_topic: a.3,
+            correlation_data: a.4,
+            subscription_identifiers: a.5,
+            session_expiry_interval: a.6,
+            assigned_client_identifier: a.7,
+            server_keep_alive: a.8,
+            authentication_method: b.0,
+            authentication_data: b.1,
+            request_problem_information: b.2,
+            will_delay_interval: b.3,
+            request_response_information: b.4,
+            response_information: b.5,
+            server_reference: b.6,
+            reason_string: b.7,
+            receive_maximum: b.8,
+            topic_alias_maximum: c.0,
+            topic_alias: c.1,
+            maximum_qos: c.2,
+            retain_available: c.3,
+            user_properties: c.4,
+            maximum_packet_size: c.5,
+            wildcard_subscription_available: c.6,
+            subscription_identifier_available: c.7,
+            shared_subscription_available: c.8,
+        })
+        .boxed()
 }
 
 /// Keeps only the properties `ctx` allows, so a generated block is valid for its packet.
@@ -96,15 +97,33 @@ fn restrict(mut p: Properties, ctx: PropertyContext) -> Properties {
         };
     }
     keep!(
-        payload_format_indicator = 0x01, message_expiry_interval = 0x02, content_type = 0x03,
-        response_topic = 0x08, correlation_data = 0x09, subscription_identifiers = 0x0B,
-        session_expiry_interval = 0x11, assigned_client_identifier = 0x12, server_keep_alive = 0x13,
-        authentication_method = 0x15, authentication_data = 0x16, request_problem_information = 0x17,
-        will_delay_interval = 0x18, request_response_information = 0x19, response_information = 0x1A,
-        server_reference = 0x1C, reason_string = 0x1F, receive_maximum = 0x21, topic_alias_maximum = 0x22,
-        topic_alias = 0x23, maximum_qos = 0x24, retain_available = 0x25, user_properties = 0x26,
-        maximum_packet_size = 0x27, wildcard_subscription_available = 0x28,
-        subscription_identifier_available = 0x29, shared_subscription_available = 0x2A,
+        payload_format_indicator = 0x01,
+        message_expiry_interval = 0x02,
+        content_type = 0x03,
+        response_topic = 0x08,
+        correlation_data = 0x09,
+        subscription_identifiers = 0x0B,
+        session_expiry_interval = 0x11,
+        assigned_client_identifier = 0x12,
+        server_keep_alive = 0x13,
+        authentication_method = 0x15,
+        authentication_data = 0x16,
+        request_problem_information = 0x17,
+        will_delay_interval = 0x18,
+        request_response_information = 0x19,
+        response_information = 0x1A,
+        server_reference = 0x1C,
+        reason_string = 0x1F,
+        receive_maximum = 0x21,
+        topic_alias_maximum = 0x22,
+        topic_alias = 0x23,
+        maximum_qos = 0x24,
+        retain_available = 0x25,
+        user_properties = 0x26,
+        maximum_packet_size = 0x27,
+        wildcard_subscription_available = 0x28,
+        subscription_identifier_available = 0x29,
+        shared_subscription_available = 0x2A,
     );
     if ctx == PropertyContext::Subscribe {
         p.subscription_identifiers.truncate(1);
@@ -117,18 +136,37 @@ fn props_for(protocol: Protocol, ctx: PropertyContext) -> BoxedStrategy<Properti
 }
 
 fn connect() -> BoxedStrategy<Packet> {
-    protocol().prop_flat_map(|protocol| {
-        let will = proptest::option::of((nonempty(), bin(), qos(), any::<bool>(), props_for(protocol, PropertyContext::Will)).prop_map(
-            |(topic, payload, qos, retain, properties)| LastWill { topic, payload, qos, retain, properties },
-        ));
-        (any::<bool>(), any::<u16>(), props_for(protocol, PropertyContext::Connect), s(), will, proptest::option::of(s()), proptest::option::of(bin()))
-            .prop_map(move |(clean_start, keep_alive, properties, client_id, will, username, password)| {
-                // MQTT 3.x forbids a password without a user name.
-                let username = if !protocol.is_v5() && password.is_some() { Some(username.unwrap_or_default()) } else { username };
-                Packet::Connect(Box::new(Connect { protocol, clean_start, keep_alive, properties, client_id, will, username, password }))
-            })
-    })
-    .boxed()
+    protocol()
+        .prop_flat_map(|protocol| {
+            let will = proptest::option::of(
+                (nonempty(), bin(), qos(), any::<bool>(), props_for(protocol, PropertyContext::Will))
+                    .prop_map(|(topic, payload, qos, retain, properties)| LastWill { topic, payload, qos, retain, properties }),
+            );
+            (
+                any::<bool>(),
+                any::<u16>(),
+                props_for(protocol, PropertyContext::Connect),
+                s(),
+                will,
+                proptest::option::of(s()),
+                proptest::option::of(bin()),
+            )
+                .prop_map(move |(clean_start, keep_alive, properties, client_id, will, username, password)| {
+                    // MQTT 3.x forbids a password without a user name.
+                    let username = if !protocol.is_v5() && password.is_some() { Some(username.unwrap_or_default()) } else { username };
+                    Packet::Connect(Box::new(Connect {
+                        protocol,
+                        clean_start,
+                        keep_alive,
+                        properties,
+                        client_id,
+                        will,
+                        username,
+                        password,
+                    }))
+                })
+        })
+        .boxed()
 }
 
 fn after_connect(protocol: Protocol) -> impl Strategy<Value = Packet> {
@@ -154,23 +192,26 @@ fn after_connect(protocol: Protocol) -> impl Strategy<Value = Packet> {
         (kind, 1u16.., any::<u8>(), props_for(p, PropertyContext::PubResponse)).prop_map(move |(kind, packet_id, reason, properties)| {
             Packet::PubResponse(PubResponse { kind, packet_id, reason: if v5 { reason } else { 0 }, properties })
         }),
-        (1u16.., props_for(p, PropertyContext::Subscribe), proptest::collection::vec((s(), opts), 1..4)).prop_map(|(packet_id, properties, filters)| {
-            let sid = properties.subscription_identifiers.first().copied();
-            let filters = filters.into_iter().map(|(f, o)| (f, SubscriptionOptions { subscription_identifier: sid, ..o })).collect();
-            Packet::Subscribe(Subscribe { packet_id, properties, filters })
-        }),
+        (1u16.., props_for(p, PropertyContext::Subscribe), proptest::collection::vec((s(), opts), 1..4)).prop_map(
+            |(packet_id, properties, filters)| {
+                let sid = properties.subscription_identifiers.first().copied();
+                let filters = filters.into_iter().map(|(f, o)| (f, SubscriptionOptions { subscription_identifier: sid, ..o })).collect();
+                Packet::Subscribe(Subscribe { packet_id, properties, filters })
+            }
+        ),
         (1u16.., props_for(p, PropertyContext::SubResponse), proptest::collection::vec(any::<u8>(), 1..4))
             .prop_map(|(packet_id, properties, codes)| Packet::SubAck(SubAck { packet_id, properties, codes })),
         (1u16.., props_for(p, PropertyContext::Unsubscribe), proptest::collection::vec(s(), 1..4))
             .prop_map(|(packet_id, properties, filters)| Packet::Unsubscribe(Unsubscribe { packet_id, properties, filters })),
-        (1u16.., props_for(p, PropertyContext::SubResponse), proptest::collection::vec(any::<u8>(), 0..4)).prop_map(move |(packet_id, properties, codes)| {
-            Packet::UnsubAck(UnsubAck { packet_id, properties, codes: if v5 { codes } else { Vec::new() } })
-        }),
+        (1u16.., props_for(p, PropertyContext::SubResponse), proptest::collection::vec(any::<u8>(), 0..4)).prop_map(
+            move |(packet_id, properties, codes)| {
+                Packet::UnsubAck(UnsubAck { packet_id, properties, codes: if v5 { codes } else { Vec::new() } })
+            }
+        ),
         Just(Packet::PingReq),
         Just(Packet::PingResp),
-        (any::<u8>(), props_for(p, PropertyContext::Disconnect)).prop_map(move |(reason, properties)| {
-            Packet::Disconnect(Disconnect { reason: if v5 { reason } else { 0 }, properties })
-        }),
+        (any::<u8>(), props_for(p, PropertyContext::Disconnect))
+            .prop_map(move |(reason, properties)| { Packet::Disconnect(Disconnect { reason: if v5 { reason } else { 0 }, properties }) }),
     ]
 }
 

@@ -11,3 +11,4 @@ mod t50_session;
 mod t60_topics;
 mod t70_bad_input;
 mod t80_clients;
+mod t85_mosquitto;

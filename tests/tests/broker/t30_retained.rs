@@ -13,7 +13,7 @@ async fn mqtt_3_3_1_6_new_subscription_gets_retained_with_retain_flag_including_
     publ.publish("home/hall/temp", b"19", QoS::AtMostOnce, true, 0).await?;
     let (mut sub, _) = Raw::connect(b.addr, Protocol::V311, "rs", true).await?;
     sub.subscribe(1, "home/+/temp", QoS::AtLeastOnce).await?;
-    let mut got = vec![sub.recv_publish().await?, sub.recv_publish().await?];
+    let mut got = [sub.recv_publish().await?, sub.recv_publish().await?];
     got.sort_by(|a, b| a.topic.cmp(&b.topic));
     assert_eq!((got[0].topic.as_str(), &got[0].payload[..], got[0].retain), ("home/hall/temp", &b"19"[..], true));
     assert_eq!((got[1].topic.as_str(), &got[1].payload[..], got[1].retain), ("home/kitchen/temp", &b"21"[..], true));

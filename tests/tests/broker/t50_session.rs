@@ -129,7 +129,8 @@ async fn f17_offline_queue_bounded_drop_oldest() -> anyhow::Result<()> {
         publ.publish("f", &[i], QoS::AtLeastOnce, false, u16::from(i) + 1).await?;
     }
     let (mut sub, _) = Raw::connect(b.addr, Protocol::V311, "full", false).await?;
-    let got: Vec<u8> = [sub.recv_publish().await?, sub.recv_publish().await?, sub.recv_publish().await?].iter().map(|p| p.payload[0]).collect();
+    let got: Vec<u8> =
+        [sub.recv_publish().await?, sub.recv_publish().await?, sub.recv_publish().await?].iter().map(|p| p.payload[0]).collect();
     assert_eq!(got, vec![2, 3, 4]);
     assert!(b.server.broker.stats.messages_dropped.load(std::sync::atomic::Ordering::Relaxed) >= 2);
     Ok(())

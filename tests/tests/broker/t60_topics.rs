@@ -104,8 +104,12 @@ async fn mqtt_3_10_4_unsubscribe_stops_delivery_and_reports_missing() -> anyhow:
     let b = start_broker(|_| {}).await?;
     let (mut raw, _) = Raw::connect(b.addr, Protocol::V5, "unsub", true).await?;
     raw.subscribe(1, "u/+", QoS::AtMostOnce).await?;
-    raw.send(&Packet::Unsubscribe(raftmq_node::codec::Unsubscribe { packet_id: 2, properties: Properties::default(), filters: vec!["u/+".into(), "never".into()] }))
-        .await?;
+    raw.send(&Packet::Unsubscribe(raftmq_node::codec::Unsubscribe {
+        packet_id: 2,
+        properties: Properties::default(),
+        filters: vec!["u/+".into(), "never".into()],
+    }))
+    .await?;
     match raw.recv().await? {
         Packet::UnsubAck(u) => assert_eq!(u.codes, vec![0, reason::NO_SUBSCRIPTION_EXISTED]),
         other => panic!("expected UNSUBACK, got {other:?}"),

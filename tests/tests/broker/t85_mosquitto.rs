@@ -1,0 +1,61 @@
+//! Interoperability with the Eclipse Mosquitto command-line clients (Debian's
+//! `mosquitto-clients`). `.ci/run` installs them and sets `RAFTMQ_REQUIRE_MOSQUITTO=1`, so
+//! in CI their absence is a failure, not a skip.
+
+use std::process::Stdio;
+
+use raftmq_tests::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+fn available() -> anyhow::Result<bool> {
+    let found = std::process::Command::new("mosquitto_pub").arg("--help").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
+    if !found && std::env::var_os("RAFTMQ_REQUIRE_MOSQUITTO").is_some() {
+        anyhow::bail!("mosquitto_pub not found but RAFTMQ_REQUIRE_MOSQUITTO is set");
+    }
+    if !found {
+        eprintln!("skipping mosquitto interop: mosquitto-clients not installed");
+    }
+    Ok(found)
+}
+
+async fn mosquitto_pub(port: u16, version: &str, args: &[&str]) -> anyhow::Result<()> {
+    let status = tokio::time::timeout(
+        DEADLINE,
+        Command::new("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", version]).args(args).status(),
+    )
+    .await??;
+    anyhow::ensure!(status.success(), "mosquitto_pub failed: {status}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn mosquitto_clients_retained_and_live_messages_v311_and_v5() -> anyhow::Result<()> {
+    if !available()? {
+        return Ok(());
+    }
+    let b = start_broker(|_| {}).await?;
+    let port = b.addr.port();
+    for version in ["mqttv311", "mqttv5"] {
+        let topic = format!("interop/{version}");
+        mosquitto_pub(port, version, &["-t", &topic, "-m", "retained-hello", "-r", "-q", "1"]).await?;
+        let mut sub = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", version, "-t", "interop/#", "-q", "2", "-C", "2", "-v"])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = sub.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(DEADLINE, lines.next_line()).await??;
+        assert_eq!(first.as_deref(), Some(format!("{topic} retained-hello").as_str()));
+        // The retained message proved the subscription is in place.
+        mosquitto_pub(port, version, &["-t", &topic, "-m", "live", "-q", "2"]).await?;
+        let second = tokio::time::timeout(DEADLINE, lines.next_line()).await??;
+        assert_eq!(second.as_deref(), Some(format!("{topic} live").as_str()));
+        let status = tokio::time::timeout(DEADLINE, sub.wait()).await??;
+        assert!(status.success());
+        // Clear the retained message so the next round starts empty.
+        mosquitto_pub(port, version, &["-t", &topic, "-n", "-r"]).await?;
+    }
+    Ok(())
+}
