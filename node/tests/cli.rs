@@ -9,6 +9,18 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_raftmq");
 
+/// The binary with no inherited `RAFTMQ_*` variables, so the caller's environment cannot
+/// change what is tested.
+fn raftmq() -> Command {
+    let mut cmd = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("RAFTMQ_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -18,12 +30,12 @@ fn bad_config_file_stops_the_start_with_a_clear_message() {
     let dir = tempfile_dir("badcfg");
     let file = dir.join("raftmq.toml");
     std::fs::write(&file, "[mqtt]\nmax_inflight = \"lots\"\n").unwrap();
-    let out = Command::new(BIN).arg("--config").arg(&file).output().unwrap();
+    let out = raftmq().arg("--config").arg(&file).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("max_inflight"), "stderr: {stderr}");
 
-    let out = Command::new(BIN).env("RAFTMQ_MQTT__MAX_PACKET_SIZE", "1").output().unwrap();
+    let out = raftmq().env("RAFTMQ_MQTT__MAX_PACKET_SIZE", "1").output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_packet_size"));
 }
@@ -32,7 +44,7 @@ fn bad_config_file_stops_the_start_with_a_clear_message() {
 fn starts_serves_mqtt_and_stops_on_sigterm() {
     let port = free_port();
     let dir = tempfile_dir("run");
-    let mut child = Command::new(BIN)
+    let mut child = raftmq()
         .args(["--mqtt-listen", &format!("127.0.0.1:{port}"), "--node-name", "cli-test"])
         .arg("--data-dir")
         .arg(&dir)

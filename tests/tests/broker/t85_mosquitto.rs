@@ -1,5 +1,5 @@
 //! Interoperability with the Eclipse Mosquitto command-line clients (Debian's
-//! `mosquitto-clients`). `.ci/run` installs them and sets `RAFTMQ_REQUIRE_MOSQUITTO=1`, so
+//! `mosquitto-clients`). `.ci/run` installs them and sets `REQUIRE_MOSQUITTO_CLIENTS=1`, so
 //! in CI their absence is a failure, not a skip.
 
 use std::process::Stdio;
@@ -10,8 +10,8 @@ use tokio::process::Command;
 
 fn available() -> anyhow::Result<bool> {
     let found = std::process::Command::new("mosquitto_pub").arg("--help").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
-    if !found && std::env::var_os("RAFTMQ_REQUIRE_MOSQUITTO").is_some() {
-        anyhow::bail!("mosquitto_pub not found but RAFTMQ_REQUIRE_MOSQUITTO is set");
+    if !found && std::env::var_os("REQUIRE_MOSQUITTO_CLIENTS").is_some() {
+        anyhow::bail!("mosquitto_pub not found but REQUIRE_MOSQUITTO_CLIENTS is set");
     }
     if !found {
         eprintln!("skipping mosquitto interop: mosquitto-clients not installed");
