@@ -10,7 +10,7 @@ use raftmq_node::server::Server;
 
 /// raftmq: a clustered MQTT broker.
 #[derive(Debug, Parser)]
-#[command(name = "raftmq", version, about)]
+#[command(name = "raftmq", version)]
 struct Cli {
     /// TOML configuration file.
     #[arg(long, env = "RAFTMQ_CONFIG")]

@@ -126,7 +126,8 @@ impl Raw {
     /// Asserts nothing arrives for `quiet` (used after a positive wait proved delivery works).
     pub async fn expect_silence(&mut self, quiet: Duration) -> anyhow::Result<()> {
         match tokio::time::timeout(quiet, self.recv_within(quiet + Duration::from_secs(1))).await {
-            Err(_) | Ok(Err(_)) => Ok(()),
+            Err(_) => Ok(()),
+            Ok(Err(e)) => Err(e),
             Ok(Ok(None)) => bail!("connection closed"),
             Ok(Ok(Some(p))) => bail!("expected silence, got {p:?}"),
         }

@@ -150,3 +150,24 @@ async fn garbage_storm_from_many_connections_leaves_broker_serving() -> anyhow::
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn b11_thousands_of_user_properties_are_bounded_by_packet_size_and_forwarded() -> anyhow::Result<()> {
+    let b = start_broker(|_| {}).await?;
+    let (mut sub, _) = Raw::connect(b.addr, Protocol::V5, "props-sub", true).await?;
+    sub.subscribe(1, "up", raftmq_cluster::message::QoS::AtMostOnce).await?;
+    let (mut raw, _) = Raw::connect(b.addr, Protocol::V5, "props", true).await?;
+    let many: Vec<(String, String)> = (0..5000).map(|i| (format!("k{i}"), "v".to_string())).collect();
+    let mut p = publish("up", b"x", raftmq_cluster::message::QoS::AtMostOnce, false, 0);
+    p.properties = Properties { user_properties: many.clone(), ..Properties::default() };
+    raw.send(&Packet::Publish(p)).await?;
+    assert_eq!(sub.recv_publish().await?.properties.user_properties, many);
+    // Past the packet size limit the same packet is refused.
+    let too_many: Vec<(String, String)> = (0..200_000).map(|i| (format!("k{i}"), "v".to_string())).collect();
+    let mut p = publish("up", b"x", raftmq_cluster::message::QoS::AtMostOnce, false, 0);
+    p.properties = Properties { user_properties: too_many, ..Properties::default() };
+    // The broker may close before the whole packet is written; only its answer matters.
+    let _ = raw.send(&Packet::Publish(p)).await;
+    assert_eq!(raw.expect_closed(DEADLINE).await?, Some(Packet::Disconnect(Disconnect::new(reason::PACKET_TOO_LARGE))));
+    assert_serving(b.addr).await
+}
