@@ -15,6 +15,7 @@ use raftmq_cluster::message::{now_ms, Message, MessageProperties, QoS};
 use raftmq_cluster::session::{InflightMessage, InflightStage, QueuedMessage, WillMessage};
 use raftmq_cluster::topic::{self, TopicError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::Instrument;
 
 use crate::broker::{Attached, Broker, EndKind};
 use crate::codec::{
@@ -179,11 +180,8 @@ where
     };
     let protocol = connect.protocol;
     framed.protocol = Some(protocol);
-    let client_id = connect.client_id.clone();
-    let span = tracing::info_span!("conn", %peer, client_id = %client_id);
-    let _entered = span.enter();
-    drop(_entered);
-    run(broker, framed, *connect, peer).await;
+    let span = tracing::info_span!("conn", %peer, client_id = %connect.client_id);
+    run(broker, framed, *connect, peer).instrument(span).await;
 }
 
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<S>, protocol: Protocol, v5_code: u8, v3_code: u8) {
