@@ -1,9 +1,8 @@
 //! DISCONNECT and AUTH (§3.14, §3.15).
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
-use super::wire::read_u8;
-use super::{write_frame, DecodeError, Properties, PropertyContext, Protocol};
+use super::{read_reason_tail, write_frame, write_reason_tail, DecodeError, Properties, PropertyContext, Protocol};
 
 /// DISCONNECT, from either side (MQTT 3.x: client only, no body).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -21,31 +20,20 @@ impl Disconnect {
     }
 
     pub(super) fn read(mut b: Bytes, protocol: Protocol) -> Result<Disconnect, DecodeError> {
-        let mut d = Disconnect::default();
-        if protocol.is_v5() {
+        if !protocol.is_v5() {
             if !b.is_empty() {
-                d.reason = read_u8(&mut b)?;
+                return Err(DecodeError::Malformed("unexpected bytes at end of DISCONNECT"));
             }
-            if !b.is_empty() {
-                d.properties = Properties::read(&mut b, PropertyContext::Disconnect)?;
-            }
+            return Ok(Disconnect::default());
         }
-        if !b.is_empty() {
-            return Err(DecodeError::Malformed("unexpected bytes at end of DISCONNECT"));
-        }
-        Ok(d)
+        let (reason, properties) = read_reason_tail(&mut b, PropertyContext::Disconnect)?;
+        Ok(Disconnect { reason, properties })
     }
 
     pub(super) fn write(&self, protocol: Protocol, out: &mut BytesMut) {
         let mut body = BytesMut::new();
         if protocol.is_v5() {
-            let props = self.properties.body();
-            if self.reason != 0 || !props.is_empty() {
-                body.put_u8(self.reason);
-            }
-            if !props.is_empty() {
-                Properties::write_body(&mut body, &props);
-            }
+            write_reason_tail(&mut body, self.reason, &self.properties);
         }
         write_frame(out, 0xE0, &body);
     }
@@ -62,28 +50,13 @@ pub struct Auth {
 
 impl Auth {
     pub(super) fn read(mut b: Bytes) -> Result<Auth, DecodeError> {
-        let mut a = Auth::default();
-        if !b.is_empty() {
-            a.reason = read_u8(&mut b)?;
-        }
-        if !b.is_empty() {
-            a.properties = Properties::read(&mut b, PropertyContext::Auth)?;
-        }
-        if !b.is_empty() {
-            return Err(DecodeError::Malformed("unexpected bytes at end of AUTH"));
-        }
-        Ok(a)
+        let (reason, properties) = read_reason_tail(&mut b, PropertyContext::Auth)?;
+        Ok(Auth { reason, properties })
     }
 
     pub(super) fn write(&self, out: &mut BytesMut) {
         let mut body = BytesMut::new();
-        let props = self.properties.body();
-        if self.reason != 0 || !props.is_empty() {
-            body.put_u8(self.reason);
-        }
-        if !props.is_empty() {
-            Properties::write_body(&mut body, &props);
-        }
+        write_reason_tail(&mut body, self.reason, &self.properties);
         write_frame(out, 0xF0, &body);
     }
 }

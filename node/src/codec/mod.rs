@@ -305,6 +305,42 @@ pub(crate) fn write_frame(out: &mut BytesMut, first_byte: u8, body: &[u8]) {
     out.put_slice(body);
 }
 
+/// Reads the optional MQTT 5 tail "reason code, then properties" shared by the PUBLISH
+/// acknowledgements, DISCONNECT and AUTH: both parts may be omitted (reason 0, no properties).
+pub(crate) fn read_reason_tail(b: &mut Bytes, ctx: PropertyContext) -> Result<(u8, Properties), DecodeError> {
+    let mut reason = 0;
+    let mut properties = Properties::default();
+    if !b.is_empty() {
+        reason = wire::read_u8(b)?;
+    }
+    if !b.is_empty() {
+        properties = Properties::read(b, ctx)?;
+    }
+    if !b.is_empty() {
+        return Err(DecodeError::Malformed("unexpected bytes at end of packet"));
+    }
+    Ok((reason, properties))
+}
+
+/// Writes the shortest form of the reason-and-properties tail.
+pub(crate) fn write_reason_tail(body: &mut BytesMut, reason: u8, properties: &Properties) {
+    let props = properties.body();
+    if reason != 0 || !props.is_empty() {
+        body.put_u8(reason);
+    }
+    if !props.is_empty() {
+        Properties::write_body(body, &props);
+    }
+}
+
+/// Writes "packet identifier, then properties (MQTT 5)", the head of the SUBSCRIBE family.
+pub(crate) fn write_id_and_properties(body: &mut BytesMut, packet_id: u16, properties: &Properties, protocol: Protocol) {
+    body.put_u16(packet_id);
+    if protocol.is_v5() {
+        Properties::write_body(body, &properties.body());
+    }
+}
+
 /// Size of a whole packet with a body of `body_len` bytes.
 pub fn frame_len(body_len: usize) -> usize {
     1 + varint_len(body_len) + body_len

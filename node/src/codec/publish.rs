@@ -3,8 +3,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use raftmq_cluster::message::QoS;
 
-use super::wire::{read_string, read_u16, read_u8, varint_len, write_string, write_varint};
-use super::{write_frame, DecodeError, Properties, PropertyContext, Protocol};
+use super::wire::{read_string, read_u16, varint_len, write_string, write_varint};
+use super::{read_reason_tail, write_frame, write_reason_tail, DecodeError, Properties, PropertyContext, Protocol};
 
 /// PUBLISH: an application message in either direction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,32 +147,21 @@ impl PubResponse {
         if packet_id == 0 {
             return Err(DecodeError::Malformed("packet identifier 0"));
         }
-        let mut r = PubResponse::new(kind, packet_id, 0);
-        if protocol.is_v5() {
+        if !protocol.is_v5() {
             if !b.is_empty() {
-                r.reason = read_u8(&mut b)?;
+                return Err(DecodeError::Malformed("unexpected bytes at end of acknowledgement"));
             }
-            if !b.is_empty() {
-                r.properties = Properties::read(&mut b, PropertyContext::PubResponse)?;
-            }
+            return Ok(PubResponse::new(kind, packet_id, 0));
         }
-        if !b.is_empty() {
-            return Err(DecodeError::Malformed("unexpected bytes at end of acknowledgement"));
-        }
-        Ok(r)
+        let (reason, properties) = read_reason_tail(&mut b, PropertyContext::PubResponse)?;
+        Ok(PubResponse { kind, packet_id, reason, properties })
     }
 
     pub(super) fn write(&self, protocol: Protocol, out: &mut BytesMut) {
         let mut body = BytesMut::with_capacity(4);
         body.put_u16(self.packet_id);
         if protocol.is_v5() {
-            let props = self.properties.body();
-            if self.reason != 0 || !props.is_empty() {
-                body.put_u8(self.reason);
-            }
-            if !props.is_empty() {
-                Properties::write_body(&mut body, &props);
-            }
+            write_reason_tail(&mut body, self.reason, &self.properties);
         }
         write_frame(out, self.kind.first_byte(), &body);
     }

@@ -5,7 +5,7 @@ use raftmq_cluster::message::QoS;
 use raftmq_cluster::session::SubscriptionOptions;
 
 use super::wire::{read_string, read_u16, read_u8, write_string};
-use super::{write_frame, DecodeError, Properties, PropertyContext, Protocol};
+use super::{write_frame, write_id_and_properties, DecodeError, Properties, PropertyContext, Protocol};
 
 fn read_packet_id(b: &mut Bytes) -> Result<u16, DecodeError> {
     let id = read_u16(b)?;
@@ -62,10 +62,7 @@ impl Subscribe {
 
     pub(super) fn write(&self, protocol: Protocol, out: &mut BytesMut) {
         let mut body = BytesMut::new();
-        body.put_u16(self.packet_id);
-        if protocol.is_v5() {
-            Properties::write_body(&mut body, &self.properties.body());
-        }
+        write_id_and_properties(&mut body, self.packet_id, &self.properties, protocol);
         for (filter, o) in &self.filters {
             write_string(&mut body, filter);
             let mut opts = o.qos as u8;
@@ -98,10 +95,7 @@ impl SubAck {
 
     pub(super) fn write(&self, protocol: Protocol, out: &mut BytesMut) {
         let mut body = BytesMut::new();
-        body.put_u16(self.packet_id);
-        if protocol.is_v5() {
-            Properties::write_body(&mut body, &self.properties.body());
-        }
+        write_id_and_properties(&mut body, self.packet_id, &self.properties, protocol);
         body.put_slice(&self.codes);
         write_frame(out, 0x90, &body);
     }
@@ -134,10 +128,7 @@ impl Unsubscribe {
 
     pub(super) fn write(&self, protocol: Protocol, out: &mut BytesMut) {
         let mut body = BytesMut::new();
-        body.put_u16(self.packet_id);
-        if protocol.is_v5() {
-            Properties::write_body(&mut body, &self.properties.body());
-        }
+        write_id_and_properties(&mut body, self.packet_id, &self.properties, protocol);
         for f in &self.filters {
             write_string(&mut body, f);
         }
@@ -171,9 +162,8 @@ impl UnsubAck {
 
     pub(super) fn write(&self, protocol: Protocol, out: &mut BytesMut) {
         let mut body = BytesMut::new();
-        body.put_u16(self.packet_id);
+        write_id_and_properties(&mut body, self.packet_id, &self.properties, protocol);
         if protocol.is_v5() {
-            Properties::write_body(&mut body, &self.properties.body());
             body.put_slice(&self.codes);
         }
         write_frame(out, 0xB0, &body);
