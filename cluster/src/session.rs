@@ -40,6 +40,16 @@ pub struct SubscriptionOptions {
     pub subscription_identifier: Option<u32>,
 }
 
+/// The shared subscription (`$share/{group}/{filter}`) a delivery was chosen for; if the
+/// member cannot take the message after all, it goes to another member of the group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ShareTarget {
+    /// Share name (`$queue/` subscriptions use the group `$queue`).
+    pub group: Arc<str>,
+    /// The topic filter after the share prefix.
+    pub filter: Arc<str>,
+}
+
 /// A message waiting in a session queue, with what the delivery needs besides the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedMessage {
@@ -51,6 +61,8 @@ pub struct QueuedMessage {
     pub retain: bool,
     /// Subscription identifiers of every matching subscription.
     pub subscription_ids: Vec<u32>,
+    /// Set when the delivery came through a shared subscription.
+    pub shared: Option<Arc<ShareTarget>>,
 }
 
 /// Where an unacknowledged outbound QoS 1/2 message stands.
@@ -221,6 +233,7 @@ mod tests {
             qos,
             retain: false,
             subscription_ids: vec![],
+            shared: None,
         }
     }
 

@@ -227,6 +227,24 @@ impl<K: Eq + Hash + Clone, V: Clone> TopicTrie<K, V> {
         Some(node)
     }
 
+    /// Calls `visit` for every (key, value) stored under exactly `filter`.
+    pub fn for_each_filter_value(&self, filter: &str, mut visit: impl FnMut(&K, &V)) {
+        let mut node = &self.root;
+        let mut levels = filter.split('/').peekable();
+        while let Some(level) = levels.next() {
+            if level == "#" && levels.peek().is_none() {
+                node.hash.iter().for_each(|(k, v)| visit(k, v));
+                return;
+            }
+            let next = if level == "+" { node.plus.as_deref() } else { node.children.get(level) };
+            match next {
+                Some(n) => node = n,
+                None => return,
+            }
+        }
+        node.values.iter().for_each(|(k, v)| visit(k, v));
+    }
+
     /// Calls `visit` for every (key, value) whose filter matches `topic`. A key subscribed
     /// through several filters is visited once per filter.
     pub fn for_each_match(&self, topic: &str, mut visit: impl FnMut(&K, &V)) {

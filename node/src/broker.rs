@@ -14,15 +14,19 @@ use dashmap::DashMap;
 use raftmq_cluster::message::{now_ms, Message, QoS};
 use raftmq_cluster::retained::{MemoryRetainedStore, RetainOutcome, RetainedLimits, RetainedStore};
 use raftmq_cluster::routes::{LocalRoutes, RouteTable};
-use raftmq_cluster::session::{MemorySessionStore, QueueLimits, SessionStore, SubscriptionOptions, WillMessage};
+use raftmq_cluster::session::{
+    InflightStage, MemorySessionStore, QueueLimits, QueuedMessage, SessionStore, ShareTarget, SubscriptionOptions, WillMessage,
+};
 use raftmq_cluster::StoreError;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::AuthMethods;
 use crate::config::Config;
-use crate::router::SubscriptionIndex;
+use crate::router::{SharedKey, SubscriptionIndex};
 use crate::session::{ConnHandle, Offer, SessionSlot};
+use crate::shared::{self, Dispatcher, MemberLoad};
 
 /// Counters exposed to tests, `$SYS` and metrics.
 #[derive(Debug, Default)]
@@ -41,6 +45,10 @@ pub struct Stats {
     pub wills_published: AtomicU64,
     /// Sessions taken over by a new connection.
     pub takeovers: AtomicU64,
+    /// Bytes read from clients.
+    pub bytes_received: AtomicU64,
+    /// Bytes written to clients.
+    pub bytes_sent: AtomicU64,
 }
 
 /// Why a connection ended, as far as wills and sessions care.
@@ -69,11 +77,14 @@ pub struct Attached {
 pub struct Broker {
     /// Configuration in force.
     pub config: Arc<Config>,
+    /// Enhanced authentication methods (MQTT 5 AUTH).
+    pub auth: AuthMethods,
     sessions: DashMap<Arc<str>, Arc<SessionSlot>>,
     index: SubscriptionIndex,
     retained: Arc<dyn RetainedStore>,
     store: Arc<dyn SessionStore>,
     routes: Arc<dyn RouteTable>,
+    dispatcher: Dispatcher,
     next_conn_id: AtomicU64,
     /// Counters.
     pub stats: Stats,
@@ -91,23 +102,27 @@ impl std::fmt::Debug for Broker {
 
 impl Broker {
     /// A single-node broker with in-memory stores.
-    pub fn new(config: Config) -> Arc<Broker> {
+    pub fn new(config: Config, auth: AuthMethods) -> Arc<Broker> {
         let retained = Arc::new(MemoryRetainedStore::new(RetainedLimits {
             max_messages: if config.retained.enabled { config.retained.max_messages } else { 0 },
             max_bytes: config.retained.max_bytes,
             max_payload: config.retained.max_payload,
         }));
-        Broker::with_stores(config, retained, Arc::new(MemorySessionStore::new()), Arc::new(LocalRoutes::new()))
+        Broker::with_stores(config, auth, retained, Arc::new(MemorySessionStore::new()), Arc::new(LocalRoutes::new()))
     }
 
     /// A broker over the given stores (the cluster plugs its replicated stores in here).
     pub fn with_stores(
         config: Config,
+        auth: AuthMethods,
         retained: Arc<dyn RetainedStore>,
         store: Arc<dyn SessionStore>,
         routes: Arc<dyn RouteTable>,
     ) -> Arc<Broker> {
+        let dispatcher = Dispatcher::new(config.shared.strategy);
         Arc::new(Broker {
+            auth,
+            dispatcher,
             config: Arc::new(config),
             sessions: DashMap::new(),
             index: SubscriptionIndex::default(),
@@ -270,6 +285,7 @@ impl Broker {
             }
             return;
         }
+        self.redispatch_shared(slot, persistent).await;
         if !persistent {
             if let Err(e) = self.discard(slot).await {
                 tracing::warn!(client_id = %slot.client_id, error = %e, "failed to remove session");
@@ -378,14 +394,143 @@ impl Broker {
                 durable.push((client_id.to_string(), copy));
             }
         }
+        let shared_groups = self.index.shared_matches(message);
+        let matched = matched + shared_groups.len();
+        for (target, members) in shared_groups {
+            let ids: Vec<Arc<str>> = members.iter().map(|(c, _)| Arc::clone(c)).collect();
+            let pick = |client: &Arc<str>| members.iter().find(|(c, _)| c == client).map(|(_, o)| *o);
+            let order = self.dispatcher.order(&target, &ids, message, |c| self.member_load(c));
+            let mut delivered = false;
+            for client in order {
+                let Some(opts) = pick(&client) else { continue };
+                let item = QueuedMessage {
+                    message: Arc::clone(message),
+                    qos: opts.qos.min(message.qos),
+                    retain: opts.retain_as_published && message.retain,
+                    subscription_ids: opts.subscription_identifier.into_iter().collect(),
+                    shared: Some(Arc::clone(&target)),
+                };
+                if let Some(durable_copy) = self.offer_shared(&client, item) {
+                    delivered = true;
+                    if let Some(copy) = durable_copy {
+                        durable.push((client.to_string(), copy));
+                    }
+                    break;
+                }
+            }
+            if !delivered {
+                self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if !durable.is_empty() {
             self.store.append(durable, limits).await?;
         }
         Ok(matched)
     }
 
+    fn member_load(&self, client_id: &str) -> MemberLoad {
+        match self.sessions.get(client_id) {
+            Some(slot) => {
+                let inner = slot.lock();
+                MemberLoad { online: inner.conn.is_some(), pending: inner.inflight.len() + inner.queue.len() }
+            }
+            None => MemberLoad { online: false, pending: usize::MAX },
+        }
+    }
+
+    /// Offers a shared delivery to one member without evicting anything: a full member
+    /// refuses, so the next member gets a chance. `None` if refused; `Some(copy)` with the
+    /// copy to make durable when the member is offline.
+    fn offer_shared(&self, client_id: &Arc<str>, item: QueuedMessage) -> Option<Option<QueuedMessage>> {
+        let slot = self.sessions.get(client_id).map(|s| Arc::clone(&s))?;
+        let limits = QueueLimits { policy: raftmq_cluster::session::DropPolicy::DropNew, ..self.queue_limits() };
+        let copy = (item.qos != QoS::AtMostOnce).then(|| item.clone());
+        match slot.offer(item, limits, self.config.mqtt.queue_qos0) {
+            (Offer::Dropped, _) | (_, 1..) => None,
+            (Offer::Online, _) => Some(None),
+            (Offer::Offline, _) => Some(copy),
+        }
+    }
+
+    /// Hands the shared deliveries a leaving member still holds (queued, or sent and not
+    /// yet acknowledged) to the other members of their groups, so none is lost with it.
+    /// What no other member takes stays with a persistent session, or is dropped.
+    async fn redispatch_shared(&self, slot: &Arc<SessionSlot>, keep_leftovers: bool) {
+        let items: Vec<QueuedMessage> = {
+            let mut inner = slot.lock();
+            let mut taken: Vec<QueuedMessage> = Vec::new();
+            let ids: Vec<u16> = inner
+                .inflight
+                .iter()
+                .filter(|(_, m)| m.queued.shared.is_some() && m.stage == InflightStage::Published)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                if let Some(m) = inner.inflight.remove(&id) {
+                    taken.push(m.queued);
+                }
+            }
+            let (shared_items, rest): (Vec<QueuedMessage>, Vec<QueuedMessage>) = inner.queue.drain(..).partition(|q| q.shared.is_some());
+            inner.queue = rest.into();
+            inner.queue_bytes = inner.queue.iter().map(|q| q.message.weight()).sum();
+            taken.extend(shared_items);
+            taken
+        };
+        if items.is_empty() {
+            return;
+        }
+        let mut durable = Vec::new();
+        let mut leftovers = Vec::new();
+        for item in items {
+            let Some(target) = item.shared.clone() else { continue };
+            let others: Vec<Arc<str>> =
+                self.index.shared_members(&target).into_iter().map(|(c, _)| c).filter(|c| *c != slot.client_id).collect();
+            let order = self.dispatcher.order(&target, &others, &item.message, |c| self.member_load(c));
+            let mut placed = false;
+            for client in order {
+                if let Some(copy) = self.offer_shared(&client, item.clone()) {
+                    if let Some(copy) = copy {
+                        durable.push((client.to_string(), copy));
+                    }
+                    placed = true;
+                    break;
+                }
+            }
+            if !placed {
+                leftovers.push(item);
+            }
+        }
+        if keep_leftovers {
+            let mut inner = slot.lock();
+            for item in leftovers {
+                inner.queue_bytes += item.message.weight();
+                inner.queue.push_back(item);
+            }
+        } else {
+            self.stats.messages_dropped.fetch_add(leftovers.len() as u64, Ordering::Relaxed);
+        }
+        if !durable.is_empty() {
+            if let Err(e) = self.store.append(durable, self.queue_limits()).await {
+                tracing::warn!(error = %e, "failed to persist redispatched shared messages");
+            }
+        }
+    }
+
+    fn shared_key(client_id: &Arc<str>, filter: &str) -> Option<SharedKey> {
+        match shared::parse(filter) {
+            Ok(Some((group, topic))) => Some(SharedKey {
+                target: Arc::new(ShareTarget { group: Arc::from(group), filter: Arc::from(topic) }),
+                client_id: Arc::clone(client_id),
+            }),
+            _ => None,
+        }
+    }
+
     async fn index_subscribe(&self, client_id: &Arc<str>, filter: &str, options: SubscriptionOptions) -> bool {
-        let (existed, new_route) = self.index.subscribe(client_id, filter, options);
+        let (existed, new_route) = match Self::shared_key(client_id, filter) {
+            Some(key) => self.index.subscribe_shared(key, options),
+            None => self.index.subscribe(client_id, filter, options),
+        };
         if new_route {
             self.routes.add(filter).await;
         }
@@ -393,7 +538,16 @@ impl Broker {
     }
 
     async fn index_unsubscribe(&self, client_id: &Arc<str>, filter: &str) -> bool {
-        let (existed, route_gone) = self.index.unsubscribe(client_id, filter);
+        let (existed, route_gone) = match Self::shared_key(client_id, filter) {
+            Some(key) => {
+                let result = self.index.unsubscribe_shared(&key);
+                if result.1 {
+                    self.dispatcher.forget(&key.target);
+                }
+                result
+            }
+            None => self.index.unsubscribe(client_id, filter),
+        };
         if route_gone {
             self.routes.remove(filter).await;
         }

@@ -44,6 +44,10 @@ pub struct Config {
     pub retained: RetainedConfig,
     /// Admin HTTP listener (health, API, metrics).
     pub admin: AdminConfig,
+    /// Shared subscriptions.
+    pub shared: SharedConfig,
+    /// `$SYS` topics.
+    pub sys: SysConfig,
 }
 
 impl Default for Config {
@@ -55,6 +59,8 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             retained: RetainedConfig::default(),
             admin: AdminConfig::default(),
+            shared: SharedConfig::default(),
+            sys: SysConfig::default(),
         }
     }
 }
@@ -129,6 +135,27 @@ pub struct MqttConfig {
     pub takeover_timeout_secs: u64,
     /// Seconds a write to a client may block before the connection is dropped.
     pub write_timeout_secs: u64,
+    /// Topic aliases a client may define (advertised as Topic Alias Maximum; 0 disables).
+    pub max_topic_alias: u16,
+    /// Concurrent connections from one IP address (0 = no limit).
+    pub max_connections_per_ip: usize,
+    /// PUBLISH packets per second a client may send (0 = no limit).
+    pub max_publish_rate: u32,
+    /// What happens above `max_publish_rate`.
+    pub publish_rate_action: RateAction,
+    /// Sent as Response Information to MQTT 5 clients that request it.
+    pub response_information: Option<String>,
+}
+
+/// What to do with a client publishing faster than allowed.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RateAction {
+    /// Stop reading from the client until it is back under the rate (TCP backpressure).
+    #[default]
+    Throttle,
+    /// Disconnect it (MQTT 5: DISCONNECT 0x96 Message rate too high).
+    Disconnect,
 }
 
 impl Default for MqttConfig {
@@ -156,6 +183,11 @@ impl Default for MqttConfig {
             max_connections: 100_000,
             takeover_timeout_secs: 5,
             write_timeout_secs: 30,
+            max_topic_alias: 16,
+            max_connections_per_ip: 0,
+            max_publish_rate: 0,
+            publish_rate_action: RateAction::Throttle,
+            response_information: None,
         }
     }
 }
@@ -177,6 +209,30 @@ pub struct RetainedConfig {
 impl Default for RetainedConfig {
     fn default() -> Self {
         RetainedConfig { enabled: true, max_messages: 100_000, max_bytes: 256 * 1024 * 1024, max_payload: 1024 * 1024 }
+    }
+}
+
+/// Shared subscription settings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct SharedConfig {
+    /// How a group picks the member for each message.
+    pub strategy: crate::shared::Strategy,
+}
+
+/// `$SYS` topic settings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SysConfig {
+    /// Seconds between `$SYS` broker information and statistics messages (0 disables them).
+    pub interval_secs: u64,
+    /// Publish `$SYS/brokers/<node>/clients/<clientid>/connected|disconnected` events.
+    pub client_events: bool,
+}
+
+impl Default for SysConfig {
+    fn default() -> Self {
+        SysConfig { interval_secs: 10, client_events: true }
     }
 }
 

@@ -5,6 +5,7 @@
 //! `select!` branch is cancellation safe: reads go into a buffer that survives a cancelled
 //! read, and writes happen outside the `select!`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,12 +18,16 @@ use raftmq_cluster::topic::{self, TopicError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::Instrument;
 
+use crate::auth::AuthStep;
 use crate::broker::{Attached, Broker, EndKind};
 use crate::codec::{
-    self, connack_v3, reason, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Protocol, PubKind, PubResponse, Publish,
+    self, connack_v3, reason, Auth, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Protocol, PubKind, PubResponse, Publish,
     SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
+use crate::config::RateAction;
 use crate::session::SessionSlot;
+use crate::shared;
+use crate::sys::{self, ClientEvent};
 
 /// Why a connection ended early.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +72,8 @@ fn violation(reason: u8, what: &'static str) -> ConnectionError {
 /// Framed reads and batched writes over one byte stream.
 struct Framed<S> {
     stream: S,
+    /// For the byte counters.
+    broker: Arc<Broker>,
     rbuf: BytesMut,
     wbuf: BytesMut,
     protocol: Option<Protocol>,
@@ -89,7 +96,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             }
             let missing = codec::pending_len(&self.rbuf).unwrap_or(0).saturating_sub(self.rbuf.len());
             self.rbuf.reserve(missing.clamp(512, 64 * 1024));
-            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+            let n = self.stream.read_buf(&mut self.rbuf).await?;
+            self.broker.stats.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+            if n == 0 {
                 if self.rbuf.is_empty() {
                     return Ok(None);
                 }
@@ -112,6 +121,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             self.stream.flush().await
         };
         tokio::time::timeout(self.write_timeout, write).await.map_err(|_| ConnectionError::Timeout)??;
+        self.broker.stats.bytes_sent.fetch_add(self.wbuf.len() as u64, Ordering::Relaxed);
         self.wbuf.clear();
         if self.wbuf.capacity() > BUF_KEEP {
             self.wbuf = BytesMut::new();
@@ -133,6 +143,60 @@ struct Client {
     will: Option<WillMessage>,
     /// Session expiry from CONNECT (a DISCONNECT may change it unless it was 0).
     connect_expiry: u32,
+    /// Request Problem Information: send Reason Strings on acknowledgements.
+    problem_info: bool,
+    /// Authentication method of CONNECT, for re-authentication.
+    auth_method: Option<String>,
+    /// Topic aliases the client defined, bounded by `max_topic_alias`.
+    inbound_aliases: HashMap<u16, String>,
+    /// Topic aliases we defined, bounded by the client's Topic Alias Maximum.
+    outbound_aliases: HashMap<String, u16>,
+    /// The client's Topic Alias Maximum.
+    client_alias_max: u16,
+    /// Inbound PUBLISH rate limit.
+    rate: Option<RateLimiter>,
+}
+
+/// A token bucket: `per_sec` tokens a second, at most one second's worth saved up.
+struct RateLimiter {
+    per_sec: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    fn new(per_sec: u32) -> RateLimiter {
+        RateLimiter { per_sec: f64::from(per_sec), tokens: f64::from(per_sec), last: Instant::now() }
+    }
+
+    /// Takes a token; returns how long to wait first if the bucket is empty.
+    fn take(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_sec).min(self.per_sec);
+        self.last = now;
+        self.tokens -= 1.0;
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.per_sec))
+    }
+}
+
+impl Client {
+    /// A Reason String for an acknowledgement, if the client asked for them.
+    fn problem(&self, why: &str) -> Properties {
+        let mut p = Properties::default();
+        if self.problem_info && self.protocol.is_v5() {
+            p.reason_string = Some(why.to_owned());
+        }
+        p
+    }
+
+    /// An acknowledgement with `code`, carrying `why` when it is a failure.
+    fn ack(&self, kind: PubKind, packet_id: u16, code: u8, why: &str) -> Packet {
+        let mut r = PubResponse::new(kind, packet_id, code);
+        if code >= 0x80 {
+            r.properties = self.problem(why);
+        }
+        Packet::PubResponse(r)
+    }
 }
 
 /// Serves one accepted connection to its end.
@@ -143,6 +207,7 @@ where
     let cfg = &broker.config.mqtt;
     let mut framed = Framed {
         stream,
+        broker: Arc::clone(&broker),
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         protocol: None,
@@ -184,10 +249,59 @@ where
     run(broker, framed, *connect, peer).instrument(span).await;
 }
 
-async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<S>, protocol: Protocol, v5_code: u8, v3_code: u8) {
-    let code = if protocol.is_v5() { v5_code } else { v3_code };
-    framed.send(&Packet::ConnAck(ConnAck { code, ..ConnAck::default() }));
+/// Answers CONNECT with a failure code and closes (the caller drops the stream).
+/// MQTT 5 clients also get the reason as a Reason String.
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<S>, protocol: Protocol, v5_code: u8, v3_code: u8, why: &str) {
+    tracing::debug!(reason = why, "CONNECT refused");
+    let mut ack = ConnAck { code: if protocol.is_v5() { v5_code } else { v3_code }, ..ConnAck::default() };
+    if protocol.is_v5() {
+        ack.properties.reason_string = Some(why.to_owned());
+    }
+    framed.send(&Packet::ConnAck(ack));
     let _ = framed.flush().await;
+}
+
+/// Runs an enhanced authentication exchange during CONNECT [MQTT-4.12.0-..]. Returns the
+/// data for CONNACK, or the reason code and text to refuse with.
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    broker: &Broker,
+    framed: &mut Framed<S>,
+    client_id: &str,
+    method: &str,
+    mut data: Option<bytes::Bytes>,
+) -> Result<Option<bytes::Bytes>, (u8, &'static str)> {
+    let Some(auth) = broker.auth.find(method) else {
+        return Err((reason::BAD_AUTHENTICATION_METHOD, "authentication method not supported"));
+    };
+    let deadline = Duration::from_secs(broker.config.mqtt.connect_timeout_secs);
+    let mut state = Vec::new();
+    for round in 0.. {
+        match auth.step(client_id, round, data.take(), &mut state).await {
+            AuthStep::Success(reply) => return Ok(reply),
+            AuthStep::Failure(code) => return Err((code, "authentication failed")),
+            AuthStep::Continue(challenge) => {
+                let mut a = Auth { reason: reason::CONTINUE_AUTHENTICATION, properties: Properties::default() };
+                a.properties.authentication_method = Some(method.to_owned());
+                a.properties.authentication_data = Some(challenge);
+                framed.send(&Packet::Auth(a));
+                framed.flush().await.map_err(|_| (reason::UNSPECIFIED_ERROR, "write failed"))?;
+                match tokio::time::timeout(deadline, framed.read_packet()).await {
+                    Ok(Ok(Some(Packet::Auth(answer)))) => {
+                        if answer.properties.authentication_method.as_deref() != Some(method) {
+                            return Err((reason::PROTOCOL_ERROR, "authentication method changed"));
+                        }
+                        if answer.reason != reason::CONTINUE_AUTHENTICATION {
+                            return Err((reason::PROTOCOL_ERROR, "unexpected AUTH reason code"));
+                        }
+                        data = answer.properties.authentication_data;
+                    }
+                    Ok(Ok(Some(_))) => return Err((reason::PROTOCOL_ERROR, "expected AUTH")),
+                    _ => return Err((reason::UNSPECIFIED_ERROR, "authentication exchange interrupted")),
+                }
+            }
+        }
+    }
+    Err((reason::UNSPECIFIED_ERROR, "authentication exchange too long"))
 }
 
 fn will_message(client_id: &str, connect: &Connect) -> Option<WillMessage> {
@@ -240,7 +354,14 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(broker: Arc<Broker>, mut 
     let client_id = if connect.client_id.is_empty() {
         if !v5 && !connect.clean_start {
             // B7: refuse and close.
-            return refuse(&mut framed, protocol, reason::CLIENT_IDENTIFIER_NOT_VALID, connack_v3::IDENTIFIER_REJECTED).await;
+            return refuse(
+                &mut framed,
+                protocol,
+                reason::CLIENT_IDENTIFIER_NOT_VALID,
+                connack_v3::IDENTIFIER_REJECTED,
+                "empty client id needs a clean session",
+            )
+            .await;
         }
         let id = assign_client_id(&broker.config.node_name);
         assigned = Some(id.clone());
@@ -249,21 +370,26 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(broker: Arc<Broker>, mut 
         connect.client_id.clone()
     };
     if client_id.len() > cfg.max_client_id_len {
-        return refuse(&mut framed, protocol, reason::CLIENT_IDENTIFIER_NOT_VALID, connack_v3::IDENTIFIER_REJECTED).await;
+        return refuse(&mut framed, protocol, reason::CLIENT_IDENTIFIER_NOT_VALID, connack_v3::IDENTIFIER_REJECTED, "client id too long")
+            .await;
     }
-    if props.authentication_method.is_some() {
-        // No enhanced authentication method is configured [MQTT-4.12.0-1].
-        return refuse(&mut framed, protocol, reason::BAD_AUTHENTICATION_METHOD, connack_v3::NOT_AUTHORIZED).await;
+    // Enhanced authentication (MQTT 5 only: the property cannot appear in 3.x CONNECT).
+    let mut auth_reply = None;
+    if let Some(method) = props.authentication_method.clone() {
+        match authenticate(&broker, &mut framed, &client_id, &method, props.authentication_data.clone()).await {
+            Ok(data) => auth_reply = Some((method, data)),
+            Err((code, why)) => return refuse(&mut framed, protocol, code, connack_v3::NOT_AUTHORIZED, why).await,
+        }
     }
     if let Some(w) = &connect.will {
         if topic::validate_topic_name(&w.topic, cfg.max_topic_levels).is_err() {
-            return refuse(&mut framed, protocol, reason::TOPIC_NAME_INVALID, connack_v3::NOT_AUTHORIZED).await;
+            return refuse(&mut framed, protocol, reason::TOPIC_NAME_INVALID, connack_v3::NOT_AUTHORIZED, "invalid will topic").await;
         }
         if w.topic.starts_with("$SYS") {
-            return refuse(&mut framed, protocol, reason::NOT_AUTHORIZED, connack_v3::NOT_AUTHORIZED).await;
+            return refuse(&mut framed, protocol, reason::NOT_AUTHORIZED, connack_v3::NOT_AUTHORIZED, "will topic in $SYS").await;
         }
         if w.retain && !broker.config.retained.enabled {
-            return refuse(&mut framed, protocol, reason::RETAIN_NOT_SUPPORTED, connack_v3::NOT_AUTHORIZED).await;
+            return refuse(&mut framed, protocol, reason::RETAIN_NOT_SUPPORTED, connack_v3::NOT_AUTHORIZED, "retain not supported").await;
         }
     }
     // Keep alive [MQTT-3.1.2-22..24] with an optional maximum (B27).
@@ -271,7 +397,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(broker: Arc<Broker>, mut 
     let mut server_keep_alive = None;
     if cfg.max_keepalive > 0 && (keep_alive == 0 || keep_alive > cfg.max_keepalive) {
         if !v5 {
-            return refuse(&mut framed, protocol, 0, connack_v3::IDENTIFIER_REJECTED).await;
+            return refuse(&mut framed, protocol, 0, connack_v3::IDENTIFIER_REJECTED, "keep alive above the maximum").await;
         }
         keep_alive = cfg.max_keepalive;
         server_keep_alive = Some(keep_alive);
@@ -291,7 +417,8 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(broker: Arc<Broker>, mut 
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "session store unavailable");
-            return refuse(&mut framed, protocol, reason::SERVER_UNAVAILABLE, connack_v3::SERVER_UNAVAILABLE).await;
+            return refuse(&mut framed, protocol, reason::SERVER_UNAVAILABLE, connack_v3::SERVER_UNAVAILABLE, "session store unavailable")
+                .await;
         }
     };
     let mut connack = ConnAck { session_present, code: 0, properties: Properties::default() };
@@ -301,11 +428,20 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(broker: Arc<Broker>, mut 
         p.server_keep_alive = server_keep_alive;
         p.receive_maximum = Some(cfg.receive_maximum);
         p.maximum_packet_size = Some(cfg.max_packet_size as u32);
-        p.topic_alias_maximum = None;
-        p.retain_available = (!broker.config.retained.enabled).then_some(0);
-        p.shared_subscription_available = Some(0);
+        p.topic_alias_maximum = (cfg.max_topic_alias > 0).then_some(cfg.max_topic_alias);
+        p.retain_available = Some(u8::from(broker.config.retained.enabled));
+        p.wildcard_subscription_available = Some(1);
+        p.subscription_identifier_available = Some(1);
+        p.shared_subscription_available = Some(1);
         if expiry != requested_expiry {
             p.session_expiry_interval = Some(expiry);
+        }
+        if props.request_response_information == Some(1) {
+            p.response_information.clone_from(&cfg.response_information);
+        }
+        if let Some((method, data)) = auth_reply {
+            p.authentication_method = Some(method);
+            p.authentication_data = data;
         }
     }
     framed.send(&Packet::ConnAck(connack));
@@ -313,6 +449,10 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(broker: Arc<Broker>, mut 
     let count = broker.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
     broker.stats.connections_max.fetch_max(count, Ordering::Relaxed);
     tracing::debug!(%peer, client_id = %client_id, ?protocol, session_present, "connected");
+    let username = connect.username.as_deref();
+    let event =
+        ClientEvent::Connected { username, address: peer, protocol: protocol.level(), keep_alive, clean_start: connect.clean_start };
+    sys::client_event(&broker, &client_id, event).await;
 
     let mut client = Client {
         client_id: Arc::clone(&slot.client_id),
@@ -323,19 +463,33 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(broker: Arc<Broker>, mut 
         max_packet_size: props.maximum_packet_size.map_or(usize::MAX, |m| m as usize),
         will: will_message(&client_id, &connect),
         connect_expiry: expiry,
+        problem_info: props.request_problem_information != Some(0),
+        auth_method: props.authentication_method.clone(),
+        inbound_aliases: HashMap::new(),
+        outbound_aliases: HashMap::new(),
+        client_alias_max: props.topic_alias_maximum.unwrap_or(0),
+        rate: (cfg.max_publish_rate > 0).then(|| RateLimiter::new(cfg.max_publish_rate)),
     };
 
     // Resume: resend unacknowledged PUBLISH with DUP and PUBREL [MQTT-4.4.0-1].
     if session_present {
-        resend_inflight(&broker, &slot, &client, &mut framed);
+        resend_inflight(&broker, &slot, &mut client, &mut framed);
     }
     let result = connected_loop(&broker, &slot, &mut client, &mut framed, &mut kicked).await;
+    let why = match &result {
+        Ok(EndKind::Normal) => "normal".to_owned(),
+        Ok(EndKind::PublishWill) => "closed without a normal DISCONNECT".to_owned(),
+        Ok(EndKind::TakenOver) => "session taken over".to_owned(),
+        Err(e) => e.to_string(),
+    };
     let end = match &result {
         Ok(end) => *end,
         Err(e) => {
             tracing::debug!(%peer, client_id = %client.client_id, error = %e, "connection closed with error");
             if v5 && !matches!(e, ConnectionError::Io(_) | ConnectionError::Timeout) {
-                framed.send(&Packet::Disconnect(Disconnect::new(e.reason_code())));
+                let mut d = Disconnect::new(e.reason_code());
+                d.properties.reason_string = Some(e.to_string());
+                framed.send(&Packet::Disconnect(d));
                 let _ = framed.flush().await;
             }
             EndKind::PublishWill
@@ -344,10 +498,11 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(broker: Arc<Broker>, mut 
     let _ = framed.stream.shutdown().await;
     broker.stats.connections.fetch_sub(1, Ordering::Relaxed);
     broker.detach(&slot, client.conn_id, end, client.will.take()).await;
+    sys::client_event(&broker, &client_id, ClientEvent::Disconnected { username, reason: &why }).await;
     tracing::debug!(%peer, client_id = %client.client_id, ?end, "disconnected");
 }
 
-fn resend_inflight<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, slot: &SessionSlot, client: &Client, framed: &mut Framed<S>) {
+fn resend_inflight<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, slot: &SessionSlot, client: &mut Client, framed: &mut Framed<S>) {
     let now = now_ms();
     let inner = slot.lock();
     for (id, m) in &inner.inflight {
@@ -361,10 +516,11 @@ fn resend_inflight<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, slot: &Se
 }
 
 /// Encodes one delivery; returns false if it exceeds the client's Maximum Packet Size and
-/// was discarded instead [MQTT-3.1.2-25].
+/// was discarded instead [MQTT-3.1.2-25]. Uses a topic alias when the client allows them:
+/// an alias is only recorded once the packet that defines it is known to fit.
 fn encode_delivery<S: AsyncRead + AsyncWrite + Unpin>(
     broker: &Broker,
-    client: &Client,
+    client: &mut Client,
     framed: &mut Framed<S>,
     item: &QueuedMessage,
     packet_id: u16,
@@ -373,6 +529,8 @@ fn encode_delivery<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> bool {
     let m = &item.message;
     let mut props = Properties::default();
+    let mut topic = m.topic.clone();
+    let mut new_alias = None;
     if client.protocol.is_v5() {
         let mp = &m.properties;
         props.payload_format_indicator = mp.payload_format_indicator;
@@ -382,13 +540,21 @@ fn encode_delivery<S: AsyncRead + AsyncWrite + Unpin>(
         props.correlation_data.clone_from(&mp.correlation_data);
         props.user_properties.clone_from(&mp.user_properties);
         props.subscription_identifiers.clone_from(&item.subscription_ids);
+        if let Some(alias) = client.outbound_aliases.get(&m.topic) {
+            props.topic_alias = Some(*alias);
+            topic.clear();
+        } else if client.outbound_aliases.len() < usize::from(client.client_alias_max) {
+            let alias = client.outbound_aliases.len() as u16 + 1;
+            props.topic_alias = Some(alias);
+            new_alias = Some(alias);
+        }
     }
     let body = props.body();
     let publish = Publish {
         dup,
         qos: item.qos,
         retain: item.retain,
-        topic: m.topic.clone(),
+        topic,
         packet_id,
         properties: Properties::default(),
         payload: m.payload.clone(),
@@ -397,13 +563,16 @@ fn encode_delivery<S: AsyncRead + AsyncWrite + Unpin>(
         broker.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
         return false;
     }
+    if let Some(alias) = new_alias {
+        client.outbound_aliases.insert(m.topic.clone(), alias);
+    }
     publish.write_with(client.protocol, &body, &mut framed.wbuf);
     broker.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
     true
 }
 
 /// Moves queued deliveries into the socket buffer within the inflight window.
-fn pump<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, slot: &SessionSlot, client: &Client, framed: &mut Framed<S>) {
+fn pump<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, slot: &SessionSlot, client: &mut Client, framed: &mut Framed<S>) {
     let window = usize::from(broker.config.mqtt.max_inflight.min(client.receive_maximum));
     let now = now_ms();
     let mut inner = slot.lock();
@@ -536,11 +705,12 @@ async fn handle_packet<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     if known && !failed {
                         framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, r.packet_id, 0)));
                     } else if !known && v5 {
-                        framed.send(&Packet::PubResponse(PubResponse::new(
+                        framed.send(&client.ack(
                             PubKind::PubRel,
                             r.packet_id,
                             reason::PACKET_IDENTIFIER_NOT_FOUND,
-                        )));
+                            "unknown packet identifier",
+                        ));
                     }
                 }
                 PubKind::PubComp => {
@@ -549,7 +719,7 @@ async fn handle_packet<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 PubKind::PubRel => {
                     let known = slot.lock().awaiting_rel.remove(&r.packet_id).is_some();
                     let code = if known || !v5 { 0 } else { reason::PACKET_IDENTIFIER_NOT_FOUND };
-                    framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubComp, r.packet_id, code)));
+                    framed.send(&client.ack(PubKind::PubComp, r.packet_id, code, "unknown packet identifier"));
                 }
             }
         }
@@ -569,7 +739,7 @@ async fn handle_packet<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
             return Ok(Some(if d.reason == reason::DISCONNECT_WITH_WILL { EndKind::PublishWill } else { EndKind::Normal }));
         }
-        Packet::Auth(_) => return Err(violation(reason::PROTOCOL_ERROR, "AUTH without an authentication method")),
+        Packet::Auth(a) => reauthenticate(broker, client, framed, a).await?,
         Packet::Connect(_) => return Err(violation(reason::PROTOCOL_ERROR, "second CONNECT")),
         Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
             return Err(violation(reason::PROTOCOL_ERROR, "server-to-client packet sent by a client"));
@@ -588,9 +758,31 @@ async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let cfg = &broker.config.mqtt;
     let v5 = client.protocol.is_v5();
     broker.stats.messages_received.fetch_add(1, Ordering::Relaxed);
-    if p.properties.topic_alias.is_some() {
-        // We advertise no Topic Alias Maximum, so any alias is invalid [MQTT-3.3.2-8].
-        return Err(violation(reason::TOPIC_ALIAS_INVALID, "topic alias not allowed"));
+    if let Some(limiter) = client.rate.as_mut() {
+        if let Some(wait) = limiter.take() {
+            match cfg.publish_rate_action {
+                // Not reading while we wait is the backpressure: TCP pushes back on the client.
+                RateAction::Throttle => tokio::time::sleep(wait).await,
+                RateAction::Disconnect => return Err(violation(reason::MESSAGE_RATE_TOO_HIGH, "publish rate above the limit")),
+            }
+        }
+    }
+    let mut p = p;
+    if let Some(alias) = p.properties.topic_alias {
+        // [MQTT-3.3.2-7], [MQTT-3.3.2-8]: 0 and values above our Topic Alias Maximum are invalid.
+        if alias == 0 || alias > cfg.max_topic_alias {
+            return Err(violation(reason::TOPIC_ALIAS_INVALID, "topic alias out of range"));
+        }
+        if p.topic.is_empty() {
+            match client.inbound_aliases.get(&alias) {
+                Some(t) => p.topic = t.clone(),
+                None => return Err(violation(reason::PROTOCOL_ERROR, "unknown topic alias")),
+            }
+        } else {
+            topic::validate_topic_name(&p.topic, cfg.max_topic_levels)
+                .map_err(|_| violation(reason::TOPIC_NAME_INVALID, "invalid topic name"))?;
+            client.inbound_aliases.insert(alias, p.topic.clone());
+        }
     }
     if !p.properties.subscription_identifiers.is_empty() {
         return Err(violation(reason::PROTOCOL_ERROR, "subscription identifier in client PUBLISH"));
@@ -629,7 +821,7 @@ async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         // Clients never publish to $SYS; the message is dropped.
         broker.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
         if let (Some(kind), true) = (ack_kind, v5) {
-            framed.send(&Packet::PubResponse(PubResponse::new(kind, p.packet_id, reason::NOT_AUTHORIZED)));
+            framed.send(&client.ack(kind, p.packet_id, reason::NOT_AUTHORIZED, "clients may not publish to $SYS"));
         } else if let Some(kind) = ack_kind {
             framed.send(&Packet::PubResponse(PubResponse::new(kind, p.packet_id, 0)));
             if kind == PubKind::PubRec {
@@ -640,7 +832,7 @@ async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     if v5 && p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
         if let Some(kind) = ack_kind {
-            framed.send(&Packet::PubResponse(PubResponse::new(kind, p.packet_id, reason::PAYLOAD_FORMAT_INVALID)));
+            framed.send(&client.ack(kind, p.packet_id, reason::PAYLOAD_FORMAT_INVALID, "payload is not valid UTF-8"));
             return Ok(());
         }
         return Err(violation(reason::PAYLOAD_FORMAT_INVALID, "payload is not UTF-8"));
@@ -681,11 +873,19 @@ async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut retained = Vec::new();
     for (filter, opts) in s.filters {
         let failure = |v5_code: u8| if v5 { v5_code } else { 0x80 };
-        if filter.starts_with("$share/") || filter.starts_with("$queue/") {
-            codes.push(failure(reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED));
-            continue;
+        let (is_shared, inner_filter) = match shared::parse(&filter) {
+            Ok(Some((_, inner))) => (true, inner),
+            Ok(None) => (false, filter.as_str()),
+            Err(_) => {
+                codes.push(failure(reason::TOPIC_FILTER_INVALID));
+                continue;
+            }
+        };
+        if is_shared && opts.no_local {
+            // [MQTT-3.8.3-4]
+            return Err(violation(reason::PROTOCOL_ERROR, "No Local on a shared subscription"));
         }
-        if topic::validate_topic_filter(&filter, cfg.max_topic_levels).is_err() {
+        if topic::validate_topic_filter(inner_filter, cfg.max_topic_levels).is_err() {
             codes.push(failure(reason::TOPIC_FILTER_INVALID));
             continue;
         }
@@ -700,19 +900,23 @@ async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let existed = broker.subscribe(slot, &filter, opts).await?;
         codes.push(opts.qos as u8);
         // Retained messages for a new subscription; a repeated SUBSCRIBE counts as new
-        // unless Retain Handling says otherwise [MQTT-3.3.1-9..11].
-        if opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed) {
+        // unless Retain Handling says otherwise [MQTT-3.3.1-9..11]. Never on a shared
+        // subscription [MQTT-4.8.2-..]: the group would get one copy per member.
+        if !is_shared && (opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed)) {
             for m in broker.retained_for(&filter) {
                 retained.push(QueuedMessage {
                     qos: m.qos.min(opts.qos),
                     retain: true,
                     subscription_ids: opts.subscription_identifier.into_iter().collect(),
+                    shared: None,
                     message: m,
                 });
             }
         }
     }
-    framed.send(&Packet::SubAck(SubAck { packet_id: s.packet_id, properties: Properties::default(), codes }));
+    let properties =
+        if codes.iter().any(|c| *c >= 0x80) { client.problem("one or more subscriptions refused") } else { Properties::default() };
+    framed.send(&Packet::SubAck(SubAck { packet_id: s.packet_id, properties, codes }));
     let limits = broker.queue_limits();
     for item in retained {
         let (_, lost) = slot.offer(item, limits, true);
@@ -738,4 +942,33 @@ async fn handle_unsubscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     framed.send(&Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, properties: Properties::default(), codes }));
     Ok(())
+}
+
+/// MQTT 5 re-authentication [MQTT-4.12.1-..]: AUTH 0x19 with the method of CONNECT runs a
+/// new exchange; success answers AUTH 0x00, failure ends the connection.
+async fn reauthenticate<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    broker: &Arc<Broker>,
+    client: &Client,
+    framed: &mut Framed<S>,
+    first: Auth,
+) -> Result<(), ConnectionError> {
+    let Some(method) = client.auth_method.as_deref() else {
+        return Err(violation(reason::PROTOCOL_ERROR, "AUTH without an authentication method"));
+    };
+    if first.reason != reason::RE_AUTHENTICATE {
+        return Err(violation(reason::PROTOCOL_ERROR, "AUTH outside an exchange"));
+    }
+    if first.properties.authentication_method.as_deref() != Some(method) {
+        return Err(violation(reason::PROTOCOL_ERROR, "re-authentication with another method"));
+    }
+    match authenticate(broker, framed, &client.client_id, method, first.properties.authentication_data).await {
+        Ok(data) => {
+            let mut done = Auth::default();
+            done.properties.authentication_method = Some(method.to_owned());
+            done.properties.authentication_data = data;
+            framed.send(&Packet::Auth(done));
+            Ok(())
+        }
+        Err((code, what)) => Err(violation(code, what)),
+    }
 }

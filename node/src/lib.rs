@@ -5,13 +5,17 @@
 //! - [`connection`]: one task per client, from CONNECT to close;
 //! - [`session`]: a client id's session slot (queue, inflight, subscriptions);
 //! - [`router`]: the local subscription index;
+//! - [`shared`]: shared subscriptions and their strategies;
 //! - [`broker`]: sessions, routing, wills, expiry;
 //! - [`listener`] and [`server`]: accepting connections, start and shutdown;
+//! - [`auth`]: the MQTT 5 enhanced authentication interface;
+//! - [`sys`]: `$SYS` topics and client events;
 //! - [`config`]: file, environment and flags.
 //!
 //! Shared state (retained messages, persistent sessions, routes) goes through the store
 //! traits of `raftmq-cluster`.
 
+pub mod auth;
 pub mod broker;
 pub mod codec;
 pub mod config;
@@ -20,3 +24,5 @@ pub mod listener;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod shared;
+pub mod sys;

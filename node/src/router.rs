@@ -8,14 +8,28 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use raftmq_cluster::message::{Message, QoS};
-use raftmq_cluster::session::{QueuedMessage, SubscriptionOptions};
+use raftmq_cluster::session::{QueuedMessage, ShareTarget, SubscriptionOptions};
 use raftmq_cluster::topic::TopicTrie;
+
+/// Key of a shared subscription in the index: which group and filter, which member.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SharedKey {
+    /// The group and filter.
+    pub target: Arc<ShareTarget>,
+    /// The member's client id.
+    pub client_id: Arc<str>,
+}
+
+/// Members of one shared subscription that match a message, sorted by client id.
+pub type SharedMatch = (Arc<ShareTarget>, Vec<(Arc<str>, SubscriptionOptions)>);
 
 /// Subscriptions of every client on this node.
 #[derive(Debug, Default)]
 pub struct SubscriptionIndex {
     /// std `RwLock`: many concurrent routers read, subscribe/unsubscribe write briefly.
     trie: RwLock<TopicTrie<Arc<str>, SubscriptionOptions>>,
+    /// Shared subscriptions, indexed by their filter (without the `$share/{group}/` prefix).
+    shared: RwLock<TopicTrie<SharedKey, SubscriptionOptions>>,
 }
 
 impl SubscriptionIndex {
@@ -38,9 +52,59 @@ impl SubscriptionIndex {
         (removed.is_some(), route_gone)
     }
 
-    /// Number of distinct filters.
+    /// Adds or replaces a shared subscription; returns (existed, first member of the group).
+    pub fn subscribe_shared(&self, key: SharedKey, options: SubscriptionOptions) -> (bool, bool) {
+        let mut trie = self.shared.write().unwrap_or_else(|p| p.into_inner());
+        let filter = Arc::clone(&key.target.filter);
+        let (previous, _) = trie.insert(&filter, key.clone(), options);
+        let mut members = 0;
+        trie.for_each_filter_value(&filter, |k, _| members += usize::from(k.target == key.target));
+        (previous.is_some(), previous.is_none() && members == 1)
+    }
+
+    /// Removes a shared subscription; returns (existed, last member of the group gone).
+    pub fn unsubscribe_shared(&self, key: &SharedKey) -> (bool, bool) {
+        let mut trie = self.shared.write().unwrap_or_else(|p| p.into_inner());
+        let (removed, filter_empty) = trie.remove(&key.target.filter, key);
+        let mut members = 0;
+        trie.for_each_filter_value(&key.target.filter, |k, _| members += usize::from(k.target == key.target));
+        if filter_empty {
+            trie.prune(&key.target.filter);
+        }
+        (removed.is_some(), removed.is_some() && members == 0)
+    }
+
+    /// Every shared subscription matching the message, with its members.
+    pub fn shared_matches(&self, message: &Message) -> Vec<SharedMatch> {
+        let mut groups: HashMap<Arc<ShareTarget>, Vec<(Arc<str>, SubscriptionOptions)>> = HashMap::new();
+        let trie = self.shared.read().unwrap_or_else(|p| p.into_inner());
+        trie.for_each_match(&message.topic, |key, opts| {
+            groups.entry(Arc::clone(&key.target)).or_default().push((Arc::clone(&key.client_id), *opts));
+        });
+        drop(trie);
+        let mut out: Vec<SharedMatch> = groups.into_iter().collect();
+        for (_, members) in &mut out {
+            members.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        out
+    }
+
+    /// Members of one shared subscription, sorted by client id.
+    pub fn shared_members(&self, target: &ShareTarget) -> Vec<(Arc<str>, SubscriptionOptions)> {
+        let trie = self.shared.read().unwrap_or_else(|p| p.into_inner());
+        let mut members = Vec::new();
+        trie.for_each_filter_value(&target.filter, |k, v| {
+            if *k.target == *target {
+                members.push((Arc::clone(&k.client_id), *v));
+            }
+        });
+        members.sort_by(|a, b| a.0.cmp(&b.0));
+        members
+    }
+
+    /// Number of distinct filters (ordinary and shared).
     pub fn filter_count(&self) -> usize {
-        self.trie.read().map(|t| t.filter_count()).unwrap_or(0)
+        self.trie.read().map(|t| t.filter_count()).unwrap_or(0) + self.shared.read().map(|t| t.filter_count()).unwrap_or(0)
     }
 
     /// One delivery per matching client.
@@ -58,6 +122,7 @@ impl SubscriptionIndex {
                 qos: QoS::AtMostOnce,
                 retain: false,
                 subscription_ids: Vec::new(),
+                shared: None,
             });
             entry.qos = entry.qos.max(qos);
             entry.retain |= retain;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::auth::AuthMethods;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::listener;
@@ -37,11 +38,17 @@ pub struct Server {
 impl Server {
     /// Binds the listeners and starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
+        Server::start_with_auth(config, AuthMethods::default()).await
+    }
+
+    /// Like [`Server::start`], with enhanced authentication methods registered.
+    pub async fn start_with_auth(config: Config, auth: AuthMethods) -> Result<Server, StartError> {
         let addr = config.mqtt.listen;
         let tcp = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let mqtt_addr = tcp.local_addr().map_err(|source| StartError::Bind { addr, source })?;
-        let broker = Broker::new(config);
+        let broker = Broker::new(config, auth);
         tokio::spawn(listener::run_tcp(Arc::clone(&broker), tcp));
+        crate::sys::spawn(Arc::clone(&broker));
         tracing::info!(node = %broker.config.node_name, %mqtt_addr, "raftmq listening");
         Ok(Server { broker, mqtt_addr })
     }

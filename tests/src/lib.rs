@@ -194,6 +194,14 @@ impl Raw {
     }
 }
 
+/// The reason code of the DISCONNECT that preceded a close (`None`: closed without one).
+pub fn disconnect_reason(last: Option<Packet>) -> Option<u8> {
+    match last {
+        Some(Packet::Disconnect(d)) => Some(d.reason),
+        _ => None,
+    }
+}
+
 /// A CONNECT with keep alive 60 and nothing else.
 pub fn connect_packet(protocol: Protocol, client_id: &str, clean_start: bool) -> Connect {
     Connect {

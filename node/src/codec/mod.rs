@@ -63,6 +63,7 @@ pub mod reason {
     pub const NO_MATCHING_SUBSCRIBERS: u8 = 0x10;
     pub const NO_SUBSCRIPTION_EXISTED: u8 = 0x11;
     pub const CONTINUE_AUTHENTICATION: u8 = 0x18;
+    pub const RE_AUTHENTICATE: u8 = 0x19;
     pub const UNSPECIFIED_ERROR: u8 = 0x80;
     pub const MALFORMED_PACKET: u8 = 0x81;
     pub const PROTOCOL_ERROR: u8 = 0x82;
@@ -83,6 +84,7 @@ pub mod reason {
     pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
     pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
     pub const PACKET_TOO_LARGE: u8 = 0x95;
+    pub const MESSAGE_RATE_TOO_HIGH: u8 = 0x96;
     pub const QUOTA_EXCEEDED: u8 = 0x97;
     pub const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
     pub const RETAIN_NOT_SUPPORTED: u8 = 0x9A;

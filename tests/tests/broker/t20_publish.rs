@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use raftmq_cluster::message::QoS;
-use raftmq_node::codec::{reason, Disconnect, Packet, Properties, Protocol, PubKind, PubResponse};
+use raftmq_node::codec::{reason, Packet, Properties, Protocol, PubKind, PubResponse};
 use raftmq_tests::*;
 
 #[tokio::test]
@@ -71,7 +71,13 @@ async fn b24_pubrel_for_unknown_id_gets_pubcomp_0x92() -> anyhow::Result<()> {
     let b = start_broker(|_| {}).await?;
     let (mut raw, _) = Raw::connect(b.addr, Protocol::V5, "rel", true).await?;
     raw.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, 99, 0))).await?;
-    assert_eq!(raw.recv().await?, Packet::PubResponse(PubResponse::new(PubKind::PubComp, 99, reason::PACKET_IDENTIFIER_NOT_FOUND)));
+    match raw.recv().await? {
+        Packet::PubResponse(r) => {
+            assert_eq!((r.kind, r.packet_id, r.reason), (PubKind::PubComp, 99, reason::PACKET_IDENTIFIER_NOT_FOUND));
+            assert!(r.properties.reason_string.is_some(), "problem information is on by default");
+        }
+        other => panic!("expected PUBCOMP, got {other:?}"),
+    }
     // PUBACK for an unknown id is ignored.
     raw.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, 42, 0))).await?;
     raw.ping().await
@@ -114,7 +120,7 @@ async fn b21_more_qos2_in_flight_than_receive_maximum_gets_0x93() -> anyhow::Res
     }
     assert!(matches!(raw.recv().await?, Packet::PubResponse(r) if r.kind == PubKind::PubRec));
     assert!(matches!(raw.recv().await?, Packet::PubResponse(r) if r.kind == PubKind::PubRec));
-    assert_eq!(raw.expect_closed(DEADLINE).await?, Some(Packet::Disconnect(Disconnect::new(reason::RECEIVE_MAXIMUM_EXCEEDED))));
+    assert_eq!(disconnect_reason(raw.expect_closed(DEADLINE).await?), Some(reason::RECEIVE_MAXIMUM_EXCEEDED));
     assert_serving(b.addr).await
 }
 

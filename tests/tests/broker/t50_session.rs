@@ -77,7 +77,7 @@ async fn takeover_closes_old_connection_with_0x8e_and_keeps_session() -> anyhow:
     old.subscribe(1, "dev/1/#", QoS::AtLeastOnce).await?;
     let (mut new, ack) = Raw::connect(b.addr, Protocol::V5, "dev-1", false).await?;
     assert!(ack.session_present);
-    assert_eq!(old.expect_closed(DEADLINE).await?, Some(Packet::Disconnect(Disconnect::new(reason::SESSION_TAKEN_OVER))));
+    assert_eq!(disconnect_reason(old.expect_closed(DEADLINE).await?), Some(reason::SESSION_TAKEN_OVER));
     let (mut publ, _) = Raw::connect(b.addr, Protocol::V311, "ctl", true).await?;
     publ.publish("dev/1/cmd", b"on", QoS::AtLeastOnce, false, 1).await?;
     assert_eq!(&new.recv_publish().await?.payload[..], b"on");

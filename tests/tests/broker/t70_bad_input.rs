@@ -1,14 +1,14 @@
 //! Bad input from faults-and-inputs.md: each gets the spec's reaction, and the broker keeps
 //! serving everyone else.
 
-use raftmq_node::codec::{reason, Disconnect, Packet, Properties, Protocol};
+use raftmq_node::codec::{reason, Packet, Properties, Protocol};
 use raftmq_tests::*;
 
 async fn expect_v5_disconnect(bytes: &[u8], code: u8) -> anyhow::Result<()> {
     let b = start_broker(|_| {}).await?;
     let (mut raw, _) = Raw::connect(b.addr, Protocol::V5, "bad", true).await?;
     raw.send_bytes(bytes).await?;
-    assert_eq!(raw.expect_closed(DEADLINE).await?, Some(Packet::Disconnect(Disconnect::new(code))), "input {bytes:02x?}");
+    assert_eq!(disconnect_reason(raw.expect_closed(DEADLINE).await?), Some(code), "input {bytes:02x?}");
     assert_serving(b.addr).await
 }
 
@@ -70,8 +70,15 @@ async fn b19_client_publish_with_subscription_identifier_is_protocol_error() -> 
 }
 
 #[tokio::test]
-async fn b20_topic_alias_beyond_maximum_is_invalid() -> anyhow::Result<()> {
-    expect_v5_disconnect(&[0x30, 0x07, 0, 1, b't', 3, 0x23, 0, 1], reason::TOPIC_ALIAS_INVALID).await
+async fn b20_topic_alias_zero_or_beyond_maximum_is_invalid() -> anyhow::Result<()> {
+    // Topic Alias 17 (maximum 16), then Topic Alias 0.
+    expect_v5_disconnect(&[0x30, 0x07, 0, 1, b't', 3, 0x23, 0, 17], reason::TOPIC_ALIAS_INVALID).await?;
+    expect_v5_disconnect(&[0x30, 0x07, 0, 1, b't', 3, 0x23, 0, 0], reason::TOPIC_ALIAS_INVALID).await
+}
+
+#[tokio::test]
+async fn b20_empty_topic_with_unknown_alias_is_protocol_error() -> anyhow::Result<()> {
+    expect_v5_disconnect(&[0x30, 0x06, 0, 0, 3, 0x23, 0, 5], reason::PROTOCOL_ERROR).await
 }
 
 #[tokio::test]
@@ -79,7 +86,7 @@ async fn b22_packet_over_maximum_size_gets_0x95() -> anyhow::Result<()> {
     let b = start_broker(|c| c.mqtt.max_packet_size = 1024).await?;
     let (mut raw, _) = Raw::connect(b.addr, Protocol::V5, "big", true).await?;
     raw.send(&Packet::Publish(publish("t", &[0u8; 2048], raftmq_cluster::message::QoS::AtMostOnce, false, 0))).await?;
-    assert_eq!(raw.expect_closed(DEADLINE).await?, Some(Packet::Disconnect(Disconnect::new(reason::PACKET_TOO_LARGE))));
+    assert_eq!(disconnect_reason(raw.expect_closed(DEADLINE).await?), Some(reason::PACKET_TOO_LARGE));
     assert_serving(b.addr).await
 }
 
@@ -121,7 +128,7 @@ async fn response_topic_with_wildcard_is_protocol_error_mqtt_3_3_2_14() -> anyho
     let mut p = publish("t", b"x", raftmq_cluster::message::QoS::AtMostOnce, false, 0);
     p.properties = Properties { response_topic: Some("reply/#".into()), ..Properties::default() };
     raw.send(&Packet::Publish(p)).await?;
-    assert_eq!(raw.expect_closed(DEADLINE).await?, Some(Packet::Disconnect(Disconnect::new(reason::PROTOCOL_ERROR))));
+    assert_eq!(disconnect_reason(raw.expect_closed(DEADLINE).await?), Some(reason::PROTOCOL_ERROR));
     Ok(())
 }
 
@@ -168,6 +175,6 @@ async fn b11_thousands_of_user_properties_are_bounded_by_packet_size_and_forward
     p.properties = Properties { user_properties: too_many, ..Properties::default() };
     // The broker may close before the whole packet is written; only its answer matters.
     let _ = raw.send(&Packet::Publish(p)).await;
-    assert_eq!(raw.expect_closed(DEADLINE).await?, Some(Packet::Disconnect(Disconnect::new(reason::PACKET_TOO_LARGE))));
+    assert_eq!(disconnect_reason(raw.expect_closed(DEADLINE).await?), Some(reason::PACKET_TOO_LARGE));
     assert_serving(b.addr).await
 }
