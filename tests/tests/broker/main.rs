@@ -12,3 +12,6 @@ mod t60_topics;
 mod t70_bad_input;
 mod t80_clients;
 mod t85_mosquitto;
+mod t90_shared;
+mod t91_mqtt5;
+mod t92_sys_and_limits;
