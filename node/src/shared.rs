@@ -199,6 +199,52 @@ mod tests {
     }
 
     #[test]
+    fn every_strategy_picks_an_online_member_first() {
+        let t = Arc::new(ShareTarget { group: "g".into(), filter: "t".into() });
+        let members: Vec<Arc<str>> = vec!["a".into(), "b".into(), "c".into()];
+        let only_c = |m: &str| MemberLoad { online: m == "c", pending: 0 };
+        for strategy in [
+            Strategy::RoundRobin,
+            Strategy::RoundRobinPerGroup,
+            Strategy::Random,
+            Strategy::Sticky,
+            Strategy::HashClientid,
+            Strategy::HashTopic,
+            Strategy::Local,
+            Strategy::LeastInflight,
+        ] {
+            let d = Dispatcher::new(strategy);
+            for _ in 0..5 {
+                let order = d.order(&t, &members, &msg("p"), only_c);
+                assert_eq!(order[0].as_ref(), "c", "{strategy:?}");
+                assert_eq!(order.len(), 3, "offline members stay as fallbacks");
+            }
+        }
+    }
+
+    #[test]
+    fn round_robin_per_group_turns_across_filters() {
+        let d = Dispatcher::new(Strategy::RoundRobinPerGroup);
+        let t1 = Arc::new(ShareTarget { group: "g".into(), filter: "x".into() });
+        let t2 = Arc::new(ShareTarget { group: "g".into(), filter: "y".into() });
+        let members: Vec<Arc<str>> = vec!["a".into(), "b".into()];
+        let online = |_: &str| MemberLoad { online: true, pending: 0 };
+        assert_eq!(d.order(&t1, &members, &msg("p"), online)[0].as_ref(), "a");
+        assert_eq!(d.order(&t2, &members, &msg("p"), online)[0].as_ref(), "b");
+        assert_eq!(d.order(&t1, &members, &msg("p"), online)[0].as_ref(), "a");
+    }
+
+    #[test]
+    fn random_spreads_over_members() {
+        let d = Dispatcher::new(Strategy::Random);
+        let t = Arc::new(ShareTarget { group: "g".into(), filter: "t".into() });
+        let members: Vec<Arc<str>> = vec!["a".into(), "b".into()];
+        let online = |_: &str| MemberLoad { online: true, pending: 0 };
+        let a = (0..1000).filter(|_| d.order(&t, &members, &msg("p"), online)[0].as_ref() == "a").count();
+        assert!((350..650).contains(&a), "{a}");
+    }
+
+    #[test]
     fn hash_and_sticky_and_least_inflight_are_stable() {
         let t = Arc::new(ShareTarget { group: "g".into(), filter: "t".into() });
         let members: Vec<Arc<str>> = vec!["a".into(), "b".into(), "c".into()];

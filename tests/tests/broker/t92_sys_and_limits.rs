@@ -111,3 +111,28 @@ async fn publish_rate_throttle_slows_reading_without_losing_messages() -> anyhow
     assert!(started.elapsed() >= Duration::from_millis(900), "not throttled: {:?}", started.elapsed());
     raw.ping().await
 }
+
+#[tokio::test]
+async fn max_connections_per_node_closes_extra_connections() -> anyhow::Result<()> {
+    let b = start_broker(|c| c.mqtt.max_connections = 2).await?;
+    let (mut a, _) = Raw::connect(b.addr, Protocol::V311, "n1", true).await?;
+    let (mut c, _) = Raw::connect(b.addr, Protocol::V5, "n2", true).await?;
+    let mut third = Raw::open(b.addr, Protocol::V311).await?;
+    assert_eq!(third.expect_closed(DEADLINE).await?, None);
+    a.ping().await?;
+    c.ping().await
+}
+
+#[tokio::test]
+async fn connect_larger_than_pre_connect_cap_is_refused() -> anyhow::Result<()> {
+    let b = start_broker(|c| c.mqtt.max_connect_packet_size = 128).await?;
+    let mut c = connect_packet(Protocol::V311, "big-hello", true);
+    c.username = Some("u".repeat(200));
+    let mut raw = Raw::open(b.addr, Protocol::V311).await?;
+    raw.send(&Packet::Connect(Box::new(c))).await?;
+    assert_eq!(raw.expect_closed(DEADLINE).await?, None);
+    // After CONNECT the ordinary limit applies.
+    let (mut ok, _) = Raw::connect(b.addr, Protocol::V311, "small-hello", true).await?;
+    ok.publish("t", &[0u8; 1024], QoS::AtLeastOnce, false, 1).await?;
+    Ok(())
+}
