@@ -261,6 +261,9 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<S>, proto
     let _ = framed.flush().await;
 }
 
+/// Most AUTH round trips one exchange may take before it is abandoned.
+const MAX_AUTH_ROUNDS: u32 = 16;
+
 /// Runs an enhanced authentication exchange during CONNECT [MQTT-4.12.0-..]. Returns the
 /// data for CONNACK, or the reason code and text to refuse with.
 async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
@@ -275,7 +278,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let deadline = Duration::from_secs(broker.config.mqtt.connect_timeout_secs);
     let mut state = Vec::new();
-    for round in 0.. {
+    for round in 0..MAX_AUTH_ROUNDS {
         match auth.step(client_id, round, data.take(), &mut state).await {
             AuthStep::Success(reply) => return Ok(reply),
             AuthStep::Failure(code) => return Err((code, "authentication failed")),
