@@ -233,3 +233,30 @@ async fn b26_unknown_authentication_method_and_reauth_with_another_method() -> a
     assert_eq!(disconnect_reason(plain.expect_closed(DEADLINE).await?), Some(reason::PROTOCOL_ERROR));
     Ok(())
 }
+
+#[tokio::test]
+async fn mqtt_3_8_3_retain_handling_and_retain_as_published() -> anyhow::Result<()> {
+    use raftmq_cluster::session::SubscriptionOptions;
+    let b = start_broker(|_| {}).await?;
+    let (mut publ, _) = Raw::connect(b.addr, Protocol::V5, "rh-pub", true).await?;
+    publ.publish("rh/t", b"stored", QoS::AtMostOnce, true, 0).await?;
+    let (mut sub, _) = Raw::connect(b.addr, Protocol::V5, "rh-sub", true).await?;
+    let with = |rh: u8, rap: bool| {
+        vec![("rh/t".to_string(), SubscriptionOptions { retain_handling: rh, retain_as_published: rap, ..Default::default() })]
+    };
+    // Retain Handling 2: never send retained messages [MQTT-3.3.1-11].
+    sub.subscribe_with(1, with(2, false), Properties::default()).await?;
+    sub.expect_silence(Duration::from_millis(100)).await?;
+    // Retain Handling 1: only for a subscription that did not exist [MQTT-3.3.1-10]; it does now.
+    sub.subscribe_with(2, with(1, false), Properties::default()).await?;
+    sub.expect_silence(Duration::from_millis(100)).await?;
+    let (mut fresh, _) = Raw::connect(b.addr, Protocol::V5, "rh-fresh", true).await?;
+    fresh.subscribe_with(1, with(1, false), Properties::default()).await?;
+    assert!(fresh.recv_publish().await?.retain);
+    // Retain As Published keeps RETAIN=1 on live messages [MQTT-3.3.1-13]; without it, 0.
+    sub.subscribe_with(3, with(2, true), Properties::default()).await?;
+    publ.publish("rh/t", b"live", QoS::AtMostOnce, true, 0).await?;
+    assert!(sub.recv_publish().await?.retain);
+    assert!(!fresh.recv_publish().await?.retain);
+    Ok(())
+}
