@@ -23,8 +23,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::AuthMethods;
+use crate::banned::{Bans, Flapping};
 use crate::config::Config;
 use crate::router::{SharedKey, SubscriptionIndex};
+use crate::security::{Security, SecurityError};
 use crate::session::{ConnHandle, Offer, SessionSlot};
 use crate::shared::{self, Dispatcher, MemberLoad};
 
@@ -49,6 +51,10 @@ pub struct Stats {
     pub bytes_received: AtomicU64,
     /// Bytes written to clients.
     pub bytes_sent: AtomicU64,
+    /// CONNECTs refused by authentication.
+    pub auth_failures: AtomicU64,
+    /// PUBLISH and SUBSCRIBE requests refused by the ACL.
+    pub acl_denied: AtomicU64,
 }
 
 /// Why a connection ended, as far as wills and sessions care.
@@ -79,6 +85,12 @@ pub struct Broker {
     pub config: Arc<Config>,
     /// Enhanced authentication methods (MQTT 5 AUTH).
     pub auth: AuthMethods,
+    /// Authenticator chain and ACL; std `RwLock` so a reload swaps them at once.
+    security: std::sync::RwLock<Arc<Security>>,
+    /// Banned clients, users and networks.
+    pub bans: Bans,
+    /// Reconnect-storm detection.
+    pub flapping: Flapping,
     sessions: DashMap<Arc<str>, Arc<SessionSlot>>,
     index: SubscriptionIndex,
     retained: Arc<dyn RetainedStore>,
@@ -101,8 +113,8 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
-    /// A single-node broker with in-memory stores.
-    pub fn new(config: Config, auth: AuthMethods) -> Arc<Broker> {
+    /// A single-node broker with in-memory stores. Fails if a security file is unusable.
+    pub fn new(config: Config, auth: AuthMethods) -> Result<Arc<Broker>, SecurityError> {
         let retained = Arc::new(MemoryRetainedStore::new(RetainedLimits {
             max_messages: if config.retained.enabled { config.retained.max_messages } else { 0 },
             max_bytes: config.retained.max_bytes,
@@ -118,9 +130,15 @@ impl Broker {
         retained: Arc<dyn RetainedStore>,
         store: Arc<dyn SessionStore>,
         routes: Arc<dyn RouteTable>,
-    ) -> Arc<Broker> {
+    ) -> Result<Arc<Broker>, SecurityError> {
         let dispatcher = Dispatcher::new(config.shared.strategy);
-        Arc::new(Broker {
+        let security = std::sync::RwLock::new(Arc::new(Security::load(&config)?));
+        let bans = Bans::from_config(&config.bans)?;
+        let flapping = Flapping::new(config.flapping.clone());
+        Ok(Arc::new(Broker {
+            security,
+            bans,
+            flapping,
             auth,
             dispatcher,
             config: Arc::new(config),
@@ -133,7 +151,20 @@ impl Broker {
             stats: Stats::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-        })
+        }))
+    }
+
+    /// The authenticator and ACL in force.
+    pub fn security(&self) -> Arc<Security> {
+        Arc::clone(&self.security.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Re-reads the password, JWT key and ACL files. On failure the previous settings stay
+    /// in force and the error is returned.
+    pub fn reload_security(&self) -> Result<(), SecurityError> {
+        let fresh = Security::load(&self.config)?;
+        *self.security.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        Ok(())
     }
 
     /// A fresh connection number.

@@ -48,6 +48,16 @@ pub struct Config {
     pub shared: SharedConfig,
     /// `$SYS` topics.
     pub sys: SysConfig,
+    /// Listeners besides `mqtt.listen`: TLS, WebSocket, secure WebSocket, more TCP.
+    pub listeners: Vec<ListenerConfig>,
+    /// Authentication.
+    pub auth: AuthConfig,
+    /// Authorization (ACL).
+    pub acl: AclConfig,
+    /// Banned clients, users and addresses.
+    pub bans: Vec<BanConfig>,
+    /// Automatic bans for clients that reconnect too often.
+    pub flapping: FlappingConfig,
 }
 
 impl Default for Config {
@@ -61,6 +71,11 @@ impl Default for Config {
             admin: AdminConfig::default(),
             shared: SharedConfig::default(),
             sys: SysConfig::default(),
+            listeners: vec![ListenerConfig::default()],
+            auth: AuthConfig::default(),
+            acl: AclConfig::default(),
+            bans: Vec::new(),
+            flapping: FlappingConfig::default(),
         }
     }
 }
@@ -220,6 +235,205 @@ pub struct SharedConfig {
     pub strategy: crate::shared::Strategy,
 }
 
+/// Transport of a listener.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerKind {
+    /// MQTT over TCP.
+    Tcp,
+    /// MQTT over TLS.
+    Tls,
+    /// MQTT over WebSocket.
+    #[default]
+    Ws,
+    /// MQTT over WebSocket over TLS.
+    Wss,
+}
+
+/// Which part of a client certificate becomes the MQTT user name.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerCertUsername {
+    /// The certificate does not set the user name.
+    #[default]
+    None,
+    /// The subject's Common Name.
+    Cn,
+    /// The first DNS or e-mail Subject Alternative Name.
+    San,
+}
+
+/// One listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Transport.
+    pub kind: ListenerKind,
+    /// Address; defaults to 0.0.0.0 and 1883 (tcp), 8883 (tls), 8083 (ws), 8084 (wss).
+    pub bind: Option<SocketAddr>,
+    /// HTTP path of a WebSocket listener.
+    pub path: String,
+    /// Server certificate chain (PEM), for tls and wss.
+    pub certfile: Option<PathBuf>,
+    /// Server private key (PEM), for tls and wss.
+    pub keyfile: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to.
+    pub cacertfile: Option<PathBuf>,
+    /// Require a valid client certificate (mutual TLS).
+    pub verify_peer: bool,
+    /// Use a part of the client certificate as the user name.
+    pub peer_cert_as_username: PeerCertUsername,
+    /// WebSocket Origin values accepted (empty: any).
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            kind: ListenerKind::Ws,
+            bind: None,
+            path: "/mqtt".to_owned(),
+            certfile: None,
+            keyfile: None,
+            cacertfile: None,
+            verify_peer: false,
+            peer_cert_as_username: PeerCertUsername::None,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl ListenerConfig {
+    /// The address to bind.
+    pub fn addr(&self) -> SocketAddr {
+        let port = match self.kind {
+            ListenerKind::Tcp => 1883,
+            ListenerKind::Tls => 8883,
+            ListenerKind::Ws => 8083,
+            ListenerKind::Wss => 8084,
+        };
+        self.bind.unwrap_or(SocketAddr::from(([0, 0, 0, 0], port)))
+    }
+
+    /// Whether the transport is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.kind, ListenerKind::Tls | ListenerKind::Wss)
+    }
+}
+
+/// An authentication source, for `auth.chain`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthSource {
+    /// `auth.password_file`.
+    PasswordFile,
+    /// `auth.jwt`.
+    Jwt,
+}
+
+/// Authentication settings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Accept clients without credentials. Default: true, unless an authenticator is
+    /// configured.
+    pub allow_anonymous: Option<bool>,
+    /// File of `user:argon2id-hash` lines, managed with `raftmq passwd`.
+    pub password_file: Option<PathBuf>,
+    /// JSON Web Token authentication.
+    pub jwt: Option<JwtConfig>,
+    /// Order in which authenticators are tried (default: password_file, then jwt).
+    pub chain: Vec<AuthSource>,
+}
+
+/// JWT signature algorithm.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+pub enum JwtAlgorithm {
+    /// HMAC with SHA-256 and a shared secret.
+    #[default]
+    HS256,
+    /// RSA PKCS#1 v1.5 with SHA-256 and a public key.
+    RS256,
+    /// ECDSA P-256 with SHA-256 and a public key.
+    ES256,
+}
+
+/// JWT authentication: the token comes in the password field.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Signature algorithm.
+    pub algorithm: JwtAlgorithm,
+    /// Shared secret (HS256).
+    pub secret: Option<String>,
+    /// Public key PEM file (RS256, ES256).
+    pub public_key_file: Option<PathBuf>,
+}
+
+/// What an ACL decides.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AclDecision {
+    /// Permit.
+    Allow,
+    /// Refuse.
+    Deny,
+}
+
+/// What happens to a client whose PUBLISH the ACL denies.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyAction {
+    /// Drop the message (MQTT 5 QoS 1/2: answer 0x87).
+    #[default]
+    Ignore,
+    /// Disconnect the client (MQTT 5: DISCONNECT 0x87).
+    Disconnect,
+}
+
+/// Authorization settings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AclConfig {
+    /// Rule file; without one every client may publish and subscribe to anything but `$SYS`
+    /// publishes.
+    pub file: Option<PathBuf>,
+    /// Decision when no rule matches (default: deny).
+    pub no_match: Option<AclDecision>,
+    /// Reaction to a denied PUBLISH.
+    pub deny_action: DenyAction,
+}
+
+/// One ban.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct BanConfig {
+    /// `client:ID`, `user:NAME` or `ip:ADDRESS[/PREFIX]`.
+    pub who: String,
+    /// Unix time (seconds) the ban ends; absent: never.
+    pub until: Option<u64>,
+}
+
+/// Flapping detection.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FlappingConfig {
+    /// Detect flapping clients.
+    pub enabled: bool,
+    /// Connects of one client id within `window_secs` that trigger a ban.
+    pub max_count: u32,
+    /// Window, seconds.
+    pub window_secs: u64,
+    /// Ban length, seconds.
+    pub ban_secs: u64,
+}
+
+impl Default for FlappingConfig {
+    fn default() -> Self {
+        FlappingConfig { enabled: true, max_count: 15, window_secs: 60, ban_secs: 300 }
+    }
+}
+
 /// `$SYS` topic settings.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -303,6 +517,17 @@ impl Config {
         }
         if m.max_connections == 0 {
             return bad("mqtt.max_connections must be at least 1");
+        }
+        for l in &self.listeners {
+            if l.is_tls() && (l.certfile.is_none() || l.keyfile.is_none()) {
+                return bad("tls and wss listeners need certfile and keyfile");
+            }
+            if !l.path.starts_with('/') {
+                return bad("a WebSocket listener path must start with '/'");
+            }
+        }
+        if self.flapping.enabled && (self.flapping.max_count == 0 || self.flapping.window_secs == 0) {
+            return bad("flapping.max_count and flapping.window_secs must be at least 1");
         }
         if self.node_name.is_empty() || self.node_name.contains(['/', '+', '#']) {
             return bad("node_name must be non-empty and contain no '/', '+' or '#'");

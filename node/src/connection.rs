@@ -18,13 +18,16 @@ use raftmq_cluster::topic::{self, TopicError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::Instrument;
 
+use crate::acl::{Access, Subject};
 use crate::auth::AuthStep;
+use crate::banned::BanTarget;
 use crate::broker::{Attached, Broker, EndKind};
 use crate::codec::{
     self, connack_v3, reason, Auth, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Protocol, PubKind, PubResponse, Publish,
     SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
-use crate::config::RateAction;
+use crate::config::{DenyAction, RateAction};
+use crate::security::{Credentials, Identity, Verdict};
 use crate::session::SessionSlot;
 use crate::shared;
 use crate::sys::{self, ClientEvent};
@@ -155,6 +158,10 @@ struct Client {
     client_alias_max: u16,
     /// Inbound PUBLISH rate limit.
     rate: Option<RateLimiter>,
+    /// Who the client authenticated as, for ACL checks.
+    identity: Identity,
+    /// Peer address, for ACL checks.
+    peer: SocketAddr,
 }
 
 /// A token bucket: `per_sec` tokens a second, at most one second's worth saved up.
@@ -189,6 +196,19 @@ impl Client {
         p
     }
 
+    /// Whether the ACL in force allows `access` to `topic`.
+    fn allowed(&self, broker: &Broker, access: Access, topic: &str) -> bool {
+        let security = broker.security();
+        let Some(acl) = security.acl.as_ref() else { return true };
+        let subject = Subject { client_id: &self.client_id, identity: &self.identity, peer: self.peer.ip() };
+        let ok = acl.allows(&subject, access, topic);
+        if !ok {
+            broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(client_id = %self.client_id, ?access, topic, "denied by ACL");
+        }
+        ok
+    }
+
     /// An acknowledgement with `code`, carrying `why` when it is a failure.
     fn ack(&self, kind: PubKind, packet_id: u16, code: u8, why: &str) -> Packet {
         let mut r = PubResponse::new(kind, packet_id, code);
@@ -199,8 +219,9 @@ impl Client {
     }
 }
 
-/// Serves one accepted connection to its end.
-pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr)
+/// Serves one accepted connection to its end. `cert_user` is the user name a verified
+/// client certificate stands for, when the listener maps one.
+pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr, cert_user: Option<String>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -246,7 +267,7 @@ where
     let protocol = connect.protocol;
     framed.protocol = Some(protocol);
     let span = tracing::info_span!("conn", %peer, client_id = %connect.client_id);
-    run(broker, framed, *connect, peer).instrument(span).await;
+    run(broker, framed, *connect, peer, cert_user).instrument(span).await;
 }
 
 /// Answers CONNECT with a failure code and closes (the caller drops the stream).
@@ -346,7 +367,13 @@ fn assign_client_id(node: &str) -> String {
     format!("raftmq-{:08x}-{:x}-{n:x}", h as u32, now_ms())
 }
 
-async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(broker: Arc<Broker>, mut framed: Framed<S>, connect: Connect, peer: SocketAddr) {
+async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    broker: Arc<Broker>,
+    mut framed: Framed<S>,
+    connect: Connect,
+    peer: SocketAddr,
+    cert_user: Option<String>,
+) {
     let cfg = &broker.config.mqtt;
     let protocol = connect.protocol;
     let v5 = protocol.is_v5();
@@ -376,20 +403,76 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(broker: Arc<Broker>, mut 
         return refuse(&mut framed, protocol, reason::CLIENT_IDENTIFIER_NOT_VALID, connack_v3::IDENTIFIER_REJECTED, "client id too long")
             .await;
     }
-    // Enhanced authentication (MQTT 5 only: the property cannot appear in 3.x CONNECT).
+    // Bans and reconnect storms.
+    let username = cert_user.clone().or_else(|| connect.username.clone());
+    let banned = broker.bans.is_banned(&BanTarget::Client(client_id.clone()))
+        || username.as_ref().is_some_and(|u| broker.bans.is_banned(&BanTarget::User(u.clone())));
+    if banned {
+        return refuse(&mut framed, protocol, reason::BANNED, connack_v3::NOT_AUTHORIZED, "banned").await;
+    }
+    if broker.flapping.record(&client_id) {
+        let until = now_ms() / 1000 + broker.flapping.ban_secs();
+        tracing::warn!(%peer, client_id = %client_id, until, "flapping client banned");
+        broker.bans.ban(BanTarget::Client(client_id.clone()), Some(until));
+        return refuse(&mut framed, protocol, reason::BANNED, connack_v3::NOT_AUTHORIZED, "banned for reconnecting too often").await;
+    }
+    // Authentication: an MQTT 5 enhanced method, or the authenticator chain.
+    let security = broker.security();
     let mut auth_reply = None;
-    if let Some(method) = props.authentication_method.clone() {
+    let identity = if let Some(method) = props.authentication_method.clone() {
         match authenticate(&broker, &mut framed, &client_id, &method, props.authentication_data.clone()).await {
-            Ok(data) => auth_reply = Some((method, data)),
+            Ok(data) => {
+                auth_reply = Some((method, data));
+                Identity { username: username.clone(), claims: Default::default() }
+            }
             Err((code, why)) => return refuse(&mut framed, protocol, code, connack_v3::NOT_AUTHORIZED, why).await,
         }
-    }
+    } else {
+        let checker = Arc::clone(&security);
+        let (id, user, password, verified) = (client_id.clone(), username.clone(), connect.password.clone(), cert_user.is_some());
+        let verdict = tokio::task::spawn_blocking(move || {
+            let creds = Credentials {
+                client_id: &id,
+                username: user.as_deref(),
+                password: password.as_deref(),
+                certificate_verified: verified,
+                peer: peer.ip(),
+            };
+            checker.authenticator.check(&creds)
+        })
+        .await;
+        match verdict {
+            Ok(Verdict::Accept(identity)) => identity,
+            Ok(Verdict::BadCredentials) => {
+                broker.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, client_id = %client_id, username = ?username, "authentication failed: bad credentials");
+                return refuse(
+                    &mut framed,
+                    protocol,
+                    reason::BAD_USER_NAME_OR_PASSWORD,
+                    connack_v3::BAD_USER_NAME_OR_PASSWORD,
+                    "bad user name or password",
+                )
+                .await;
+            }
+            Ok(Verdict::NotAuthorized) | Err(_) => {
+                broker.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, client_id = %client_id, "authentication failed: not authorized");
+                return refuse(&mut framed, protocol, reason::NOT_AUTHORIZED, connack_v3::NOT_AUTHORIZED, "not authorized").await;
+            }
+        }
+    };
     if let Some(w) = &connect.will {
         if topic::validate_topic_name(&w.topic, cfg.max_topic_levels).is_err() {
             return refuse(&mut framed, protocol, reason::TOPIC_NAME_INVALID, connack_v3::NOT_AUTHORIZED, "invalid will topic").await;
         }
         if w.topic.starts_with("$SYS") {
             return refuse(&mut framed, protocol, reason::NOT_AUTHORIZED, connack_v3::NOT_AUTHORIZED, "will topic in $SYS").await;
+        }
+        let subject = Subject { client_id: &client_id, identity: &identity, peer: peer.ip() };
+        if security.acl.as_ref().is_some_and(|acl| !acl.allows(&subject, Access::Publish, &w.topic)) {
+            // B31: a will the client could not publish itself.
+            return refuse(&mut framed, protocol, reason::NOT_AUTHORIZED, connack_v3::NOT_AUTHORIZED, "will topic not authorized").await;
         }
         if w.retain && !broker.config.retained.enabled {
             return refuse(&mut framed, protocol, reason::RETAIN_NOT_SUPPORTED, connack_v3::NOT_AUTHORIZED, "retain not supported").await;
@@ -472,6 +555,8 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(broker: Arc<Broker>, mut 
         outbound_aliases: HashMap::new(),
         client_alias_max: props.topic_alias_maximum.unwrap_or(0),
         rate: (cfg.max_publish_rate > 0).then(|| RateLimiter::new(cfg.max_publish_rate)),
+        identity,
+        peer,
     };
 
     // Resume: resend unacknowledged PUBLISH with DUP and PUBREL [MQTT-4.4.0-1].
@@ -833,6 +918,21 @@ async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         return Ok(());
     }
+    if !client.allowed(broker, Access::Publish, &p.topic) {
+        if cfg_deny_disconnects(broker) {
+            return Err(violation(reason::NOT_AUTHORIZED, "publish not authorized"));
+        }
+        broker.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+        if let Some(kind) = ack_kind {
+            // MQTT 3 has no way to say no: the handshake completes and the message is dropped.
+            let code = if v5 { reason::NOT_AUTHORIZED } else { 0 };
+            framed.send(&client.ack(kind, p.packet_id, code, "publish not authorized"));
+            if kind == PubKind::PubRec && code == 0 {
+                slot.lock().awaiting_rel.insert(p.packet_id, Instant::now());
+            }
+        }
+        return Ok(());
+    }
     if v5 && p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
         if let Some(kind) = ack_kind {
             framed.send(&client.ack(kind, p.packet_id, reason::PAYLOAD_FORMAT_INVALID, "payload is not valid UTF-8"));
@@ -890,6 +990,10 @@ async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         if topic::validate_topic_filter(inner_filter, cfg.max_topic_levels).is_err() {
             codes.push(failure(reason::TOPIC_FILTER_INVALID));
+            continue;
+        }
+        if !client.allowed(broker, Access::Subscribe, inner_filter) {
+            codes.push(failure(reason::NOT_AUTHORIZED));
             continue;
         }
         let at_limit = {
@@ -974,4 +1078,8 @@ async fn reauthenticate<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         Err((code, what)) => Err(violation(code, what)),
     }
+}
+
+fn cfg_deny_disconnects(broker: &Broker) -> bool {
+    broker.config.acl.deny_action == DenyAction::Disconnect
 }

@@ -8,6 +8,8 @@
 //! - [`shared`]: shared subscriptions and their strategies;
 //! - [`broker`]: sessions, routing, wills, expiry;
 //! - [`listener`] and [`server`]: accepting connections, start and shutdown;
+//! - [`transport`]: TLS and WebSocket under MQTT;
+//! - [`security`], [`passwd`], [`acl`], [`banned`]: authentication, authorization, bans;
 //! - [`auth`]: the MQTT 5 enhanced authentication interface;
 //! - [`sys`]: `$SYS` topics and client events;
 //! - [`config`]: file, environment and flags.
@@ -15,14 +17,19 @@
 //! Shared state (retained messages, persistent sessions, routes) goes through the store
 //! traits of `raftmq-cluster`.
 
+pub mod acl;
 pub mod auth;
+pub mod banned;
 pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod connection;
 pub mod listener;
+pub mod passwd;
 pub mod router;
+pub mod security;
 pub mod server;
 pub mod session;
 pub mod shared;
 pub mod sys;
+pub mod transport;

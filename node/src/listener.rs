@@ -1,15 +1,46 @@
-//! The TCP accept loop: bounded by a connection semaphore, one task per connection, never
-//! awaiting per-client work in the loop itself.
+//! Accept loops: bounded by a connection semaphore and a per-address count, one task per
+//! connection, never awaiting per-client work (TLS or WebSocket handshakes included) in the
+//! loop itself.
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
 use crate::broker::Broker;
+use crate::config::ListenerConfig;
 use crate::connection;
+use crate::transport;
+
+/// What runs between TCP and MQTT on a listener.
+pub enum Transport {
+    /// Plain TCP.
+    Tcp,
+    /// TLS.
+    Tls(TlsAcceptor, ListenerConfig),
+    /// WebSocket.
+    Ws(ListenerConfig),
+    /// WebSocket over TLS.
+    Wss(TlsAcceptor, ListenerConfig),
+}
+
+/// Limits shared by every listener of a node.
+#[derive(Debug)]
+pub struct Limits {
+    permits: Arc<Semaphore>,
+    per_ip: Arc<PerIp>,
+}
+
+impl Limits {
+    /// Limits from the broker's configuration.
+    pub fn new(broker: &Broker) -> Arc<Limits> {
+        Arc::new(Limits { permits: Arc::new(Semaphore::new(broker.config.mqtt.max_connections)), per_ip: Arc::new(PerIp::default()) })
+    }
+}
 
 /// Connections per peer address, for `max_connections_per_ip`.
 #[derive(Debug, Default)]
@@ -43,10 +74,8 @@ impl Drop for IpSlot {
     }
 }
 
-/// Accepts MQTT connections on `listener` until shutdown.
-pub async fn run_tcp(broker: Arc<Broker>, listener: TcpListener) {
-    let permits = Arc::new(Semaphore::new(broker.config.mqtt.max_connections));
-    let per_ip = Arc::new(PerIp::default());
+/// Accepts connections on `listener` until shutdown.
+pub async fn run(broker: Arc<Broker>, listener: TcpListener, transport: Arc<Transport>, limits: Arc<Limits>) {
     let max_per_ip = broker.config.mqtt.max_connections_per_ip;
     loop {
         let accepted = tokio::select! {
@@ -58,27 +87,75 @@ pub async fn run_tcp(broker: Arc<Broker>, listener: TcpListener) {
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+        if broker.bans.is_ip_banned(peer.ip()) {
+            tracing::info!(%peer, "connection refused: address banned");
+            continue;
+        }
+        let Ok(permit) = Arc::clone(&limits.permits).try_acquire_owned() else {
             tracing::warn!(%peer, "connection refused: max_connections reached");
-            drop(stream);
             continue;
         };
-        let Some(ip_slot) = per_ip.acquire(peer.ip(), max_per_ip) else {
+        let Some(ip_slot) = limits.per_ip.acquire(peer.ip(), max_per_ip) else {
             tracing::warn!(%peer, "connection refused: max_connections_per_ip reached");
-            drop(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
         let broker = Arc::clone(&broker);
+        let transport = Arc::clone(&transport);
         let tasks = broker.tasks.clone();
         tasks.spawn(async move {
-            connection::serve(broker, stream, peer).await;
+            handshake_and_serve(broker, stream, peer, &transport).await;
             drop(ip_slot);
             drop(permit);
         });
+    }
+}
+
+async fn handshake_and_serve(broker: Arc<Broker>, stream: TcpStream, peer: std::net::SocketAddr, transport: &Transport) {
+    let timeout = Duration::from_secs(broker.config.mqtt.connect_timeout_secs);
+    let max_message = broker.config.mqtt.max_packet_size + 16;
+    match transport {
+        Transport::Tcp => connection::serve(broker, stream, peer, None).await,
+        Transport::Tls(acceptor, config) => {
+            let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+            };
+            let user = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| transport::cert_username(c, config.peer_cert_as_username));
+            connection::serve(broker, tls, peer, user).await;
+        }
+        Transport::Ws(config) => match tokio::time::timeout(timeout, transport::accept_websocket(stream, config, max_message)).await {
+            Ok(Ok(ws)) => connection::serve(broker, ws, peer, None).await,
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "WebSocket handshake failed"),
+            Err(_) => tracing::debug!(%peer, "WebSocket handshake timed out"),
+        },
+        Transport::Wss(acceptor, config) => {
+            let handshake = async {
+                let tls = acceptor.accept(stream).await?;
+                let user = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| transport::cert_username(c, config.peer_cert_as_username));
+                let ws = transport::accept_websocket(tls, config, max_message).await?;
+                Ok::<_, std::io::Error>((ws, user))
+            };
+            match tokio::time::timeout(timeout, handshake).await {
+                Ok(Ok((ws, user))) => connection::serve(broker, ws, peer, user).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "secure WebSocket handshake failed"),
+                Err(_) => tracing::debug!(%peer, "secure WebSocket handshake timed out"),
+            }
+        }
     }
 }

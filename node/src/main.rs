@@ -1,17 +1,23 @@
-//! The `raftmq` binary: parse flags, load configuration, run a node until SIGINT/SIGTERM.
+//! The `raftmq` binary: run a node until SIGINT/SIGTERM (SIGHUP reloads the security
+//! files), or manage a password file with `raftmq passwd`.
 
+use std::io::BufRead;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use clap::Parser;
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
 use raftmq_node::config::Config;
+use raftmq_node::passwd::{hash_password, PasswordFile};
 use raftmq_node::server::Server;
 
 /// raftmq: a clustered MQTT broker.
 #[derive(Debug, Parser)]
 #[command(name = "raftmq", version)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file.
     #[arg(long, env = "RAFTMQ_CONFIG")]
     config: Option<PathBuf>,
@@ -29,8 +35,28 @@ struct Cli {
     node_name: Option<String>,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Add, update or delete a user in a password file (argon2id hashes, file mode 0600).
+    Passwd {
+        /// Password file (created if missing).
+        file: PathBuf,
+        /// User name.
+        user: String,
+        /// Password; read from standard input when omitted.
+        #[arg(long, conflicts_with = "delete")]
+        password: Option<String>,
+        /// Remove the user instead.
+        #[arg(long)]
+        delete: bool,
+    },
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Passwd { file, user, password, delete }) = cli.command {
+        return passwd(&file, &user, password, delete);
+    }
     let mut config = Config::load(cli.config.as_deref(), std::env::vars()).context("configuration")?;
     if let Some(a) = cli.mqtt_listen {
         config.mqtt.listen = a;
@@ -54,11 +80,62 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(async {
         let server = Server::start(config).await?;
+        spawn_reload_on_sighup(&server)?;
         wait_for_signal().await?;
         tracing::info!("shutting down");
         server.shutdown(Duration::from_secs(10)).await;
         Ok(())
     })
+}
+
+fn passwd(file: &std::path::Path, user: &str, password: Option<String>, delete: bool) -> anyhow::Result<()> {
+    if user.is_empty() || user.contains(char::is_whitespace) || user.contains(':') {
+        bail!("a user name must be non-empty, without spaces or ':'");
+    }
+    let mut users = if file.exists() { PasswordFile::load(file)? } else { PasswordFile::default() };
+    if delete {
+        if !users.remove(user) {
+            bail!("{user} is not in {}", file.display());
+        }
+    } else {
+        let password = match password {
+            Some(p) => p,
+            None => {
+                eprint!("Password for {user}: ");
+                let mut line = String::new();
+                std::io::stdin().lock().read_line(&mut line).context("reading the password")?;
+                line.trim_end_matches(['\r', '\n']).to_owned()
+            }
+        };
+        if password.is_empty() {
+            bail!("empty password");
+        }
+        users.set(user, hash_password(password.as_bytes())?);
+    }
+    users.save(file).with_context(|| format!("writing {}", file.display()))?;
+    Ok(())
+}
+
+/// SIGHUP re-reads the password, JWT key and ACL files; a failed reload keeps the previous
+/// settings and says why.
+fn spawn_reload_on_sighup(server: &Server) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        let broker = Arc::clone(&server.broker);
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match broker.reload_security() {
+                    Ok(()) => tracing::info!("security files reloaded"),
+                    Err(e) => tracing::error!(error = %e, "reload failed; previous settings kept"),
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (server, Arc::<()>::default);
+    Ok(())
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

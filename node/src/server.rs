@@ -1,5 +1,6 @@
-//! Starting and stopping a node: binds the listeners, spawns their loops, and shuts
-//! everything down in order (stop accepting, disconnect clients, wait for tasks).
+//! Starting and stopping a node: loads the security files and certificates (refusing to
+//! start if any is unusable), binds the listeners, spawns their loops, and shuts everything
+//! down in order (stop accepting, disconnect clients, wait for tasks).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,8 +10,10 @@ use tokio::net::TcpListener;
 
 use crate::auth::AuthMethods;
 use crate::broker::Broker;
-use crate::config::Config;
-use crate::listener;
+use crate::config::{Config, ListenerKind};
+use crate::listener::{self, Limits, Transport};
+use crate::security::SecurityError;
+use crate::transport::{self as tls, TlsSetupError};
 
 /// A failure to start.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +27,18 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// A password file, ACL file or JWT key is unusable.
+    #[error(transparent)]
+    Security(#[from] SecurityError),
+    /// A listener's certificate or key is unusable.
+    #[error("listener {addr}: {source}")]
+    Tls {
+        /// Listener address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: TlsSetupError,
+    },
 }
 
 /// A running node.
@@ -33,6 +48,14 @@ pub struct Server {
     pub broker: Arc<Broker>,
     /// Bound MQTT TCP address (the real port when 0 was asked for).
     pub mqtt_addr: SocketAddr,
+    /// Every other bound listener, in configuration order.
+    pub listeners: Vec<(ListenerKind, SocketAddr)>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let tcp = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+    let local = tcp.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    Ok((tcp, local))
 }
 
 impl Server {
@@ -43,18 +66,59 @@ impl Server {
 
     /// Like [`Server::start`], with enhanced authentication methods registered.
     pub async fn start_with_auth(config: Config, auth: AuthMethods) -> Result<Server, StartError> {
-        let addr = config.mqtt.listen;
-        let tcp = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
-        let mqtt_addr = tcp.local_addr().map_err(|source| StartError::Bind { addr, source })?;
-        let broker = Broker::new(config, auth);
-        tokio::spawn(listener::run_tcp(Arc::clone(&broker), tcp));
+        // Everything that can be refused is checked before any port is opened.
+        let mut transports = Vec::new();
+        for l in &config.listeners {
+            let acceptor = || tls::tls_acceptor(l).map_err(|source| StartError::Tls { addr: l.addr(), source });
+            transports.push(match l.kind {
+                ListenerKind::Tcp => Transport::Tcp,
+                ListenerKind::Ws => Transport::Ws(l.clone()),
+                ListenerKind::Tls => Transport::Tls(acceptor()?, l.clone()),
+                ListenerKind::Wss => Transport::Wss(acceptor()?, l.clone()),
+            });
+        }
+        let addrs: Vec<SocketAddr> = config.listeners.iter().map(|l| l.addr()).collect();
+        let (tcp, mqtt_addr) = bind(config.mqtt.listen).await?;
+        let mut bound = Vec::new();
+        for addr in addrs {
+            bound.push(bind(addr).await?);
+        }
+        let broker = Broker::new(config, auth)?;
+        let limits = Limits::new(&broker);
+        tokio::spawn(listener::run(Arc::clone(&broker), tcp, Arc::new(Transport::Tcp), Arc::clone(&limits)));
+        let mut listeners = Vec::new();
+        for ((socket, addr), (transport, l)) in bound.into_iter().zip(transports.into_iter().zip(broker.config.listeners.clone())) {
+            tracing::info!(kind = ?l.kind, %addr, "listener started");
+            listeners.push((l.kind, addr));
+            tokio::spawn(listener::run(Arc::clone(&broker), socket, Arc::new(transport), Arc::clone(&limits)));
+        }
         crate::sys::spawn(Arc::clone(&broker));
+        spawn_flapping_sweeper(&broker);
         tracing::info!(node = %broker.config.node_name, %mqtt_addr, "raftmq listening");
-        Ok(Server { broker, mqtt_addr })
+        Ok(Server { broker, mqtt_addr, listeners })
+    }
+
+    /// The bound address of the first listener of `kind`.
+    pub fn listener_addr(&self, kind: ListenerKind) -> Option<SocketAddr> {
+        self.listeners.iter().find(|(k, _)| *k == kind).map(|(_, a)| *a)
     }
 
     /// Graceful shutdown: MQTT 5 clients get DISCONNECT 0x8B; waits up to `grace`.
     pub async fn shutdown(&self, grace: Duration) {
         self.broker.shutdown(grace).await;
     }
+}
+
+fn spawn_flapping_sweeper(broker: &Arc<Broker>) {
+    let broker = Arc::clone(broker);
+    let tasks = broker.tasks.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(broker.flapping.window());
+        loop {
+            tokio::select! {
+                _ = tick.tick() => broker.flapping.sweep(),
+                _ = broker.shutdown.cancelled() => return,
+            }
+        }
+    });
 }

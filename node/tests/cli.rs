@@ -49,6 +49,7 @@ fn starts_serves_mqtt_and_stops_on_sigterm() {
         .arg("--data-dir")
         .arg(&dir)
         .env("RUST_LOG", "warn")
+        .env("RAFTMQ_LISTENERS", "[]")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

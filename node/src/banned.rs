@@ -1,0 +1,158 @@
+//! Bans by client id, user name or address, with expiry, and flapping detection that bans
+//! a client id reconnecting too often.
+//!
+//! Both tables are bounded: bans expire, and flapping entries older than their window are
+//! swept.
+
+use std::net::IpAddr;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use ipnet::IpNet;
+use raftmq_cluster::message::now_ms;
+
+use crate::config::{BanConfig, FlappingConfig};
+use crate::security::SecurityError;
+
+/// What a ban applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BanTarget {
+    /// A client identifier.
+    Client(String),
+    /// A user name.
+    User(String),
+}
+
+/// The ban list.
+#[derive(Debug, Default)]
+pub struct Bans {
+    /// Target -> end (Unix seconds), `None` for never.
+    exact: DashMap<BanTarget, Option<u64>>,
+    /// std `RwLock`: networks change rarely and are checked once per accepted connection.
+    nets: RwLock<Vec<(IpNet, Option<u64>)>>,
+}
+
+impl Bans {
+    /// Bans from configuration (`client:ID`, `user:NAME`, `ip:ADDRESS[/PREFIX]`).
+    pub fn from_config(entries: &[BanConfig]) -> Result<Bans, SecurityError> {
+        let bans = Bans::default();
+        for entry in entries {
+            let invalid = || SecurityError::Invalid(format!("invalid ban subject {:?}", entry.who));
+            match entry.who.split_once(':') {
+                Some(("client", id)) if !id.is_empty() => bans.ban(BanTarget::Client(id.to_owned()), entry.until),
+                Some(("user", name)) if !name.is_empty() => bans.ban(BanTarget::User(name.to_owned()), entry.until),
+                Some(("ip", addr)) => {
+                    let net = addr.parse::<IpNet>().ok().or_else(|| addr.parse::<IpAddr>().ok().map(IpNet::from)).ok_or_else(invalid)?;
+                    if let Ok(mut nets) = bans.nets.write() {
+                        nets.push((net, entry.until));
+                    }
+                }
+                _ => return Err(invalid()),
+            }
+        }
+        Ok(bans)
+    }
+
+    /// Adds or extends a ban.
+    pub fn ban(&self, target: BanTarget, until: Option<u64>) {
+        self.exact.insert(target, until);
+    }
+
+    fn active(until: Option<u64>) -> bool {
+        until.is_none_or(|t| now_ms() / 1000 < t)
+    }
+
+    /// Whether `target` is banned now (expired bans are removed on the way).
+    pub fn is_banned(&self, target: &BanTarget) -> bool {
+        let until = match self.exact.get(target) {
+            Some(u) => *u,
+            None => return false,
+        };
+        if Self::active(until) {
+            return true;
+        }
+        self.exact.remove_if(target, |_, u| !Self::active(*u));
+        false
+    }
+
+    /// Whether the address is in a banned network.
+    pub fn is_ip_banned(&self, ip: IpAddr) -> bool {
+        self.nets.read().map(|nets| nets.iter().any(|(net, until)| net.contains(&ip) && Self::active(*until))).unwrap_or(false)
+    }
+}
+
+/// Counts connects per client id within a window.
+#[derive(Debug)]
+pub struct Flapping {
+    config: FlappingConfig,
+    seen: DashMap<String, (Instant, u32)>,
+}
+
+impl Flapping {
+    /// A detector with `config`.
+    pub fn new(config: FlappingConfig) -> Flapping {
+        Flapping { config, seen: DashMap::new() }
+    }
+
+    /// Records a connect; returns true when the client id crossed the limit and should be
+    /// banned for `ban_secs`.
+    pub fn record(&self, client_id: &str) -> bool {
+        if !self.config.enabled {
+            return false;
+        }
+        let window = Duration::from_secs(self.config.window_secs);
+        let now = Instant::now();
+        let mut entry = self.seen.entry(client_id.to_owned()).or_insert((now, 0));
+        if now.duration_since(entry.0) > window {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        entry.1 > self.config.max_count
+    }
+
+    /// Forgets entries whose window has passed (called periodically).
+    pub fn sweep(&self) {
+        let window = Duration::from_secs(self.config.window_secs);
+        let now = Instant::now();
+        self.seen.retain(|_, (start, _)| now.duration_since(*start) <= window);
+    }
+
+    /// Ban length.
+    pub fn ban_secs(&self) -> u64 {
+        self.config.ban_secs
+    }
+
+    /// Window length (the sweep period).
+    pub fn window(&self) -> Duration {
+        Duration::from_secs(self.config.window_secs.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bans_match_and_expire() {
+        let cfg = vec![
+            BanConfig { who: "client:bad".into(), until: None },
+            BanConfig { who: "user:eve".into(), until: Some(1) },
+            BanConfig { who: "ip:192.168.0.0/16".into(), until: None },
+        ];
+        let bans = Bans::from_config(&cfg).ok().unwrap_or_default();
+        assert!(bans.is_banned(&BanTarget::Client("bad".into())));
+        assert!(!bans.is_banned(&BanTarget::User("eve".into())), "expired in 1970");
+        assert!(bans.is_ip_banned("192.168.4.5".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))));
+        assert!(!bans.is_ip_banned(IpAddr::from([127, 0, 0, 1])));
+        assert!(Bans::from_config(&[BanConfig { who: "host:x".into(), until: None }]).is_err());
+    }
+
+    #[test]
+    fn flapping_counts_within_window() {
+        let f = Flapping::new(FlappingConfig { enabled: true, max_count: 3, window_secs: 60, ban_secs: 10 });
+        assert!(!(0..3).any(|_| f.record("c")));
+        assert!(f.record("c"));
+        assert!(!f.record("other"));
+    }
+}

@@ -1,0 +1,153 @@
+//! The password file: `user:PHC-hash` lines, argon2id with OWASP parameters, managed by
+//! `raftmq passwd`.
+//!
+//! Parsing is strict (fail closed): a line that is not a valid entry stops the start; blank
+//! lines and `#` comments are skipped and never become users (CVE-2018-12551).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+
+use crate::security::SecurityError;
+
+/// OWASP minimum for argon2id: 19 MiB of memory, 2 iterations, 1 lane.
+fn hasher() -> Result<Argon2<'static>, SecurityError> {
+    let params = Params::new(19 * 1024, 2, 1, None).map_err(|e| SecurityError::Hash(e.to_string()))?;
+    Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+}
+
+/// Users and their password hashes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PasswordFile {
+    users: BTreeMap<String, String>,
+}
+
+impl PasswordFile {
+    /// Parses the file's text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<PasswordFile, SecurityError> {
+        let mut users = BTreeMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let bad = |why: &str| SecurityError::File { file: origin.to_owned(), line: n + 1, reason: why.to_owned() };
+            let line = line.trim_end_matches('\r');
+            if line.trim().is_empty() || line.trim_start().starts_with('#') {
+                continue;
+            }
+            let (user, hash) = line.split_once(':').ok_or_else(|| bad("expected user:hash"))?;
+            if user.is_empty() || user.contains(char::is_whitespace) {
+                return Err(bad("invalid user name"));
+            }
+            let parsed = PasswordHash::new(hash).map_err(|_| bad("invalid password hash"))?;
+            if !parsed.algorithm.as_str().starts_with("argon2") {
+                return Err(bad("unsupported hash algorithm (argon2id expected)"));
+            }
+            if users.insert(user.to_owned(), hash.to_owned()).is_some() {
+                return Err(bad("duplicate user"));
+            }
+        }
+        Ok(PasswordFile { users })
+    }
+
+    /// Reads and parses a password file.
+    pub fn load(path: &Path) -> Result<PasswordFile, SecurityError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SecurityError::Read { file: path.display().to_string(), source: e })?;
+        PasswordFile::parse(&text, &path.display().to_string())
+    }
+
+    /// Whether `user` has an entry.
+    pub fn contains(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
+    /// Checks a password. Takes as long for an unknown user as for a known one. Blocking
+    /// (argon2 by design takes milliseconds of CPU): call from a blocking thread.
+    pub fn verify(&self, user: &str, password: &[u8]) -> bool {
+        static DUMMY: OnceLock<String> = OnceLock::new();
+        let (hash, known) = match self.users.get(user) {
+            Some(h) => (h.as_str(), true),
+            None => (DUMMY.get_or_init(|| hash_password(b"raftmq-timing-equaliser").unwrap_or_default()).as_str(), false),
+        };
+        let Ok(parsed) = PasswordHash::new(hash) else { return false };
+        // The hash carries its own parameters; verification compares in constant time.
+        let ok = Argon2::default().verify_password(password, &parsed).is_ok();
+        ok && known
+    }
+
+    /// Adds or replaces a user's hash.
+    pub fn set(&mut self, user: &str, hash: String) {
+        self.users.insert(user.to_owned(), hash);
+    }
+
+    /// Removes a user; returns whether it existed.
+    pub fn remove(&mut self, user: &str) -> bool {
+        self.users.remove(user).is_some()
+    }
+
+    /// Number of users.
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// True without users.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// Writes the file atomically, readable by its owner only (0600).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        {
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut f = options.open(&tmp)?;
+            for (user, hash) in &self.users {
+                writeln!(f, "{user}:{hash}")?;
+            }
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)
+    }
+}
+
+/// Hashes a password with argon2id, OWASP parameters and a random salt (PHC string).
+pub fn hash_password(password: &[u8]) -> Result<String, SecurityError> {
+    let salt = SaltString::generate(&mut OsRng);
+    Ok(hasher()?.hash_password(password, &salt).map_err(|e| SecurityError::Hash(e.to_string()))?.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_verify_and_round_trip() {
+        let hash = hash_password(b"s3cret").unwrap_or_default();
+        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+        let mut file = PasswordFile::default();
+        file.set("alice", hash);
+        let text = file.users.iter().map(|(u, h)| format!("{u}:{h}\n")).collect::<String>();
+        let parsed = PasswordFile::parse(&format!("# users\n\n{text}"), "test").ok();
+        assert_eq!(parsed.as_ref(), Some(&file));
+        assert!(file.verify("alice", b"s3cret"));
+        assert!(!file.verify("alice", b"wrong"));
+        assert!(!file.verify("bob", b"s3cret"));
+    }
+
+    #[test]
+    fn b35_malformed_lines_fail_closed() {
+        for bad in ["alice", ":$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA", "alice:plaintext", "al ice:x", "a:$sha512$x"] {
+            assert!(PasswordFile::parse(bad, "test").is_err(), "{bad}");
+        }
+        let dup =
+            "a:$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo\na:$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo";
+        assert!(PasswordFile::parse(dup, "test").is_err());
+        // Blank lines are not users.
+        assert_eq!(PasswordFile::parse("\n\n   \n", "test").map(|f| f.len()).ok(), Some(0));
+    }
+}

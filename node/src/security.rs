@@ -1,0 +1,239 @@
+//! Who may connect: the authenticator chain (password file, JWT, anonymous access) and the
+//! ACL, bundled so a SIGHUP can replace them together. A reload that fails keeps the
+//! previous settings (fail closed, CVE-2017-7652).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+use crate::acl::Acl;
+use crate::config::{AuthSource, Config, JwtAlgorithm, JwtConfig};
+use crate::passwd::PasswordFile;
+
+/// A security file or setting that cannot be used; the broker refuses to start with it.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    /// A file could not be read.
+    #[error("cannot read {file}: {source}")]
+    Read {
+        /// File.
+        file: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line of a file is invalid.
+    #[error("{file}:{line}: {reason}")]
+    File {
+        /// File.
+        file: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A setting is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// Password hashing failed.
+    #[error("password hashing: {0}")]
+    Hash(String),
+}
+
+/// What a connecting client presents.
+#[derive(Debug, Clone, Copy)]
+pub struct Credentials<'a> {
+    /// Client identifier.
+    pub client_id: &'a str,
+    /// User name from CONNECT (or from the client certificate).
+    pub username: Option<&'a str>,
+    /// Password from CONNECT.
+    pub password: Option<&'a [u8]>,
+    /// The user name was taken from a verified client certificate.
+    pub certificate_verified: bool,
+    /// Peer address.
+    pub peer: IpAddr,
+}
+
+/// Who a client turned out to be: what ACL rules are matched against.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// User name, if any.
+    pub username: Option<String>,
+    /// String claims of a JWT, for `%{claim}` ACL placeholders.
+    pub claims: HashMap<String, String>,
+}
+
+/// The authentication decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Connect as this identity.
+    Accept(Identity),
+    /// Credentials were given and are wrong (CONNACK 0x86 / 0x04).
+    BadCredentials,
+    /// No acceptable credentials (CONNACK 0x87 / 0x05).
+    NotAuthorized,
+}
+
+enum Outcome {
+    Accept(Identity),
+    Deny,
+    Ignore,
+}
+
+/// JWT verification: the token travels in the password field.
+struct JwtAuth {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl JwtAuth {
+    fn from_config(cfg: &JwtConfig) -> Result<JwtAuth, SecurityError> {
+        let read_key = |path: &Option<PathBuf>| -> Result<Vec<u8>, SecurityError> {
+            let path =
+                path.as_ref().ok_or_else(|| SecurityError::Invalid("auth.jwt.public_key_file is required for RS256/ES256".into()))?;
+            std::fs::read(path).map_err(|e| SecurityError::Read { file: path.display().to_string(), source: e })
+        };
+        let invalid = |e: jsonwebtoken::errors::Error| SecurityError::Invalid(format!("auth.jwt key: {e}"));
+        let (key, algorithm) = match cfg.algorithm {
+            JwtAlgorithm::HS256 => {
+                let secret = cfg.secret.as_deref().filter(|s| !s.is_empty());
+                let secret = secret.ok_or_else(|| SecurityError::Invalid("auth.jwt.secret is required for HS256".into()))?;
+                (DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256)
+            }
+            JwtAlgorithm::RS256 => (DecodingKey::from_rsa_pem(&read_key(&cfg.public_key_file)?).map_err(invalid)?, Algorithm::RS256),
+            JwtAlgorithm::ES256 => (DecodingKey::from_ec_pem(&read_key(&cfg.public_key_file)?).map_err(invalid)?, Algorithm::ES256),
+        };
+        // `exp` is required and checked.
+        let validation = Validation::new(algorithm);
+        Ok(JwtAuth { key, validation })
+    }
+
+    fn check(&self, creds: &Credentials<'_>) -> Outcome {
+        let Some(token) = creds.password.and_then(|p| std::str::from_utf8(p).ok()) else { return Outcome::Ignore };
+        if token.split('.').count() != 3 {
+            return Outcome::Ignore;
+        }
+        match jsonwebtoken::decode::<HashMap<String, serde_json::Value>>(token, &self.key, &self.validation) {
+            Ok(data) => {
+                let claims = data
+                    .claims
+                    .into_iter()
+                    .filter_map(|(k, v)| match v {
+                        serde_json::Value::String(s) => Some((k, s)),
+                        serde_json::Value::Number(n) => Some((k, n.to_string())),
+                        serde_json::Value::Bool(b) => Some((k, b.to_string())),
+                        _ => None,
+                    })
+                    .collect();
+                Outcome::Accept(Identity { username: creds.username.map(str::to_owned), claims })
+            }
+            Err(e) => {
+                tracing::debug!(client_id = creds.client_id, error = %e, "JWT rejected");
+                Outcome::Deny
+            }
+        }
+    }
+}
+
+/// The authenticator chain.
+pub struct Authenticator {
+    passwords: Option<PasswordFile>,
+    jwt: Option<JwtAuth>,
+    chain: Vec<AuthSource>,
+    allow_anonymous: bool,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("password_users", &self.passwords.as_ref().map(PasswordFile::len))
+            .field("jwt", &self.jwt.is_some())
+            .field("chain", &self.chain)
+            .field("allow_anonymous", &self.allow_anonymous)
+            .finish()
+    }
+}
+
+impl Authenticator {
+    /// Builds the chain from configuration, reading its files.
+    pub fn from_config(config: &Config) -> Result<Authenticator, SecurityError> {
+        let auth = &config.auth;
+        let passwords = auth.password_file.as_deref().map(PasswordFile::load).transpose()?;
+        let jwt = auth.jwt.as_ref().map(JwtAuth::from_config).transpose()?;
+        let mut chain = auth.chain.clone();
+        if chain.is_empty() {
+            chain = vec![AuthSource::PasswordFile, AuthSource::Jwt];
+        }
+        for source in &chain {
+            let configured = match source {
+                AuthSource::PasswordFile => passwords.is_some(),
+                AuthSource::Jwt => jwt.is_some(),
+            };
+            if !configured && !auth.chain.is_empty() {
+                return Err(SecurityError::Invalid(format!("auth.chain names {source:?}, which is not configured")));
+            }
+        }
+        let any = passwords.is_some() || jwt.is_some();
+        Ok(Authenticator { passwords, jwt, chain, allow_anonymous: auth.allow_anonymous.unwrap_or(!any) })
+    }
+
+    /// Decides on a client. Blocking (password hashing): call from a blocking thread.
+    pub fn check(&self, creds: &Credentials<'_>) -> Verdict {
+        if creds.certificate_verified {
+            return Verdict::Accept(Identity { username: creds.username.map(str::to_owned), claims: HashMap::new() });
+        }
+        if creds.username.is_none() && creds.password.is_none() {
+            return if self.allow_anonymous { Verdict::Accept(Identity::default()) } else { Verdict::NotAuthorized };
+        }
+        let mut tried = false;
+        for source in &self.chain {
+            let outcome = match source {
+                AuthSource::PasswordFile => match (&self.passwords, creds.username) {
+                    (Some(file), Some(user)) if file.contains(user) => {
+                        if file.verify(user, creds.password.unwrap_or_default()) {
+                            Outcome::Accept(Identity { username: Some(user.to_owned()), claims: HashMap::new() })
+                        } else {
+                            Outcome::Deny
+                        }
+                    }
+                    _ => Outcome::Ignore,
+                },
+                AuthSource::Jwt => self.jwt.as_ref().map_or(Outcome::Ignore, |j| j.check(creds)),
+            };
+            match outcome {
+                Outcome::Accept(identity) => return Verdict::Accept(identity),
+                Outcome::Deny => return Verdict::BadCredentials,
+                Outcome::Ignore => tried |= self.passwords.is_some() || self.jwt.is_some(),
+            }
+        }
+        if !tried && self.allow_anonymous {
+            // No authenticator configured at all: credentials are not checked.
+            return Verdict::Accept(Identity { username: creds.username.map(str::to_owned), claims: HashMap::new() });
+        }
+        Verdict::BadCredentials
+    }
+}
+
+/// Authentication and authorization in force; replaced whole on reload.
+#[derive(Debug)]
+pub struct Security {
+    /// The authenticator chain.
+    pub authenticator: Authenticator,
+    /// The ACL, if a file is configured.
+    pub acl: Option<Acl>,
+}
+
+impl Security {
+    /// Loads every security file named in `config`.
+    pub fn load(config: &Config) -> Result<Security, SecurityError> {
+        let authenticator = Authenticator::from_config(config)?;
+        let acl = match &config.acl.file {
+            Some(path) => Some(Acl::load(path, config.acl.no_match.unwrap_or(crate::config::AclDecision::Deny))?),
+            None => None,
+        };
+        Ok(Security { authenticator, acl })
+    }
+}
