@@ -149,6 +149,13 @@ pub struct WsIo<S> {
     pending: Bytes,
 }
 
+impl<S> WsIo<S> {
+    /// Wraps an established WebSocket (either side) as a byte stream.
+    pub fn new(ws: WebSocketStream<S>) -> WsIo<S> {
+        WsIo { ws, pending: Bytes::new() }
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();

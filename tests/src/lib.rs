@@ -3,6 +3,8 @@
 //!
 //! Every wait has a deadline; nothing sleeps and hopes.
 
+pub mod pki;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -13,8 +15,12 @@ use raftmq_cluster::session::SubscriptionOptions;
 use raftmq_node::codec::{self, ConnAck, Connect, Packet, Properties, Protocol, PubKind, PubResponse, Publish, Subscribe};
 use raftmq_node::config::Config;
 use raftmq_node::server::Server;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// Any byte stream a test client can speak MQTT over (TCP, TLS, WebSocket).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Default deadline for anything a test waits on.
 pub const DEADLINE: Duration = Duration::from_secs(5);
@@ -40,9 +46,9 @@ pub async fn start_broker(tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Tes
     Ok(TestBroker { server, addr })
 }
 
-/// A raw MQTT client over TCP.
+/// A raw MQTT client over any byte stream.
 pub struct Raw {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     buf: BytesMut,
     /// Protocol used to encode and decode.
     pub protocol: Protocol,
@@ -53,7 +59,21 @@ impl Raw {
     pub async fn open(addr: SocketAddr, protocol: Protocol) -> anyhow::Result<Raw> {
         let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr)).await??;
         stream.set_nodelay(true)?;
-        Ok(Raw { stream, buf: BytesMut::new(), protocol })
+        Ok(Raw::over(stream, protocol))
+    }
+
+    /// A client over an already established stream.
+    pub fn over(stream: impl Io + 'static, protocol: Protocol) -> Raw {
+        Raw { stream: Box::new(stream), buf: BytesMut::new(), protocol }
+    }
+
+    /// Sends CONNECT over an established stream and returns the CONNACK.
+    pub async fn handshake(mut self, connect: Connect) -> anyhow::Result<(Raw, ConnAck)> {
+        self.send(&Packet::Connect(Box::new(connect))).await?;
+        match self.recv().await? {
+            Packet::ConnAck(ack) => Ok((self, ack)),
+            other => bail!("expected CONNACK, got {other:?}"),
+        }
     }
 
     /// Opens a connection and completes a CONNECT with `client_id`; returns the CONNACK.
@@ -67,12 +87,7 @@ impl Raw {
 
     /// Opens a connection and sends `connect`; returns the CONNACK.
     pub async fn connect_with(addr: SocketAddr, connect: Connect) -> anyhow::Result<(Raw, ConnAck)> {
-        let mut raw = Raw::open(addr, connect.protocol).await?;
-        raw.send(&Packet::Connect(Box::new(connect))).await?;
-        match raw.recv().await? {
-            Packet::ConnAck(ack) => Ok((raw, ack)),
-            other => bail!("expected CONNACK, got {other:?}"),
-        }
+        Raw::open(addr, connect.protocol).await?.handshake(connect).await
     }
 
     /// Sends one packet.
@@ -85,6 +100,8 @@ impl Raw {
     /// Sends raw bytes.
     pub async fn send_bytes(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         self.stream.write_all(bytes).await?;
+        // WebSocket and TLS streams buffer until flushed.
+        self.stream.flush().await?;
         Ok(())
     }
 

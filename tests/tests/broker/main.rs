@@ -15,3 +15,4 @@ mod t85_mosquitto;
 mod t90_shared;
 mod t91_mqtt5;
 mod t92_sys_and_limits;
+mod t95_transports;
