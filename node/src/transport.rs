@@ -114,7 +114,10 @@ where
 {
     let path = listener.path.clone();
     let origins = listener.allowed_origins.clone();
+    // The callback's signature, large error included, is tungstenite's `Callback` trait.
+    #[allow(clippy::result_large_err)]
     let check = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        #[allow(clippy::result_large_err)]
         let refuse = |status: StatusCode| {
             let mut r = ErrorResponse::new(None);
             *r.status_mut() = status;

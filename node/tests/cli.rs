@@ -91,3 +91,40 @@ fn tempfile_dir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[test]
+fn passwd_adds_updates_and_deletes_users_in_a_0600_file() {
+    let dir = tempfile_dir("passwd");
+    let file = dir.join("passwd");
+    let _ = std::fs::remove_file(&file);
+    let run = |args: &[&str], stdin: Option<&str>| {
+        let mut cmd = raftmq();
+        cmd.arg("passwd").arg(&file).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(input) = stdin {
+            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        } else {
+            drop(child.stdin.take());
+        }
+        child.wait_with_output().unwrap()
+    };
+    assert!(run(&["alice", "--password", "one"], None).status.success());
+    assert!(run(&["bob"], Some("from-stdin\n")).status.success());
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.lines().any(|l| l.starts_with("alice:$argon2id$v=19$m=19456,t=2,p=1$")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("bob:$argon2id$")));
+    assert!(!text.contains("one") && !text.contains("from-stdin"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let before = text.clone();
+    assert!(run(&["alice", "--password", "two"], None).status.success());
+    assert_ne!(std::fs::read_to_string(&file).unwrap(), before, "password updated");
+    assert!(run(&["alice", "--delete"], None).status.success());
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains("alice:") && text.contains("bob:"));
+    assert!(!run(&["alice", "--delete"], None).status.success(), "deleting a missing user fails");
+    assert!(!run(&["", "--password", "x"], None).status.success());
+}

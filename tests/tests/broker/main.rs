@@ -17,3 +17,4 @@ mod t91_mqtt5;
 mod t92_sys_and_limits;
 mod t95_transports;
 mod t96_auth_acl;
+mod t97_paho;

@@ -59,3 +59,46 @@ async fn mosquitto_clients_retained_and_live_messages_v311_and_v5() -> anyhow::R
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn mosquitto_clients_over_tls_with_cafile_and_password() -> anyhow::Result<()> {
+    if !available()? {
+        return Ok(());
+    }
+    use raftmq_node::config::{ListenerConfig, ListenerKind};
+    use raftmq_node::passwd::{hash_password, PasswordFile};
+    let pki = raftmq_tests::pki::TestPki::generate("c")?;
+    let dir = tempfile::tempdir()?;
+    let passwd = dir.path().join("passwd");
+    let mut users = PasswordFile::default();
+    users.set("alice", hash_password(b"wonderland")?);
+    users.save(&passwd)?;
+    let b = start_broker(|c| {
+        c.auth.password_file = Some(passwd);
+        c.listeners = vec![ListenerConfig {
+            kind: ListenerKind::Tls,
+            bind: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            certfile: Some(pki.server_cert.clone()),
+            keyfile: Some(pki.server_key.clone()),
+            ..ListenerConfig::default()
+        }];
+    })
+    .await?;
+    let port = b.server.listener_addr(ListenerKind::Tls).map(|a| a.port()).unwrap_or(0).to_string();
+    let ca = pki.ca.display().to_string();
+    let common = ["-h", "localhost", "-p", port.as_str(), "--cafile", ca.as_str(), "-u", "alice", "-P", "wonderland"];
+    let status = tokio::time::timeout(
+        DEADLINE,
+        Command::new("mosquitto_pub").args(common).args(["-t", "tls/t", "-m", "hello", "-r", "-q", "1"]).status(),
+    )
+    .await??;
+    assert!(status.success(), "mosquitto_pub over TLS failed");
+    let out = tokio::time::timeout(DEADLINE, Command::new("mosquitto_sub").args(common).args(["-t", "tls/#", "-C", "1", "-v"]).output())
+        .await??;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "tls/t hello");
+    // A wrong password is refused: mosquitto_pub exits with an error.
+    let bad = ["-h", "localhost", "-p", port.as_str(), "--cafile", ca.as_str(), "-u", "alice", "-P", "nope", "-t", "x", "-m", "x"];
+    let status = tokio::time::timeout(DEADLINE, Command::new("mosquitto_pub").args(bad).status()).await??;
+    assert!(!status.success());
+    Ok(())
+}
