@@ -264,3 +264,30 @@ async fn failed_reload_keeps_the_previous_settings() -> anyhow::Result<()> {
     assert_eq!(alice.publish("public/x", b"1", QoS::AtLeastOnce, false, 2).await?, reason::NOT_AUTHORIZED);
     Ok(())
 }
+
+#[tokio::test]
+async fn jwt_es256_with_a_public_key_file() -> anyhow::Result<()> {
+    let key = rcgen::KeyPair::generate()?;
+    let dir = tempfile::tempdir()?;
+    let public = dir.path().join("jwt.pem");
+    std::fs::write(&public, key.public_key_pem())?;
+    let b = start_broker(|c| {
+        c.auth.jwt = Some(JwtConfig {
+            algorithm: raftmq_node::config::JwtAlgorithm::ES256,
+            public_key_file: Some(public.clone()),
+            ..JwtConfig::default()
+        })
+    })
+    .await?;
+    let exp = raftmq_cluster::message::now_ms() / 1000 + 600;
+    let signing = jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes())?;
+    let token =
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256), &serde_json::json!({ "exp": exp }), &signing)?;
+    let (_, ack) = Raw::connect_with(b.addr, with_login(Protocol::V5, "es", Some("dev"), Some(&token))).await?;
+    assert_eq!(ack.code, 0);
+    // An HS256 token is not accepted by an ES256 key.
+    let other = jwt("secret", serde_json::json!({ "exp": exp }))?;
+    let (_, ack) = Raw::connect_with(b.addr, with_login(Protocol::V5, "hs", Some("dev"), Some(&other))).await?;
+    assert_eq!(ack.code, reason::BAD_USER_NAME_OR_PASSWORD);
+    Ok(())
+}
