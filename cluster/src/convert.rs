@@ -37,7 +37,7 @@ impl From<&Message> for pb::Message {
                     .map(|(key, value)| pb::UserProperty { key: key.clone(), value: value.clone() })
                     .collect(),
             }),
-            received_at_ms: m.received_at_ms,
+            received_at_ms: m.received_at_us / 1000,
             publisher: m.publisher.clone(),
         }
     }
@@ -69,7 +69,7 @@ impl TryFrom<pb::Message> for Message {
             qos,
             retain: m.retain,
             properties,
-            received_at_ms: m.received_at_ms,
+            received_at_us: m.received_at_ms.saturating_mul(1000),
             publisher: m.publisher,
         })
     }
@@ -94,7 +94,7 @@ mod tests {
                 correlation_data: Some(Bytes::from_static(b"\x00\x01")),
                 user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
             },
-            received_at_ms: 42,
+            received_at_us: 42_000,
             publisher: "pub".into(),
         };
         let wire = pb::Message::from(&m);

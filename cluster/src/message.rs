@@ -68,15 +68,21 @@ pub struct Message {
     pub retain: bool,
     /// MQTT 5 properties forwarded to subscribers.
     pub properties: MessageProperties,
-    /// Wall-clock receive time in ms since the Unix epoch, set once by the receiving node.
-    pub received_at_ms: u64,
+    /// Wall-clock receive time in microseconds since the Unix epoch, set once by the
+    /// receiving node: the start of message expiry and of delivery latency.
+    pub received_at_us: u64,
     /// Client id of the publisher (No Local, hashing strategies); empty for system messages.
     pub publisher: String,
 }
 
 /// Milliseconds since the Unix epoch, the time base of message and session expiry.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    now_us() / 1000
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 impl Message {
@@ -89,14 +95,14 @@ impl Message {
     /// `Some(0)` once expired.
     pub fn remaining_expiry(&self, now_ms: u64) -> Option<u32> {
         let interval = self.properties.message_expiry_interval?;
-        let elapsed = now_ms.saturating_sub(self.received_at_ms) / 1000;
+        let elapsed = now_ms.saturating_sub(self.received_at_us / 1000) / 1000;
         Some(u32::try_from(u64::from(interval).saturating_sub(elapsed)).unwrap_or(0))
     }
 
     /// Whether the message must no longer be delivered [MQTT-3.3.2-5].
     pub fn is_expired(&self, now_ms: u64) -> bool {
         match self.properties.message_expiry_interval {
-            Some(interval) => now_ms.saturating_sub(self.received_at_ms) >= u64::from(interval) * 1000,
+            Some(interval) => now_ms.saturating_sub(self.received_at_us / 1000) >= u64::from(interval) * 1000,
             None => false,
         }
     }
@@ -114,7 +120,7 @@ mod tests {
             qos: QoS::AtMostOnce,
             retain: false,
             properties: MessageProperties::default(),
-            received_at_ms: 10_000,
+            received_at_us: 10_000_000,
             publisher: String::new(),
         };
         assert_eq!(m.remaining_expiry(20_000), None);

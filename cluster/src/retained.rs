@@ -211,7 +211,7 @@ mod tests {
             qos: QoS::AtMostOnce,
             retain: true,
             properties: Default::default(),
-            received_at_ms: 0,
+            received_at_us: 0,
             publisher: String::new(),
         })
     }

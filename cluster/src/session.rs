@@ -227,7 +227,7 @@ mod tests {
                 qos,
                 retain: false,
                 properties: Default::default(),
-                received_at_ms: 0,
+                received_at_us: 0,
                 publisher: String::new(),
             }),
             qos,

@@ -227,6 +227,16 @@ impl<K: Eq + Hash + Clone, V: Clone> TopicTrie<K, V> {
         Some(node)
     }
 
+    /// Calls `visit` for every (key, value) in the trie.
+    pub fn for_each_value(&self, mut visit: impl FnMut(&K, &V)) {
+        let mut stack = vec![&self.root];
+        while let Some(node) = stack.pop() {
+            node.values.iter().chain(node.hash.iter()).for_each(|(k, v)| visit(k, v));
+            stack.extend(node.children.values());
+            stack.extend(node.plus.as_deref());
+        }
+    }
+
     /// Calls `visit` for every (key, value) stored under exactly `filter`.
     pub fn for_each_filter_value(&self, filter: &str, mut visit: impl FnMut(&K, &V)) {
         let mut node = &self.root;

@@ -63,6 +63,58 @@ impl Bans {
         until.is_none_or(|t| now_ms() / 1000 < t)
     }
 
+    /// Parses `client:ID`, `user:NAME` or `ip:ADDRESS[/PREFIX]` and bans it until `until`.
+    pub fn ban_subject(&self, who: &str, until: Option<u64>) -> Result<(), SecurityError> {
+        let parsed = Bans::from_config(&[BanConfig { who: who.to_owned(), until }])?;
+        for entry in parsed.exact.iter() {
+            self.ban(entry.key().clone(), *entry.value());
+        }
+        if let (Ok(new), Ok(mut nets)) = (parsed.nets.read(), self.nets.write()) {
+            for (net, until) in new.iter() {
+                nets.retain(|(n, _)| n != net);
+                nets.push((*net, *until));
+            }
+        }
+        Ok(())
+    }
+
+    /// Lifts a ban given as `client:ID`, `user:NAME` or `ip:ADDRESS[/PREFIX]`.
+    pub fn unban(&self, who: &str) -> bool {
+        match who.split_once(':') {
+            Some(("client", id)) => self.exact.remove(&BanTarget::Client(id.to_owned())).is_some(),
+            Some(("user", name)) => self.exact.remove(&BanTarget::User(name.to_owned())).is_some(),
+            Some(("ip", addr)) => {
+                let Some(net) = addr.parse::<IpNet>().ok().or_else(|| addr.parse::<IpAddr>().ok().map(IpNet::from)) else { return false };
+                let Ok(mut nets) = self.nets.write() else { return false };
+                let before = nets.len();
+                nets.retain(|(n, _)| *n != net);
+                nets.len() != before
+            }
+            _ => false,
+        }
+    }
+
+    /// Every active ban as (`kind:value`, until).
+    pub fn list(&self) -> Vec<(String, Option<u64>)> {
+        let mut out: Vec<(String, Option<u64>)> = self
+            .exact
+            .iter()
+            .filter(|e| Self::active(*e.value()))
+            .map(|e| {
+                let who = match e.key() {
+                    BanTarget::Client(id) => format!("client:{id}"),
+                    BanTarget::User(name) => format!("user:{name}"),
+                };
+                (who, *e.value())
+            })
+            .collect();
+        if let Ok(nets) = self.nets.read() {
+            out.extend(nets.iter().filter(|(_, u)| Self::active(*u)).map(|(n, u)| (format!("ip:{n}"), *u)));
+        }
+        out.sort();
+        out
+    }
+
     /// Whether `target` is banned now (expired bans are removed on the way).
     pub fn is_banned(&self, target: &BanTarget) -> bool {
         let until = match self.exact.get(target) {

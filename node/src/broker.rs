@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use raftmq_cluster::message::{now_ms, Message, QoS};
+use raftmq_cluster::message::{now_ms, now_us, Message, QoS};
 use raftmq_cluster::retained::{MemoryRetainedStore, RetainOutcome, RetainedLimits, RetainedStore};
 use raftmq_cluster::routes::{LocalRoutes, RouteTable};
 use raftmq_cluster::session::{
@@ -27,12 +27,84 @@ use crate::banned::{Bans, Flapping};
 use crate::config::Config;
 use crate::router::{SharedKey, SubscriptionIndex};
 use crate::security::{Security, SecurityError};
-use crate::session::{ConnHandle, Offer, SessionSlot};
+use crate::session::{ConnHandle, ConnInfo, Offer, SessionSlot};
 use crate::shared::{self, Dispatcher, MemberLoad};
 
-/// Counters exposed to tests, `$SYS` and metrics.
+/// Why a delivery or message was dropped (the `reason` label of
+/// `raftmq_messages_dropped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// A session queue was full.
+    QueueFull,
+    /// The message expired before it could be sent.
+    Expired,
+    /// A published message matched no subscription.
+    NoSubscribers,
+    /// Larger than the subscriber's Maximum Packet Size.
+    TooLarge,
+    /// Refused by the ACL or the `$SYS` rule.
+    NotAuthorized,
+    /// QoS 0 for an offline session (not queued by default).
+    NotQueued,
+}
+
+impl DropReason {
+    /// Every reason, in label order.
+    pub const ALL: [DropReason; 6] = [
+        DropReason::QueueFull,
+        DropReason::Expired,
+        DropReason::NoSubscribers,
+        DropReason::TooLarge,
+        DropReason::NotAuthorized,
+        DropReason::NotQueued,
+    ];
+
+    /// Metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::Expired => "expired",
+            DropReason::NoSubscribers => "no_subscribers",
+            DropReason::TooLarge => "too_large",
+            DropReason::NotAuthorized => "not_authorized",
+            DropReason::NotQueued => "not_queued",
+        }
+    }
+}
+
+/// Outcome of a CONNECT (the `result` label of `raftmq_connects_total`).
+pub const CONNECT_RESULTS: [&str; 11] = [
+    "success",
+    "bad_credentials",
+    "not_authorized",
+    "banned",
+    "client_id_rejected",
+    "unsupported_protocol",
+    "bad_auth_method",
+    "keep_alive_rejected",
+    "invalid_will",
+    "server_unavailable",
+    "malformed",
+];
+
+/// Counters exposed to tests, `$SYS` and metrics. Plain atomics on the hot path; the
+/// metrics exporter reads them at scrape time.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// PUBLISH received, by QoS.
+    pub received_by_qos: [AtomicU64; 3],
+    /// PUBLISH sent, by QoS.
+    pub sent_by_qos: [AtomicU64; 3],
+    /// Drops by [`DropReason`] (index = position in [`DropReason::ALL`]).
+    pub dropped_by_reason: [AtomicU64; 6],
+    /// Packets received, by packet type (1-15).
+    pub packets_received: [AtomicU64; 16],
+    /// Packets sent, by packet type.
+    pub packets_sent: [AtomicU64; 16],
+    /// CONNECT outcomes (index = position in [`CONNECT_RESULTS`]).
+    pub connects: [AtomicU64; 11],
+    /// ACL checks that allowed.
+    pub acl_allowed: AtomicU64,
     /// Connections with an accepted CONNECT.
     pub connections: AtomicUsize,
     /// Highest value `connections` reached.
@@ -55,6 +127,39 @@ pub struct Stats {
     pub auth_failures: AtomicU64,
     /// PUBLISH and SUBSCRIBE requests refused by the ACL.
     pub acl_denied: AtomicU64,
+}
+
+impl Stats {
+    /// Counts `n` drops for `reason`.
+    pub fn drop(&self, reason: DropReason, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.messages_dropped.fetch_add(n, Ordering::Relaxed);
+        if let Some(i) = DropReason::ALL.iter().position(|r| *r == reason) {
+            self.dropped_by_reason[i].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a CONNECT outcome (a label of [`CONNECT_RESULTS`]).
+    pub fn connect_result(&self, result: &str) {
+        if let Some(i) = CONNECT_RESULTS.iter().position(|r| *r == result) {
+            self.connects[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Totals over every session, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionSummary {
+    /// Sessions.
+    pub sessions: usize,
+    /// Persistent sessions.
+    pub persistent: usize,
+    /// Queued messages.
+    pub queued: usize,
+    /// Inflight messages.
+    pub inflight: usize,
 }
 
 /// Why a connection ended, as far as wills and sessions care.
@@ -100,6 +205,8 @@ pub struct Broker {
     next_conn_id: AtomicU64,
     /// Counters.
     pub stats: Stats,
+    /// Prometheus exposition of the counters.
+    pub metrics: crate::metrics::Metrics,
     /// Cancelled at shutdown; every task watches it.
     pub shutdown: CancellationToken,
     /// Every connection and timer task, awaited at shutdown.
@@ -149,6 +256,7 @@ impl Broker {
             routes,
             next_conn_id: AtomicU64::new(1),
             stats: Stats::default(),
+            metrics: crate::metrics::Metrics::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }))
@@ -187,6 +295,34 @@ impl Broker {
         self.retained.count()
     }
 
+    /// Bytes held by retained messages.
+    pub fn retained_bytes(&self) -> usize {
+        self.retained.bytes()
+    }
+
+    /// Number of routes.
+    pub fn route_count(&self) -> usize {
+        self.routes.count()
+    }
+
+    /// Number of distinct shared subscriptions.
+    pub fn shared_subscription_count(&self) -> usize {
+        self.index.shared_count()
+    }
+
+    /// Sessions, persistent sessions, queued and inflight messages, summed over all slots.
+    pub fn session_summary(&self) -> SessionSummary {
+        let mut sum = SessionSummary::default();
+        for slot in self.sessions.iter() {
+            let inner = slot.lock();
+            sum.sessions += 1;
+            sum.persistent += usize::from(inner.persistent);
+            sum.queued += inner.queue.len();
+            sum.inflight += inner.inflight.len();
+        }
+        sum
+    }
+
     /// The queue bounds of every session.
     pub fn queue_limits(&self) -> QueueLimits {
         let m = &self.config.mqtt;
@@ -197,7 +333,14 @@ impl Broker {
     /// previous connection. `clean_start` discards an existing session [MQTT-3.1.2-4];
     /// otherwise it is resumed [MQTT-3.1.2-5]. `expiry_secs` 0 makes the session end with
     /// the connection.
-    pub async fn attach(&self, client_id: &str, conn_id: u64, clean_start: bool, expiry_secs: u32) -> Result<Attached, StoreError> {
+    pub async fn attach(
+        &self,
+        client_id: &str,
+        conn_id: u64,
+        clean_start: bool,
+        expiry_secs: u32,
+        info: ConnInfo,
+    ) -> Result<Attached, StoreError> {
         loop {
             let slot =
                 self.sessions.entry(Arc::from(client_id)).or_insert_with(|| Arc::new(SessionSlot::new(Arc::from(client_id)))).clone();
@@ -205,7 +348,7 @@ impl Broker {
             if slot.lock().removed {
                 continue;
             }
-            self.take_over(&slot).await;
+            self.take_over(&slot, crate::codec::reason::SESSION_TAKEN_OVER).await;
             if slot.lock().removed {
                 // The previous owner's session ended with its connection.
                 continue;
@@ -236,7 +379,7 @@ impl Broker {
             let (kick_tx, kicked) = oneshot::channel();
             {
                 let mut inner = slot.lock();
-                inner.conn = Some(ConnHandle { conn_id, kick: Some(kick_tx) });
+                inner.conn = Some(ConnHandle { conn_id, info: info.clone(), kick: Some(kick_tx) });
                 inner.generation += 1;
                 inner.persistent = expiry_secs > 0;
                 inner.expiry_secs = expiry_secs;
@@ -250,8 +393,9 @@ impl Broker {
         }
     }
 
-    /// Kicks the connection attached to `slot` (if any) and waits for it to detach.
-    async fn take_over(&self, slot: &Arc<SessionSlot>) {
+    /// Kicks the connection attached to `slot` (if any) with `reason` and waits for it to
+    /// detach.
+    async fn take_over(&self, slot: &Arc<SessionSlot>, reason: u8) {
         let released = slot.released.notified();
         tokio::pin!(released);
         released.as_mut().enable();
@@ -262,9 +406,11 @@ impl Broker {
                 None => return,
             }
         };
-        self.stats.takeovers.fetch_add(1, Ordering::Relaxed);
+        if reason == crate::codec::reason::SESSION_TAKEN_OVER {
+            self.stats.takeovers.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(kick) = kick {
-            let _ = kick.send(crate::codec::reason::SESSION_TAKEN_OVER);
+            let _ = kick.send(reason);
         }
         let timeout = Duration::from_secs(self.config.mqtt.takeover_timeout_secs);
         if tokio::time::timeout(timeout, released).await.is_err() {
@@ -386,7 +532,7 @@ impl Broker {
     pub async fn publish_will_now(&self, message: Message) {
         self.stats.wills_published.fetch_add(1, Ordering::Relaxed);
         let mut message = message;
-        message.received_at_ms = now_ms();
+        message.received_at_us = now_us();
         let message = Arc::new(message);
         if message.retain {
             if let Err(e) = self.retain(&message).await {
@@ -420,7 +566,8 @@ impl Broker {
             let qos = item.qos;
             let copy = (qos != QoS::AtMostOnce).then(|| item.clone());
             let (offer, lost) = slot.offer(item, limits, queue_qos0);
-            self.stats.messages_dropped.fetch_add(lost, Ordering::Relaxed);
+            let reason = if offer == Offer::Dropped { DropReason::NotQueued } else { DropReason::QueueFull };
+            self.stats.drop(reason, lost);
             if let (Offer::Offline, Some(copy)) = (offer, copy) {
                 durable.push((client_id.to_string(), copy));
             }
@@ -450,7 +597,7 @@ impl Broker {
                 }
             }
             if !delivered {
-                self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                self.stats.drop(DropReason::QueueFull, 1);
             }
         }
         if !durable.is_empty() {
@@ -538,7 +685,7 @@ impl Broker {
                 inner.queue.push_back(item);
             }
         } else {
-            self.stats.messages_dropped.fetch_add(leftovers.len() as u64, Ordering::Relaxed);
+            self.stats.drop(DropReason::QueueFull, leftovers.len() as u64);
         }
         if !durable.is_empty() {
             if let Err(e) = self.store.append(durable, self.queue_limits()).await {
@@ -607,6 +754,48 @@ impl Broker {
             self.store.save(slot.snapshot()).await?;
         }
         Ok(())
+    }
+
+    /// Every session slot (online and offline), for the admin API.
+    pub fn slots(&self) -> Vec<Arc<SessionSlot>> {
+        let mut slots: Vec<Arc<SessionSlot>> = self.sessions.iter().map(|s| Arc::clone(&s)).collect();
+        slots.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        slots
+    }
+
+    /// The session slot of `client_id`.
+    pub fn slot(&self, client_id: &str) -> Option<Arc<SessionSlot>> {
+        self.sessions.get(client_id).map(|s| Arc::clone(&s))
+    }
+
+    /// Disconnects the client (MQTT 5: DISCONNECT 0x98 Administrative action); its session
+    /// stays if it is persistent. Returns false if it was not connected.
+    pub async fn kick(&self, client_id: &str) -> bool {
+        let Some(slot) = self.slot(client_id) else { return false };
+        if slot.lock().conn.is_none() {
+            return false;
+        }
+        let _guard = slot.connect_lock.lock().await;
+        self.take_over(&slot, crate::codec::reason::ADMINISTRATIVE_ACTION).await;
+        true
+    }
+
+    /// Ends a session: disconnects its client if connected, then discards subscriptions,
+    /// queue and stored state. Returns false if there was no session.
+    pub async fn discard_session(&self, client_id: &str) -> Result<bool, StoreError> {
+        let Some(slot) = self.slot(client_id) else { return Ok(false) };
+        let _guard = slot.connect_lock.lock().await;
+        self.take_over(&slot, crate::codec::reason::ADMINISTRATIVE_ACTION).await;
+        if slot.lock().removed {
+            return Ok(true);
+        }
+        self.discard(&slot).await?;
+        Ok(true)
+    }
+
+    /// Retained messages matching `filter` (the admin API's listing).
+    pub fn retained_matching(&self, filter: &str) -> Vec<Arc<Message>> {
+        self.retained.matching(filter, now_ms())
     }
 
     /// Retained messages matching `filter`, for a new subscription.

@@ -450,17 +450,44 @@ impl Default for SysConfig {
     }
 }
 
-/// Admin HTTP listener settings.
+/// Admin HTTP listener settings (health, metrics, REST API).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
+    /// Serve the admin listener.
+    pub enabled: bool,
     /// Address of the admin HTTP listener.
     pub listen: SocketAddr,
+    /// Bearer token accepted by `/api/v1` (`Authorization: Bearer KEY`).
+    pub api_key: Option<String>,
+    /// User name for basic authentication.
+    pub username: Option<String>,
+    /// Password for basic authentication.
+    pub password: Option<String>,
+    /// Serve `/healthz` and `/readyz` without credentials.
+    pub open_health: bool,
+    /// Serve `/metrics` without credentials.
+    pub open_metrics: bool,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: SocketAddr::from(([0, 0, 0, 0], 18083)) }
+        AdminConfig {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 18083)),
+            api_key: None,
+            username: None,
+            password: None,
+            open_health: true,
+            open_metrics: true,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// Whether any credential is configured; without one the API answers loopback only.
+    pub fn has_credentials(&self) -> bool {
+        self.api_key.is_some() || (self.username.is_some() && self.password.is_some())
     }
 }
 
@@ -478,8 +505,8 @@ impl Config {
         };
         for (key, value) in env {
             let Some(path) = key.strip_prefix(ENV_PREFIX) else { continue };
-            // Variables read by the CLI itself, not configuration keys.
-            if path == "CONFIG" {
+            // Variables read by the CLI itself (`RAFTMQ_CONFIG`, `RAFTMQ_CTL_*`), not keys.
+            if path == "CONFIG" || path.starts_with("CTL_") {
                 continue;
             }
             let segments: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use raftmq_cluster::message::{now_ms, Message, MessageProperties, QoS};
+use raftmq_cluster::message::{now_ms, now_us, Message, MessageProperties, QoS};
 use raftmq_cluster::session::{InflightMessage, InflightStage, QueuedMessage, WillMessage};
 use raftmq_cluster::topic::{self, TopicError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -21,14 +21,14 @@ use tracing::Instrument;
 use crate::acl::{Access, Subject};
 use crate::auth::AuthStep;
 use crate::banned::BanTarget;
-use crate::broker::{Attached, Broker, EndKind};
+use crate::broker::{Attached, Broker, DropReason, EndKind};
 use crate::codec::{
     self, connack_v3, reason, Auth, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Protocol, PubKind, PubResponse, Publish,
     SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::config::{DenyAction, RateAction};
 use crate::security::{Credentials, Identity, Verdict};
-use crate::session::SessionSlot;
+use crate::session::{ConnInfo, SessionSlot};
 use crate::shared;
 use crate::sys::{self, ClientEvent};
 
@@ -92,6 +92,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     async fn read_packet(&mut self) -> Result<Option<Packet>, ConnectionError> {
         loop {
             if let Some(packet) = codec::decode(&mut self.rbuf, self.protocol, self.max_in)? {
+                self.broker.stats.packets_received[usize::from(packet.kind())].fetch_add(1, Ordering::Relaxed);
                 if self.rbuf.is_empty() && self.rbuf.capacity() > BUF_KEEP {
                     self.rbuf = BytesMut::new();
                 }
@@ -111,6 +112,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     }
 
     fn send(&mut self, packet: &Packet) {
+        self.broker.stats.packets_sent[usize::from(packet.kind())].fetch_add(1, Ordering::Relaxed);
         codec::encode(packet, self.protocol.unwrap_or(Protocol::V311), &mut self.wbuf);
     }
 
@@ -202,7 +204,9 @@ impl Client {
         let Some(acl) = security.acl.as_ref() else { return true };
         let subject = Subject { client_id: &self.client_id, identity: &self.identity, peer: self.peer.ip() };
         let ok = acl.allows(&subject, access, topic);
-        if !ok {
+        if ok {
+            broker.stats.acl_allowed.fetch_add(1, Ordering::Relaxed);
+        } else {
             broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
             tracing::info!(client_id = %self.client_id, ?access, topic, "denied by ACL");
         }
@@ -251,11 +255,13 @@ where
                 (Protocol::V311, connack_v3::UNACCEPTABLE_PROTOCOL_VERSION)
             };
             framed.protocol = Some(protocol);
+            broker.stats.connect_result("unsupported_protocol");
             framed.send(&Packet::ConnAck(ConnAck { code, ..ConnAck::default() }));
             let _ = framed.flush().await;
             return;
         }
         Ok(Err(e)) => {
+            broker.stats.connect_result("malformed");
             tracing::debug!(%peer, error = %e, "bad first packet");
             return;
         }
@@ -274,6 +280,18 @@ where
 /// MQTT 5 clients also get the reason as a Reason String.
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<S>, protocol: Protocol, v5_code: u8, v3_code: u8, why: &str) {
     tracing::debug!(reason = why, "CONNECT refused");
+    let result = match v5_code {
+        reason::BAD_USER_NAME_OR_PASSWORD => "bad_credentials",
+        reason::NOT_AUTHORIZED => "not_authorized",
+        reason::BANNED => "banned",
+        reason::CLIENT_IDENTIFIER_NOT_VALID => "client_id_rejected",
+        reason::BAD_AUTHENTICATION_METHOD => "bad_auth_method",
+        reason::TOPIC_NAME_INVALID | reason::RETAIN_NOT_SUPPORTED => "invalid_will",
+        reason::SERVER_UNAVAILABLE => "server_unavailable",
+        0 => "keep_alive_rejected",
+        _ => "not_authorized",
+    };
+    framed.broker.stats.connect_result(result);
     let mut ack = ConnAck { code: if protocol.is_v5() { v5_code } else { v3_code }, ..ConnAck::default() };
     if protocol.is_v5() {
         ack.properties.reason_string = Some(why.to_owned());
@@ -337,7 +355,7 @@ fn will_message(client_id: &str, connect: &Connect) -> Option<WillMessage> {
             qos: w.qos,
             retain: w.retain,
             properties: message_properties(&w.properties),
-            received_at_ms: 0,
+            received_at_us: 0,
             publisher: client_id.to_owned(),
         },
         delay_secs: w.properties.will_delay_interval.unwrap_or(0),
@@ -499,7 +517,15 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let expiry = requested_expiry.min(cfg.max_session_expiry_secs);
 
     let conn_id = broker.next_conn_id();
-    let Attached { slot, session_present, mut kicked } = match broker.attach(&client_id, conn_id, connect.clean_start, expiry).await {
+    let info = ConnInfo {
+        peer: Some(peer),
+        username: identity.username.clone(),
+        protocol: protocol.level(),
+        keep_alive,
+        clean_start: connect.clean_start,
+        connected_at_ms: now_ms(),
+    };
+    let Attached { slot, session_present, mut kicked } = match broker.attach(&client_id, conn_id, connect.clean_start, expiry, info).await {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "session store unavailable");
@@ -531,6 +557,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     }
     framed.send(&Packet::ConnAck(connack));
+    broker.stats.connect_result("success");
     framed.max_in = cfg.max_packet_size;
     let count = broker.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
     broker.stats.connections_max.fetch_max(count, Ordering::Relaxed);
@@ -648,14 +675,18 @@ fn encode_delivery<S: AsyncRead + AsyncWrite + Unpin>(
         payload: m.payload.clone(),
     };
     if publish.wire_len(client.protocol, &body) > client.max_packet_size {
-        broker.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+        broker.stats.drop(DropReason::TooLarge, 1);
         return false;
     }
     if let Some(alias) = new_alias {
         client.outbound_aliases.insert(m.topic.clone(), alias);
     }
     publish.write_with(client.protocol, &body, &mut framed.wbuf);
-    broker.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+    let stats = &broker.stats;
+    stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+    stats.sent_by_qos[item.qos as usize].fetch_add(1, Ordering::Relaxed);
+    stats.packets_sent[3].fetch_add(1, Ordering::Relaxed);
+    broker.metrics.delivered(m.received_at_us);
     true
 }
 
@@ -672,7 +703,7 @@ fn pump<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, slot: &SessionSlot, 
         inner.queue_bytes = inner.queue_bytes.saturating_sub(item.message.weight());
         if item.message.is_expired(now) {
             inner.dropped += 1;
-            broker.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+            broker.stats.drop(DropReason::Expired, 1);
             continue;
         }
         if item.qos == QoS::AtMostOnce {
@@ -846,6 +877,7 @@ async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let cfg = &broker.config.mqtt;
     let v5 = client.protocol.is_v5();
     broker.stats.messages_received.fetch_add(1, Ordering::Relaxed);
+    broker.stats.received_by_qos[p.qos as usize].fetch_add(1, Ordering::Relaxed);
     if let Some(limiter) = client.rate.as_mut() {
         if let Some(wait) = limiter.take() {
             match cfg.publish_rate_action {
@@ -907,7 +939,7 @@ async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     if p.topic.starts_with("$SYS") {
         // Clients never publish to $SYS; the message is dropped.
-        broker.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+        broker.stats.drop(DropReason::NotAuthorized, 1);
         if let (Some(kind), true) = (ack_kind, v5) {
             framed.send(&client.ack(kind, p.packet_id, reason::NOT_AUTHORIZED, "clients may not publish to $SYS"));
         } else if let Some(kind) = ack_kind {
@@ -922,7 +954,7 @@ async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         if cfg_deny_disconnects(broker) {
             return Err(violation(reason::NOT_AUTHORIZED, "publish not authorized"));
         }
-        broker.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+        broker.stats.drop(DropReason::NotAuthorized, 1);
         if let Some(kind) = ack_kind {
             // MQTT 3 has no way to say no: the handshake completes and the message is dropped.
             let code = if v5 { reason::NOT_AUTHORIZED } else { 0 };
@@ -946,13 +978,16 @@ async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         qos: p.qos,
         retain: p.retain,
         properties: message_properties(&p.properties),
-        received_at_ms: now_ms(),
+        received_at_us: now_us(),
         publisher: client.client_id.to_string(),
     });
     if message.retain {
         broker.retain(&message).await?;
     }
     let matched = broker.route(&message).await?;
+    if matched == 0 {
+        broker.stats.drop(DropReason::NoSubscribers, 1);
+    }
     if let Some(kind) = ack_kind {
         let code = if v5 && matched == 0 { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
         framed.send(&Packet::PubResponse(PubResponse::new(kind, p.packet_id, code)));
@@ -1027,7 +1062,7 @@ async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let limits = broker.queue_limits();
     for item in retained {
         let (_, lost) = slot.offer(item, limits, true);
-        broker.stats.messages_dropped.fetch_add(lost, Ordering::Relaxed);
+        broker.stats.drop(DropReason::QueueFull, lost);
     }
     Ok(())
 }

@@ -18,6 +18,7 @@
 //! traits of `raftmq-cluster`.
 
 pub mod acl;
+pub mod admin;
 pub mod auth;
 pub mod banned;
 pub mod broker;
@@ -25,6 +26,7 @@ pub mod codec;
 pub mod config;
 pub mod connection;
 pub mod listener;
+pub mod metrics;
 pub mod passwd;
 pub mod router;
 pub mod security;

@@ -1,5 +1,8 @@
 //! The `raftmq` binary: run a node until SIGINT/SIGTERM (SIGHUP reloads the security
-//! files), or manage a password file with `raftmq passwd`.
+//! files), manage a password file with `raftmq passwd`, or drive a running node's admin API
+//! with `raftmq ctl`.
+
+mod ctl;
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -37,6 +40,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Talk to a running node's admin API.
+    Ctl(ctl::CtlArgs),
     /// Add, update or delete a user in a password file (argon2id hashes, file mode 0600).
     Passwd {
         /// Password file (created if missing).
@@ -54,8 +59,10 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::Passwd { file, user, password, delete }) = cli.command {
-        return passwd(&file, &user, password, delete);
+    match cli.command {
+        Some(Command::Passwd { file, user, password, delete }) => return passwd(&file, &user, password, delete),
+        Some(Command::Ctl(args)) => return ctl::run(args),
+        None => {}
     }
     let mut config = Config::load(cli.config.as_deref(), std::env::vars()).context("configuration")?;
     if let Some(a) = cli.mqtt_listen {
@@ -75,11 +82,24 @@ fn main() -> anyhow::Result<()> {
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log))
         .context("log filter")?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi))
+            .init();
+    }
+    let log_control: raftmq_node::admin::LogControl = Arc::new(move |spec: &str| {
+        let filter = tracing_subscriber::EnvFilter::try_new(spec).map_err(|e| e.to_string())?;
+        reload.reload(filter).map_err(|e| e.to_string())
+    });
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(async {
         let server = Server::start(config).await?;
+        let _ = server.log_control.set(log_control);
         spawn_reload_on_sighup(&server)?;
         wait_for_signal().await?;
         tracing::info!("shutting down");

@@ -102,6 +102,16 @@ impl SubscriptionIndex {
         members
     }
 
+    /// Number of distinct shared subscriptions (group and filter).
+    pub fn shared_count(&self) -> usize {
+        let trie = self.shared.read().unwrap_or_else(|p| p.into_inner());
+        let mut targets = std::collections::HashSet::new();
+        trie.for_each_value(|k, _| {
+            targets.insert(Arc::clone(&k.target));
+        });
+        targets.len()
+    }
+
     /// Number of distinct filters (ordinary and shared).
     pub fn filter_count(&self) -> usize {
         self.trie.read().map(|t| t.filter_count()).unwrap_or(0) + self.shared.read().map(|t| t.filter_count()).unwrap_or(0)

@@ -42,7 +42,6 @@ pub enum StartError {
 }
 
 /// A running node.
-#[derive(Debug)]
 pub struct Server {
     /// The broker state (for tests and the admin API).
     pub broker: Arc<Broker>,
@@ -50,12 +49,26 @@ pub struct Server {
     pub mqtt_addr: SocketAddr,
     /// Every other bound listener, in configuration order.
     pub listeners: Vec<(ListenerKind, SocketAddr)>,
+    /// Bound admin HTTP address, when enabled.
+    pub admin_addr: Option<SocketAddr>,
+    /// Where the binary installs its run-time log control for the admin API.
+    pub log_control: Arc<std::sync::OnceLock<crate::admin::LogControl>>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
     let tcp = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
     let local = tcp.local_addr().map_err(|source| StartError::Bind { addr, source })?;
     Ok((tcp, local))
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("mqtt_addr", &self.mqtt_addr)
+            .field("listeners", &self.listeners)
+            .field("admin_addr", &self.admin_addr)
+            .finish()
+    }
 }
 
 impl Server {
@@ -78,6 +91,7 @@ impl Server {
             });
         }
         let addrs: Vec<SocketAddr> = config.listeners.iter().map(|l| l.addr()).collect();
+        let admin = if config.admin.enabled { Some(bind(config.admin.listen).await?) } else { None };
         let (tcp, mqtt_addr) = bind(config.mqtt.listen).await?;
         let mut bound = Vec::new();
         for addr in addrs {
@@ -92,10 +106,16 @@ impl Server {
             listeners.push((l.kind, addr));
             tokio::spawn(listener::run(Arc::clone(&broker), socket, Arc::new(transport), Arc::clone(&limits)));
         }
+        let log_control = Arc::new(std::sync::OnceLock::new());
+        let admin_addr = admin.as_ref().map(|(_, a)| *a);
+        if let Some((socket, addr)) = admin {
+            tracing::info!(%addr, "admin HTTP listener started");
+            tokio::spawn(crate::admin::serve(Arc::clone(&broker), socket, Arc::clone(&log_control)));
+        }
         crate::sys::spawn(Arc::clone(&broker));
         spawn_flapping_sweeper(&broker);
         tracing::info!(node = %broker.config.node_name, %mqtt_addr, "raftmq listening");
-        Ok(Server { broker, mqtt_addr, listeners })
+        Ok(Server { broker, mqtt_addr, listeners, admin_addr, log_control })
     }
 
     /// The bound address of the first listener of `kind`.

@@ -18,11 +18,30 @@ use raftmq_cluster::session::{
 };
 use tokio::sync::{oneshot, Notify};
 
+/// What the admin API shows about a live connection.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConnInfo {
+    /// Peer address.
+    pub peer: Option<std::net::SocketAddr>,
+    /// Authenticated user name.
+    pub username: Option<String>,
+    /// Protocol level (3, 4, 5).
+    pub protocol: u8,
+    /// Keep alive in force, seconds.
+    pub keep_alive: u16,
+    /// Clean Session / Clean Start.
+    pub clean_start: bool,
+    /// Connect time, ms since the Unix epoch.
+    pub connected_at_ms: u64,
+}
+
 /// The live connection attached to a slot.
 #[derive(Debug)]
 pub struct ConnHandle {
     /// Broker-wide connection number.
     pub conn_id: u64,
+    /// Who is connected.
+    pub info: ConnInfo,
     /// Tells the connection to close with an MQTT 5 reason code (takeover, admin kick).
     pub kick: Option<oneshot::Sender<u8>>,
 }

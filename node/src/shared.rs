@@ -179,7 +179,7 @@ mod tests {
             qos: QoS::AtMostOnce,
             retain: false,
             properties: Default::default(),
-            received_at_ms: 0,
+            received_at_us: 0,
             publisher: publisher.into(),
         }
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use raftmq_cluster::message::{now_ms, Message, MessageProperties, QoS};
+use raftmq_cluster::message::{now_ms, now_us, Message, MessageProperties, QoS};
 
 use crate::broker::Broker;
 
@@ -67,7 +67,7 @@ pub async fn publish(broker: &Broker, topic: String, payload: Bytes, retain: boo
         qos: QoS::AtMostOnce,
         retain,
         properties: MessageProperties::default(),
-        received_at_ms: now_ms(),
+        received_at_us: now_us(),
         publisher: String::new(),
     });
     if retain {

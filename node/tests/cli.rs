@@ -50,6 +50,7 @@ fn starts_serves_mqtt_and_stops_on_sigterm() {
         .arg(&dir)
         .env("RUST_LOG", "warn")
         .env("RAFTMQ_LISTENERS", "[]")
+        .env("RAFTMQ_ADMIN__ENABLED", "false")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

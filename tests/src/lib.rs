@@ -39,6 +39,7 @@ pub async fn start_broker(tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Tes
     config.mqtt.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     // No default WebSocket listener on a fixed port: tests add listeners on port 0.
     config.listeners.clear();
+    config.admin.enabled = false;
     tweak(&mut config);
     config.validate()?;
     let server = Server::start(config).await?;

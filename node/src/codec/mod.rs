@@ -91,6 +91,7 @@ pub mod reason {
     pub const RETAIN_NOT_SUPPORTED: u8 = 0x9A;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
     pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
+    pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
     pub const SHARED_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0x9E;
     pub const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
     pub const SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED: u8 = 0xA1;
@@ -171,6 +172,29 @@ pub enum Packet {
 }
 
 impl Packet {
+    /// The packet type number of the fixed header (1-15).
+    pub fn kind(&self) -> u8 {
+        match self {
+            Packet::Connect(_) => 1,
+            Packet::ConnAck(_) => 2,
+            Packet::Publish(_) => 3,
+            Packet::PubResponse(r) => match r.kind {
+                PubKind::PubAck => 4,
+                PubKind::PubRec => 5,
+                PubKind::PubRel => 6,
+                PubKind::PubComp => 7,
+            },
+            Packet::Subscribe(_) => 8,
+            Packet::SubAck(_) => 9,
+            Packet::Unsubscribe(_) => 10,
+            Packet::UnsubAck(_) => 11,
+            Packet::PingReq => 12,
+            Packet::PingResp => 13,
+            Packet::Disconnect(_) => 14,
+            Packet::Auth(_) => 15,
+        }
+    }
+
     /// Short name for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {

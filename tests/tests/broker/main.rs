@@ -18,3 +18,4 @@ mod t92_sys_and_limits;
 mod t95_transports;
 mod t96_auth_acl;
 mod t97_paho;
+mod t98_admin;

@@ -164,6 +164,7 @@ async fn auth_broker() -> anyhow::Result<TestBroker> {
     let mut config = Config::default();
     config.mqtt.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     config.listeners.clear();
+    config.admin.enabled = false;
     let mut methods = AuthMethods::default();
     methods.register(Arc::new(Challenge));
     let server = Server::start_with_auth(config, methods).await?;

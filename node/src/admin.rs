@@ -1,0 +1,484 @@
+//! The admin HTTP listener: `/healthz`, `/readyz`, `/metrics`, and the JSON API under
+//! `/api/v1` (clients, sessions, subscriptions, retained messages, bans, publish, log level),
+//! described by `/api/v1/openapi.json` (docs/openapi.json).
+//!
+//! Authentication: `Authorization: Bearer <api_key>` or basic auth with the configured user.
+//! With no credential configured, the API answers loopback peers only, so a broker started
+//! with no configuration cannot be driven from the network.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use base64::Engine;
+use bytes::Bytes;
+use raftmq_cluster::message::{now_ms, now_us, Message, MessageProperties, QoS};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::broker::Broker;
+
+/// Changes the log filter at run time; set by the binary, absent in embedded use.
+pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// The OpenAPI description of this API.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+#[derive(Clone)]
+struct AppState {
+    broker: Arc<Broker>,
+    log: Arc<OnceLock<LogControl>>,
+}
+
+/// The router of the admin listener.
+pub fn router(broker: Arc<Broker>, log: Arc<OnceLock<LogControl>>) -> Router {
+    let state = AppState { broker, log };
+    let api = Router::new()
+        .route("/status", get(status))
+        .route("/clients", get(list_clients))
+        .route("/clients/{client_id}", get(get_client).delete(kick_client))
+        .route("/sessions", get(list_sessions))
+        .route("/sessions/{client_id}", get(get_session).delete(discard_session))
+        .route("/subscriptions", get(list_subscriptions))
+        .route("/retained", get(list_retained))
+        .route("/retained/{*topic}", get(get_retained).delete(delete_retained))
+        .route("/bans", get(list_bans).post(add_ban))
+        .route("/bans/{who}", axum::routing::delete(delete_ban))
+        .route("/publish", axum::routing::post(publish))
+        .route("/log_level", put(set_log_level))
+        .route("/openapi.json", get(openapi));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .nest("/api/v1", api)
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+async fn authenticate(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let cfg = &state.broker.config.admin;
+    let path = request.uri().path();
+    let open = (cfg.open_health && (path == "/healthz" || path == "/readyz")) || (cfg.open_metrics && path == "/metrics");
+    if open || authorized(cfg, peer, &headers) {
+        return next.run(request).await;
+    }
+    let mut resp = error(StatusCode::UNAUTHORIZED, "authentication required");
+    resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer, Basic realm=\"raftmq\""));
+    resp
+}
+
+/// Compares without stopping at the first difference.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(cfg: &crate::config::AdminConfig, peer: SocketAddr, headers: &HeaderMap) -> bool {
+    if !cfg.has_credentials() {
+        return peer.ip().is_loopback();
+    }
+    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
+    if let (Some(token), Some(key)) = (value.strip_prefix("Bearer "), cfg.api_key.as_deref()) {
+        return same(token.trim().as_bytes(), key.as_bytes());
+    }
+    if let (Some(encoded), Some(user), Some(password)) = (value.strip_prefix("Basic "), cfg.username.as_deref(), cfg.password.as_deref()) {
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else { return false };
+        let expected = format!("{user}:{password}");
+        return same(&decoded, expected.as_bytes());
+    }
+    false
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.broker.shutdown.is_cancelled() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    "ready".into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let body = state.broker.metrics.render(&state.broker);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn status(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let b = &state.broker;
+    let s = &b.stats;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let sessions = b.session_summary();
+    Json(json!({
+        "node": b.config.node_name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": b.metrics.uptime_secs(),
+        "connections": s.connections.load(std::sync::atomic::Ordering::Relaxed),
+        "connections_max": s.connections_max.load(std::sync::atomic::Ordering::Relaxed),
+        "sessions": sessions.sessions,
+        "sessions_persistent": sessions.persistent,
+        "subscriptions": b.subscription_filter_count(),
+        "retained": b.retained_count(),
+        "queued": sessions.queued,
+        "inflight": sessions.inflight,
+        "messages_received": load(&s.messages_received),
+        "messages_sent": load(&s.messages_sent),
+        "messages_dropped": load(&s.messages_dropped),
+        "bytes_received": load(&s.bytes_received),
+        "bytes_sent": load(&s.bytes_sent),
+    }))
+}
+
+/// One page of a listing.
+#[derive(Debug, Serialize)]
+struct Page<T> {
+    data: Vec<T>,
+    page: usize,
+    limit: usize,
+    total: usize,
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    page: Option<usize>,
+    limit: Option<usize>,
+    username: Option<String>,
+    client_id: Option<String>,
+    topic: Option<String>,
+    filter: Option<String>,
+}
+
+fn paginate<T>(items: Vec<T>, q: &ListQuery) -> Page<T> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    let page = q.page.unwrap_or(1).max(1);
+    let total = items.len();
+    let data = items.into_iter().skip((page - 1).saturating_mul(limit)).take(limit).collect();
+    Page { data, page, limit, total }
+}
+
+/// A session as the API shows it (a client is an online session).
+#[derive(Debug, Serialize)]
+struct SessionView {
+    client_id: String,
+    connected: bool,
+    username: Option<String>,
+    ip_address: Option<String>,
+    port: Option<u16>,
+    proto_ver: Option<u8>,
+    keepalive: Option<u16>,
+    clean_start: Option<bool>,
+    connected_at_ms: Option<u64>,
+    persistent: bool,
+    expiry_interval_secs: u32,
+    subscriptions: usize,
+    queued: usize,
+    inflight: usize,
+    dropped: u64,
+}
+
+fn view(slot: &crate::session::SessionSlot) -> SessionView {
+    let inner = slot.lock();
+    let info = inner.conn.as_ref().map(|c| c.info.clone());
+    SessionView {
+        client_id: slot.client_id.to_string(),
+        connected: info.is_some(),
+        username: info.as_ref().and_then(|i| i.username.clone()),
+        ip_address: info.as_ref().and_then(|i| i.peer).map(|p| p.ip().to_string()),
+        port: info.as_ref().and_then(|i| i.peer).map(|p| p.port()),
+        proto_ver: info.as_ref().map(|i| i.protocol),
+        keepalive: info.as_ref().map(|i| i.keep_alive),
+        clean_start: info.as_ref().map(|i| i.clean_start),
+        connected_at_ms: info.as_ref().map(|i| i.connected_at_ms),
+        persistent: inner.persistent,
+        expiry_interval_secs: inner.expiry_secs,
+        subscriptions: inner.subscriptions.len(),
+        queued: inner.queue.len(),
+        inflight: inner.inflight.len(),
+        dropped: inner.dropped,
+    }
+}
+
+fn filtered_sessions(broker: &Broker, q: &ListQuery, online_only: bool) -> Vec<SessionView> {
+    broker
+        .slots()
+        .iter()
+        .map(|s| view(s))
+        .filter(|v| !online_only || v.connected)
+        .filter(|v| q.username.as_ref().is_none_or(|u| v.username.as_ref() == Some(u)))
+        .filter(|v| q.client_id.as_ref().is_none_or(|prefix| v.client_id.starts_with(prefix.as_str())))
+        .collect()
+}
+
+async fn list_clients(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Json<Page<SessionView>> {
+    Json(paginate(filtered_sessions(&state.broker, &q, true), &q))
+}
+
+async fn get_client(State(state): State<AppState>, Path(client_id): Path<String>) -> Response {
+    match state.broker.slot(&client_id).map(|s| view(&s)).filter(|v| v.connected) {
+        Some(v) => Json(v).into_response(),
+        None => error(StatusCode::NOT_FOUND, "client not connected"),
+    }
+}
+
+async fn kick_client(State(state): State<AppState>, Path(client_id): Path<String>) -> Response {
+    if state.broker.kick(&client_id).await {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        error(StatusCode::NOT_FOUND, "client not connected")
+    }
+}
+
+async fn list_sessions(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Json<Page<SessionView>> {
+    Json(paginate(filtered_sessions(&state.broker, &q, false), &q))
+}
+
+async fn get_session(State(state): State<AppState>, Path(client_id): Path<String>) -> Response {
+    match state.broker.slot(&client_id) {
+        Some(slot) => Json(view(&slot)).into_response(),
+        None => error(StatusCode::NOT_FOUND, "no such session"),
+    }
+}
+
+async fn discard_session(State(state): State<AppState>, Path(client_id): Path<String>) -> Response {
+    match state.broker.discard_session(&client_id).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => error(StatusCode::NOT_FOUND, "no such session"),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct SubscriptionView {
+    client_id: String,
+    topic: String,
+    qos: u8,
+    no_local: bool,
+    retain_as_published: bool,
+    retain_handling: u8,
+    subscription_identifier: Option<u32>,
+}
+
+async fn list_subscriptions(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Json<Page<SubscriptionView>> {
+    let mut out = Vec::new();
+    for slot in state.broker.slots() {
+        if q.client_id.as_ref().is_some_and(|c| **c != *slot.client_id) {
+            continue;
+        }
+        let inner = slot.lock();
+        let mut subs: Vec<_> = inner.subscriptions.iter().collect();
+        subs.sort_by(|a, b| a.0.cmp(b.0));
+        for (filter, o) in subs {
+            // `topic` selects the subscriptions that would receive a message on that topic.
+            let inner_filter = crate::shared::parse(filter).ok().flatten().map_or(filter.as_str(), |(_, f)| f);
+            if q.topic.as_ref().is_some_and(|t| !raftmq_cluster::topic::matches(inner_filter, t)) {
+                continue;
+            }
+            out.push(SubscriptionView {
+                client_id: slot.client_id.to_string(),
+                topic: filter.clone(),
+                qos: o.qos as u8,
+                no_local: o.no_local,
+                retain_as_published: o.retain_as_published,
+                retain_handling: o.retain_handling,
+                subscription_identifier: o.subscription_identifier,
+            });
+        }
+    }
+    Json(paginate(out, &q))
+}
+
+#[derive(Debug, Serialize)]
+struct RetainedView {
+    topic: String,
+    qos: u8,
+    payload: String,
+    payload_encoding: &'static str,
+    size: usize,
+    received_at_ms: u64,
+}
+
+fn retained_view(m: &Message) -> RetainedView {
+    let (payload, payload_encoding) = match std::str::from_utf8(&m.payload) {
+        Ok(text) => (text.to_owned(), "plain"),
+        Err(_) => (base64::engine::general_purpose::STANDARD.encode(&m.payload), "base64"),
+    };
+    RetainedView {
+        topic: m.topic.clone(),
+        qos: m.qos as u8,
+        payload,
+        payload_encoding,
+        size: m.payload.len(),
+        received_at_ms: m.received_at_us / 1000,
+    }
+}
+
+async fn list_retained(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Response {
+    let filter = q.filter.clone().unwrap_or_else(|| "#".to_owned());
+    if raftmq_cluster::topic::validate_topic_filter(&filter, usize::MAX).is_err() {
+        return error(StatusCode::BAD_REQUEST, "invalid topic filter");
+    }
+    let mut items: Vec<RetainedView> = state.broker.retained_matching(&filter).iter().map(|m| retained_view(m)).collect();
+    items.sort_by(|a, b| a.topic.cmp(&b.topic));
+    Json(paginate(items, &q)).into_response()
+}
+
+async fn get_retained(State(state): State<AppState>, Path(topic): Path<String>) -> Response {
+    if raftmq_cluster::topic::validate_topic_name(&topic, usize::MAX).is_err() {
+        return error(StatusCode::BAD_REQUEST, "invalid topic name");
+    }
+    match state.broker.retained_matching(&topic).first() {
+        Some(m) => Json(retained_view(m)).into_response(),
+        None => error(StatusCode::NOT_FOUND, "no retained message"),
+    }
+}
+
+async fn delete_retained(State(state): State<AppState>, Path(topic): Path<String>) -> Response {
+    if raftmq_cluster::topic::validate_topic_name(&topic, usize::MAX).is_err() {
+        return error(StatusCode::BAD_REQUEST, "invalid topic name");
+    }
+    if state.broker.retained_matching(&topic).is_empty() {
+        return error(StatusCode::NOT_FOUND, "no retained message");
+    }
+    let empty = Arc::new(Message {
+        topic,
+        payload: Bytes::new(),
+        qos: QoS::AtMostOnce,
+        retain: true,
+        properties: MessageProperties::default(),
+        received_at_us: now_us(),
+        publisher: String::new(),
+    });
+    match state.broker.retain(&empty).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct BanView {
+    who: String,
+    until: Option<u64>,
+}
+
+async fn list_bans(State(state): State<AppState>) -> Json<Vec<BanView>> {
+    Json(state.broker.bans.list().into_iter().map(|(who, until)| BanView { who, until }).collect())
+}
+
+async fn add_ban(State(state): State<AppState>, Json(ban): Json<BanView>) -> Response {
+    if ban.until.is_some_and(|u| u <= now_ms() / 1000) {
+        return error(StatusCode::BAD_REQUEST, "until is in the past");
+    }
+    match state.broker.bans.ban_subject(&ban.who, ban.until) {
+        Ok(()) => {
+            // A banned client that is connected now is disconnected as well.
+            if let Some(id) = ban.who.strip_prefix("client:") {
+                state.broker.kick(id).await;
+            }
+            (StatusCode::CREATED, Json(ban)).into_response()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
+}
+
+async fn delete_ban(State(state): State<AppState>, Path(who): Path<String>) -> Response {
+    if state.broker.bans.unban(&who) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        error(StatusCode::NOT_FOUND, "no such ban")
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct PublishRequest {
+    topic: String,
+    payload: String,
+    #[serde(default)]
+    payload_encoding: Option<String>,
+    #[serde(default)]
+    qos: u8,
+    #[serde(default)]
+    retain: bool,
+}
+
+async fn publish(State(state): State<AppState>, Json(req): Json<PublishRequest>) -> Response {
+    let broker = &state.broker;
+    if raftmq_cluster::topic::validate_topic_name(&req.topic, broker.config.mqtt.max_topic_levels).is_err() || req.topic.starts_with("$SYS")
+    {
+        return error(StatusCode::BAD_REQUEST, "invalid topic name");
+    }
+    let Some(qos) = QoS::from_u8(req.qos) else { return error(StatusCode::BAD_REQUEST, "qos must be 0, 1 or 2") };
+    let payload = match req.payload_encoding.as_deref() {
+        None | Some("plain") => Bytes::from(req.payload.into_bytes()),
+        Some("base64") => match base64::engine::general_purpose::STANDARD.decode(req.payload) {
+            Ok(b) => Bytes::from(b),
+            Err(_) => return error(StatusCode::BAD_REQUEST, "payload is not base64"),
+        },
+        Some(_) => return error(StatusCode::BAD_REQUEST, "payload_encoding must be plain or base64"),
+    };
+    if payload.len() > broker.config.mqtt.max_packet_size {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "payload larger than mqtt.max_packet_size");
+    }
+    let message = Arc::new(Message {
+        topic: req.topic,
+        payload,
+        qos,
+        retain: req.retain,
+        properties: MessageProperties::default(),
+        received_at_us: now_us(),
+        publisher: String::new(),
+    });
+    if message.retain {
+        if let Err(e) = broker.retain(&message).await {
+            return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+        }
+    }
+    match broker.route(&message).await {
+        Ok(matched) => Json(json!({ "matched": matched })).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct LogLevel {
+    filter: String,
+}
+
+async fn set_log_level(State(state): State<AppState>, Json(req): Json<LogLevel>) -> Response {
+    let Some(control) = state.log.get() else { return error(StatusCode::NOT_IMPLEMENTED, "log level is not controllable in this process") };
+    match control(&req.filter) {
+        Ok(()) => {
+            tracing::info!(filter = %req.filter, "log filter changed");
+            Json(json!({ "filter": req.filter })).into_response()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, &e),
+    }
+}
+
+/// Serves the admin API on `listener` until the broker shuts down.
+pub async fn serve(broker: Arc<Broker>, listener: tokio::net::TcpListener, log: Arc<OnceLock<LogControl>>) {
+    let shutdown = broker.shutdown.clone();
+    let app = router(broker, log).into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+        tracing::error!(error = %e, "admin listener failed");
+    }
+}

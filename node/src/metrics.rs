@@ -1,0 +1,182 @@
+//! Prometheus metrics (`GET /metrics`), built with the `metrics` crate and rendered by
+//! `metrics-exporter-prometheus`. Families are documented one by one in docs/metrics.md.
+//!
+//! Each broker owns its recorder instead of installing a process-global one, so several
+//! brokers in one process (the test suite) keep separate numbers. The hot path counts with
+//! plain atomics in [`Stats`](crate::broker::Stats); a scrape copies them into the recorder
+//! and renders. Only the delivery-latency histogram is recorded as it happens. Labels stay
+//! small: QoS, packet type, drop reason, CONNECT result; never client ids or topics.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use raftmq_cluster::message::now_us;
+
+use crate::broker::{Broker, DropReason, CONNECT_RESULTS};
+
+const LATENCY: &str = "raftmq_delivery_latency_seconds";
+
+static META: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+const PACKET_TYPES: [&str; 16] = [
+    "reserved",
+    "connect",
+    "connack",
+    "publish",
+    "puback",
+    "pubrec",
+    "pubrel",
+    "pubcomp",
+    "subscribe",
+    "suback",
+    "unsubscribe",
+    "unsuback",
+    "pingreq",
+    "pingresp",
+    "disconnect",
+    "auth",
+];
+
+/// Help text of every family, in the order docs/metrics.md lists them.
+pub const FAMILIES: &[(&str, &str)] = &[
+    ("raftmq_build_info", "Build information; the value is always 1."),
+    ("raftmq_uptime_seconds", "Seconds since the node started."),
+    ("raftmq_connections", "Client connections with an accepted CONNECT."),
+    ("raftmq_connections_max", "Highest number of connections since start."),
+    ("raftmq_sessions", "Sessions, online and offline."),
+    ("raftmq_sessions_persistent", "Sessions that outlive their connection."),
+    ("raftmq_subscriptions", "Distinct subscribed topic filters, shared ones included."),
+    ("raftmq_subscriptions_shared", "Distinct shared subscriptions (group and filter)."),
+    ("raftmq_routes", "Routes in the route table."),
+    ("raftmq_retained_messages", "Retained messages."),
+    ("raftmq_retained_bytes", "Bytes held by retained messages."),
+    ("raftmq_queued_messages", "Messages waiting in session queues."),
+    ("raftmq_inflight_messages", "Outbound QoS 1/2 messages sent and not yet acknowledged."),
+    ("raftmq_messages_received_total", "PUBLISH packets received from clients, by QoS."),
+    ("raftmq_messages_sent_total", "PUBLISH packets sent to clients, by QoS."),
+    ("raftmq_messages_dropped_total", "Messages or deliveries dropped, by reason."),
+    ("raftmq_bytes_received_total", "Bytes read from clients."),
+    ("raftmq_bytes_sent_total", "Bytes written to clients."),
+    ("raftmq_packets_received_total", "MQTT packets received, by type."),
+    ("raftmq_packets_sent_total", "MQTT packets sent, by type."),
+    ("raftmq_connects_total", "CONNECT outcomes, by result."),
+    ("raftmq_authentication_failures_total", "CONNECTs refused by authentication."),
+    ("raftmq_acl_checks_total", "ACL decisions, by result."),
+    ("raftmq_wills_published_total", "Will messages published."),
+    ("raftmq_takeovers_total", "Sessions taken over by a new connection."),
+    (LATENCY, "Time from receiving a PUBLISH to writing it to a subscriber's connection."),
+];
+
+/// The metrics of one broker.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    latency: Histogram,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
+    Key::from_parts(name, labels.iter().map(|(k, v)| Label::new(*k, *v)).collect::<Vec<_>>())
+}
+
+impl Metrics {
+    /// A recorder with the latency buckets (50 us to 5 s) and every family described.
+    pub fn new() -> Metrics {
+        let buckets = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+        let builder = PrometheusBuilder::new();
+        let builder =
+            builder.set_buckets_for_metric(Matcher::Full(LATENCY.to_owned()), &buckets).unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        for (name, help) in FAMILIES {
+            let unit = if name.ends_with("_seconds") { Some(Unit::Seconds) } else { None };
+            let (name, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
+            if name.as_str() == LATENCY {
+                recorder.describe_histogram(name, unit, help);
+            } else if name.as_str().ends_with("_total") {
+                recorder.describe_counter(name, unit, help);
+            } else {
+                recorder.describe_gauge(name, unit, help);
+            }
+        }
+        let latency = recorder.register_histogram(&key(LATENCY, &[]), &META);
+        let handle = recorder.handle();
+        Metrics { recorder, handle, latency, started: Instant::now() }
+    }
+
+    /// Records the latency of a delivery of a message received at `received_at_us`.
+    pub fn delivered(&self, received_at_us: u64) {
+        if received_at_us > 0 {
+            self.latency.record(now_us().saturating_sub(received_at_us) as f64 / 1e6);
+        }
+    }
+
+    /// Seconds since start.
+    pub fn uptime_secs(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    fn gauge(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Gauge {
+        self.recorder.register_gauge(&key(name, labels), &META)
+    }
+
+    fn counter(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+        self.recorder.register_counter(&key(name, labels), &META)
+    }
+
+    /// Copies the broker's counters into the recorder and renders the text exposition.
+    pub fn render(&self, broker: &Broker) -> String {
+        let s = &broker.stats;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let loadz = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as f64;
+        self.gauge("raftmq_build_info", &[("version", env!("CARGO_PKG_VERSION"))]).set(1.0);
+        self.gauge("raftmq_uptime_seconds", &[]).set(self.started.elapsed().as_secs_f64());
+        self.gauge("raftmq_connections", &[]).set(loadz(&s.connections));
+        self.gauge("raftmq_connections_max", &[]).set(loadz(&s.connections_max));
+        let sessions = broker.session_summary();
+        self.gauge("raftmq_sessions", &[]).set(sessions.sessions as f64);
+        self.gauge("raftmq_sessions_persistent", &[]).set(sessions.persistent as f64);
+        self.gauge("raftmq_queued_messages", &[]).set(sessions.queued as f64);
+        self.gauge("raftmq_inflight_messages", &[]).set(sessions.inflight as f64);
+        self.gauge("raftmq_subscriptions", &[]).set(broker.subscription_filter_count() as f64);
+        self.gauge("raftmq_subscriptions_shared", &[]).set(broker.shared_subscription_count() as f64);
+        self.gauge("raftmq_routes", &[]).set(broker.route_count() as f64);
+        self.gauge("raftmq_retained_messages", &[]).set(broker.retained_count() as f64);
+        self.gauge("raftmq_retained_bytes", &[]).set(broker.retained_bytes() as f64);
+        for (i, qos) in ["0", "1", "2"].iter().enumerate() {
+            self.counter("raftmq_messages_received_total", &[("qos", qos)]).absolute(load(&s.received_by_qos[i]));
+            self.counter("raftmq_messages_sent_total", &[("qos", qos)]).absolute(load(&s.sent_by_qos[i]));
+        }
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            self.counter("raftmq_messages_dropped_total", &[("reason", reason.label())]).absolute(load(&s.dropped_by_reason[i]));
+        }
+        self.counter("raftmq_bytes_received_total", &[]).absolute(load(&s.bytes_received));
+        self.counter("raftmq_bytes_sent_total", &[]).absolute(load(&s.bytes_sent));
+        for (i, name) in PACKET_TYPES.iter().enumerate().skip(1) {
+            self.counter("raftmq_packets_received_total", &[("type", name)]).absolute(load(&s.packets_received[i]));
+            self.counter("raftmq_packets_sent_total", &[("type", name)]).absolute(load(&s.packets_sent[i]));
+        }
+        for (i, result) in CONNECT_RESULTS.iter().enumerate() {
+            self.counter("raftmq_connects_total", &[("result", result)]).absolute(load(&s.connects[i]));
+        }
+        self.counter("raftmq_authentication_failures_total", &[]).absolute(load(&s.auth_failures));
+        self.counter("raftmq_acl_checks_total", &[("result", "allow")]).absolute(load(&s.acl_allowed));
+        self.counter("raftmq_acl_checks_total", &[("result", "deny")]).absolute(load(&s.acl_denied));
+        self.counter("raftmq_wills_published_total", &[]).absolute(load(&s.wills_published));
+        self.counter("raftmq_takeovers_total", &[]).absolute(load(&s.takeovers));
+        self.handle.render()
+    }
+}
