@@ -58,6 +58,11 @@ enum CtlCommand {
         #[command(subcommand)]
         action: BanAction,
     },
+    /// Change the node's log filter at run time (RUST_LOG syntax).
+    LogLevel {
+        /// New filter, for example `info,raftmq_node=debug`.
+        filter: String,
+    },
     /// Publish a message.
     Publish {
         /// Topic name.
@@ -255,11 +260,14 @@ fn fields(value: &Value) {
     }
 }
 
+/// How a response is shown without `--json`.
+type Render = Box<dyn Fn(&Value)>;
+
 /// Runs a `raftmq ctl` command.
 pub fn run(args: CtlArgs) -> anyhow::Result<()> {
     let client = Client::new(&args);
     let paging = |p: &Paging| vec![("page", p.page.map(|v| v.to_string())), ("limit", p.limit.map(|v| v.to_string()))];
-    let (value, render): (Value, Box<dyn Fn(&Value)>) = match &args.command {
+    let (value, render): (Value, Render) = match &args.command {
         CtlCommand::Status => (client.call("GET", "/status", None)?, Box::new(fields)),
         CtlCommand::Clients { action } => match action {
             ClientAction::List { paging: p, username, client_id } => {
@@ -336,6 +344,10 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                 (json!({ "unbanned": who }), Box::new(|v| println!("unbanned {}", cell(&v["unbanned"]))))
             }
         },
+        CtlCommand::LogLevel { filter } => (
+            client.call("PUT", "/log_level", Some(json!({ "filter": filter })))?,
+            Box::new(|v| println!("log filter now {}", cell(&v["filter"]))),
+        ),
         CtlCommand::Publish { topic, payload, qos, retain } => {
             let body = json!({ "topic": topic, "payload": payload, "qos": qos, "retain": retain });
             (client.call("POST", "/publish", Some(body))?, Box::new(|v| println!("published, {} matching sessions", cell(&v["matched"]))))

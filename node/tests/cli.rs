@@ -129,3 +129,119 @@ fn passwd_adds_updates_and_deletes_users_in_a_0600_file() {
     assert!(!run(&["alice", "--delete"], None).status.success(), "deleting a missing user fails");
     assert!(!run(&["", "--password", "x"], None).status.success());
 }
+
+/// A running `raftmq` with the admin API on a free port and an API key.
+struct Node {
+    child: std::process::Child,
+    mqtt: u16,
+    admin: String,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_node(stderr: Stdio) -> Node {
+    let (mqtt, admin) = (free_port(), free_port());
+    let child = raftmq()
+        .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
+        .env("RAFTMQ_LISTENERS", "[]")
+        .env("RAFTMQ_ADMIN__API_KEY", "k3y")
+        .env("RAFTMQ_SYS__INTERVAL_SECS", "0")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", admin)).is_err() || TcpStream::connect(("127.0.0.1", mqtt)).is_err() {
+        assert!(Instant::now() < deadline, "node never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Node { child, mqtt, admin: format!("http://127.0.0.1:{admin}") }
+}
+
+fn ctl(node: &Node, args: &[&str]) -> (bool, String, String) {
+    let out = raftmq().arg("ctl").args(["--url", &node.admin, "--api-key", "k3y"]).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// An MQTT 3.1.1 client that connects with `id` (clean session 0) and subscribes to `filter`.
+fn mqtt_client(port: u16, id: &str, filter: &str) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0, 0, 60, 0, id.len() as u8];
+    connect.extend_from_slice(id.as_bytes());
+    let mut pkt = vec![0x10, connect.len() as u8];
+    pkt.extend(connect);
+    s.write_all(&pkt).unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(ack[3], 0);
+    let mut sub = vec![0, 1, 0, filter.len() as u8];
+    sub.extend_from_slice(filter.as_bytes());
+    sub.push(1);
+    let mut pkt = vec![0x82, sub.len() as u8];
+    pkt.extend(sub);
+    s.write_all(&pkt).unwrap();
+    let mut suback = [0u8; 5];
+    s.read_exact(&mut suback).unwrap();
+    assert_eq!(suback[0], 0x90);
+    s
+}
+
+#[test]
+fn ctl_drives_every_admin_command() {
+    let node = start_node(Stdio::null());
+    let mut client = mqtt_client(node.mqtt, "dev-9", "cmd/#");
+
+    let (ok, out, _) = ctl(&node, &["status"]);
+    assert!(ok);
+    assert!(out.lines().any(|l| l.starts_with("connections") && l.ends_with(" 1")), "{out}");
+    let (ok, out, _) = ctl(&node, &["clients", "list"]);
+    assert!(ok && out.starts_with("CLIENT_ID") && out.contains("dev-9"), "{out}");
+    let (ok, out, _) = ctl(&node, &["clients", "show", "dev-9"]);
+    assert!(ok && out.contains("proto_ver"), "{out}");
+    let (ok, out, _) = ctl(&node, &["subscriptions", "list", "--client-id", "dev-9"]);
+    assert!(ok && out.contains("cmd/#"), "{out}");
+
+    let (ok, out, _) = ctl(&node, &["publish", "cmd/reboot", "now", "--qos", "1", "--retain"]);
+    assert!(ok && out.contains("1 matching"), "{out}");
+    let mut head = [0u8; 2];
+    client.read_exact(&mut head).unwrap();
+    assert_eq!(head[0] & 0xf0, 0x30, "the subscriber got a PUBLISH");
+
+    let (ok, out, _) = ctl(&node, &["retained", "list"]);
+    assert!(ok && out.contains("cmd/reboot") && out.contains("now"), "{out}");
+    let (ok, out, _) = ctl(&node, &["--json", "retained", "show", "cmd/reboot"]);
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(ok && shown["payload"] == "now", "{out}");
+    assert!(ctl(&node, &["retained", "delete", "cmd/reboot"]).0);
+    assert!(!ctl(&node, &["retained", "show", "cmd/reboot"]).0);
+
+    assert!(ctl(&node, &["bans", "add", "user:mallory", "--for", "600"]).0);
+    let (ok, out, _) = ctl(&node, &["bans", "list"]);
+    assert!(ok && out.contains("user:mallory"), "{out}");
+    assert!(ctl(&node, &["bans", "delete", "user:mallory"]).0);
+    let (_, out, _) = ctl(&node, &["--json", "bans", "list"]);
+    assert_eq!(out.trim(), "[]");
+
+    assert!(ctl(&node, &["clients", "kick", "dev-9"]).0);
+    let (ok, out, _) = ctl(&node, &["sessions", "list"]);
+    assert!(ok && out.contains("dev-9") && out.contains("false"), "persistent session stays, offline: {out}");
+    assert!(ctl(&node, &["sessions", "show", "dev-9"]).0);
+    assert!(ctl(&node, &["sessions", "discard", "dev-9"]).0);
+    let (ok, _, err) = ctl(&node, &["sessions", "show", "dev-9"]);
+    assert!(!ok && err.contains("404"), "{err}");
+
+    let (ok, out, _) = ctl(&node, &["log-level", "debug"]);
+    assert!(ok && out.contains("debug"), "{out}");
+
+    // Wrong credentials fail with the API's answer.
+    let out = raftmq().args(["ctl", "--url", &node.admin, "--api-key", "wrong", "status"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
