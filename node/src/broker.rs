@@ -567,6 +567,9 @@ impl Broker {
             let copy = (qos != QoS::AtMostOnce).then(|| item.clone());
             let (offer, lost) = slot.offer(item, limits, queue_qos0);
             let reason = if offer == Offer::Dropped { DropReason::NotQueued } else { DropReason::QueueFull };
+            if lost > 0 {
+                tracing::debug!(client_id = %client_id, reason = reason.label(), dropped = lost, topic = %message.topic, "message dropped");
+            }
             self.stats.drop(reason, lost);
             if let (Offer::Offline, Some(copy)) = (offer, copy) {
                 durable.push((client_id.to_string(), copy));
