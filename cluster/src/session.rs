@@ -144,6 +144,9 @@ pub trait SessionStore: Send + Sync + 'static {
     }
 }
 
+/// How many of the oldest queued messages `DropOldest` searches for a QoS 0 victim.
+pub const DROP_SCAN: usize = 16;
+
 /// Pushes `item` onto `queue` within `limits`; returns the number of messages dropped.
 pub fn push_bounded(queue: &mut VecDeque<QueuedMessage>, bytes: &mut usize, item: QueuedMessage, limits: QueueLimits) -> u64 {
     let weight = item.message.weight();
@@ -154,7 +157,9 @@ pub fn push_bounded(queue: &mut VecDeque<QueuedMessage>, bytes: &mut usize, item
             return 1;
         }
         while full(queue, *bytes) {
-            let idx = queue.iter().position(|q| q.qos == QoS::AtMostOnce).unwrap_or(0);
+            // QoS 0 first, looking only at the oldest few so a full queue of QoS 1/2
+            // messages costs O(1) per push, not O(queue length).
+            let idx = queue.iter().take(DROP_SCAN).position(|q| q.qos == QoS::AtMostOnce).unwrap_or(0);
             match queue.remove(idx) {
                 Some(old) => {
                     *bytes = bytes.saturating_sub(old.message.weight());

@@ -24,7 +24,7 @@ use crate::banned::BanTarget;
 use crate::broker::{Attached, Broker, DropReason, EndKind};
 use crate::codec::{
     self, connack_v3, reason, Auth, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Protocol, PubKind, PubResponse, Publish,
-    SubAck, Subscribe, UnsubAck, Unsubscribe,
+    PublishRef, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::config::{DenyAction, RateAction};
 use crate::security::{Credentials, Identity, Verdict};
@@ -109,6 +109,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
             }
         }
+    }
+
+    /// The next packet if it is already complete in the read buffer (no I/O).
+    fn buffered_packet(&mut self) -> Result<Option<Packet>, ConnectionError> {
+        let packet = codec::decode(&mut self.rbuf, self.protocol, self.max_in)?;
+        if let Some(p) = &packet {
+            self.broker.stats.packets_received[usize::from(p.kind())].fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(packet)
     }
 
     fn send(&mut self, packet: &Packet) {
@@ -273,7 +282,7 @@ where
     let protocol = connect.protocol;
     framed.protocol = Some(protocol);
     let span = tracing::info_span!("conn", %peer, client_id = %connect.client_id);
-    run(broker, framed, *connect, peer, cert_user).instrument(span).await;
+    run(broker, framed, connect, peer, cert_user).instrument(span).await;
 }
 
 /// Answers CONNECT with a failure code and closes (the caller drops the stream).
@@ -388,7 +397,7 @@ fn assign_client_id(node: &str) -> String {
 async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     broker: Arc<Broker>,
     mut framed: Framed<S>,
-    connect: Connect,
+    connect: Box<Connect>,
     peer: SocketAddr,
     cert_user: Option<String>,
 ) {
@@ -438,7 +447,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let security = broker.security();
     let mut auth_reply = None;
     let identity = if let Some(method) = props.authentication_method.clone() {
-        match authenticate(&broker, &mut framed, &client_id, &method, props.authentication_data.clone()).await {
+        match Box::pin(authenticate(&broker, &mut framed, &client_id, &method, props.authentication_data.clone())).await {
             Ok(data) => {
                 auth_reply = Some((method, data));
                 Identity { username: username.clone(), claims: Default::default() }
@@ -448,7 +457,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     } else {
         let checker = Arc::clone(&security);
         let (id, user, password, verified) = (client_id.clone(), username.clone(), connect.password.clone(), cert_user.is_some());
-        let verdict = tokio::task::spawn_blocking(move || {
+        let check = move || {
             let creds = Credentials {
                 client_id: &id,
                 username: user.as_deref(),
@@ -457,8 +466,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 peer: peer.ip(),
             };
             checker.authenticator.check(&creds)
-        })
-        .await;
+        };
+        // Only password hashing is slow enough to need a blocking thread.
+        let verdict = if security.authenticator.is_blocking() { tokio::task::spawn_blocking(check).await } else { Ok(check()) };
         match verdict {
             Ok(Verdict::Accept(identity)) => identity,
             Ok(Verdict::BadCredentials) => {
@@ -525,14 +535,21 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         clean_start: connect.clean_start,
         connected_at_ms: now_ms(),
     };
-    let Attached { slot, session_present, mut kicked } = match broker.attach(&client_id, conn_id, connect.clean_start, expiry, info).await {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::warn!(%peer, error = %e, "session store unavailable");
-            return refuse(&mut framed, protocol, reason::SERVER_UNAVAILABLE, connack_v3::SERVER_UNAVAILABLE, "session store unavailable")
+    let Attached { slot, session_present, mut kicked } =
+        match Box::pin(broker.attach(&client_id, conn_id, connect.clean_start, expiry, info)).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "session store unavailable");
+                return refuse(
+                    &mut framed,
+                    protocol,
+                    reason::SERVER_UNAVAILABLE,
+                    connack_v3::SERVER_UNAVAILABLE,
+                    "session store unavailable",
+                )
                 .await;
-        }
-    };
+            }
+        };
     let mut connack = ConnAck { session_present, code: 0, properties: Properties::default() };
     if v5 {
         let p = &mut connack.properties;
@@ -565,7 +582,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let username = connect.username.as_deref();
     let event =
         ClientEvent::Connected { username, address: peer, protocol: protocol.level(), keep_alive, clean_start: connect.clean_start };
-    sys::client_event(&broker, &client_id, event).await;
+    Box::pin(sys::client_event(&broker, &client_id, event)).await;
 
     let mut client = Client {
         client_id: Arc::clone(&slot.client_id),
@@ -590,7 +607,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if session_present {
         resend_inflight(&broker, &slot, &mut client, &mut framed);
     }
-    let result = connected_loop(&broker, &slot, &mut client, &mut framed, &mut kicked).await;
+    let result = Box::pin(connected_loop(&broker, &slot, &mut client, &mut framed, &mut kicked)).await;
     let why = match &result {
         Ok(EndKind::Normal) => "normal".to_owned(),
         Ok(EndKind::PublishWill) => "closed without a normal DISCONNECT".to_owned(),
@@ -601,10 +618,13 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         Ok(end) => *end,
         Err(e) => {
             tracing::debug!(%peer, client_id = %client.client_id, error = %e, "connection closed with error");
-            if v5 && !matches!(e, ConnectionError::Io(_) | ConnectionError::Timeout) {
-                let mut d = Disconnect::new(e.reason_code());
-                d.properties.reason_string = Some(e.to_string());
-                framed.send(&Packet::Disconnect(d));
+            if !matches!(e, ConnectionError::Io(_) | ConnectionError::Timeout) {
+                // Answers to the valid packets before the bad one still go out.
+                if v5 {
+                    let mut d = Disconnect::new(e.reason_code());
+                    d.properties.reason_string = Some(e.to_string());
+                    framed.send(&Packet::Disconnect(d));
+                }
                 let _ = framed.flush().await;
             }
             EndKind::PublishWill
@@ -612,8 +632,8 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     };
     let _ = framed.stream.shutdown().await;
     broker.stats.connections.fetch_sub(1, Ordering::Relaxed);
-    broker.detach(&slot, client.conn_id, end, client.will.take()).await;
-    sys::client_event(&broker, &client_id, ClientEvent::Disconnected { username, reason: &why }).await;
+    Box::pin(broker.detach(&slot, client.conn_id, end, client.will.take())).await;
+    Box::pin(sys::client_event(&broker, &client_id, ClientEvent::Disconnected { username, reason: &why })).await;
     tracing::debug!(%peer, client_id = %client.client_id, ?end, "disconnected");
 }
 
@@ -644,7 +664,7 @@ fn encode_delivery<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> bool {
     let m = &item.message;
     let mut props = Properties::default();
-    let mut topic = m.topic.clone();
+    let mut topic = m.topic.as_str();
     let mut new_alias = None;
     if client.protocol.is_v5() {
         let mp = &m.properties;
@@ -657,7 +677,7 @@ fn encode_delivery<S: AsyncRead + AsyncWrite + Unpin>(
         props.subscription_identifiers.clone_from(&item.subscription_ids);
         if let Some(alias) = client.outbound_aliases.get(&m.topic) {
             props.topic_alias = Some(*alias);
-            topic.clear();
+            topic = "";
         } else if client.outbound_aliases.len() < usize::from(client.client_alias_max) {
             let alias = client.outbound_aliases.len() as u16 + 1;
             props.topic_alias = Some(alias);
@@ -665,23 +685,15 @@ fn encode_delivery<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let body = props.body();
-    let publish = Publish {
-        dup,
-        qos: item.qos,
-        retain: item.retain,
-        topic,
-        packet_id,
-        properties: Properties::default(),
-        payload: m.payload.clone(),
-    };
-    if publish.wire_len(client.protocol, &body) > client.max_packet_size {
+    let publish = PublishRef { dup, qos: item.qos, retain: item.retain, topic, packet_id, properties: &body, payload: &m.payload };
+    if publish.wire_len(client.protocol) > client.max_packet_size {
         broker.stats.drop(DropReason::TooLarge, 1);
         return false;
     }
     if let Some(alias) = new_alias {
         client.outbound_aliases.insert(m.topic.clone(), alias);
     }
-    publish.write_with(client.protocol, &body, &mut framed.wbuf);
+    publish.write(client.protocol, &mut framed.wbuf);
     let stats = &broker.stats;
     stats.messages_sent.fetch_add(1, Ordering::Relaxed);
     stats.sent_by_qos[item.qos as usize].fetch_add(1, Ordering::Relaxed);
@@ -789,8 +801,14 @@ async fn connected_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 if let Some(ka) = client.keep_alive {
                     deadline = tokio::time::Instant::now() + ka;
                 }
-                if let Some(end) = handle_packet(broker, slot, client, framed, packet).await? {
-                    return Ok(end);
+                // Handle every packet already buffered before pumping and writing, so a
+                // burst of acknowledgements or publishes costs one write, not one each.
+                let mut next = Some(packet);
+                while let Some(packet) = next {
+                    if let Some(end) = Box::pin(handle_packet(broker, slot, client, framed, packet)).await? {
+                        return Ok(end);
+                    }
+                    next = framed.buffered_packet()?;
                 }
             }
         }
@@ -1117,4 +1135,23 @@ async fn reauthenticate<S: AsyncRead + AsyncWrite + Unpin + Send>(
 
 fn cfg_deny_disconnects(broker: &Broker) -> bool {
     broker.config.acl.deny_action == DenyAction::Disconnect
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-connection task is the dominant per-client memory cost; keep it small.
+    #[tokio::test]
+    async fn connection_task_future_is_small() {
+        let broker = match Broker::new(crate::config::Config::default(), crate::auth::AuthMethods::default()) {
+            Ok(b) => b,
+            Err(e) => panic!("{e}"),
+        };
+        let (stream, _other) = tokio::io::duplex(64);
+        let fut = serve(broker, stream, SocketAddr::from(([127, 0, 0, 1], 1)), None);
+        let size = std::mem::size_of_val(&fut);
+        println!("serve future: {size} bytes");
+        assert!(size <= 4096, "the connection task grew to {size} bytes");
+    }
 }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use raftmq_cluster::message::{Message, QoS};
+use raftmq_cluster::message::Message;
 use raftmq_cluster::session::{QueuedMessage, ShareTarget, SubscriptionOptions};
 use raftmq_cluster::topic::TopicTrie;
 
@@ -30,6 +30,8 @@ pub struct SubscriptionIndex {
     trie: RwLock<TopicTrie<Arc<str>, SubscriptionOptions>>,
     /// Shared subscriptions, indexed by their filter (without the `$share/{group}/` prefix).
     shared: RwLock<TopicTrie<SharedKey, SubscriptionOptions>>,
+    /// Number of shared subscription memberships, so routing skips the shared trie when 0.
+    shared_members: std::sync::atomic::AtomicUsize,
 }
 
 impl SubscriptionIndex {
@@ -57,6 +59,9 @@ impl SubscriptionIndex {
         let mut trie = self.shared.write().unwrap_or_else(|p| p.into_inner());
         let filter = Arc::clone(&key.target.filter);
         let (previous, _) = trie.insert(&filter, key.clone(), options);
+        if previous.is_none() {
+            self.shared_members.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut members = 0;
         trie.for_each_filter_value(&filter, |k, _| members += usize::from(k.target == key.target));
         (previous.is_some(), previous.is_none() && members == 1)
@@ -66,6 +71,9 @@ impl SubscriptionIndex {
     pub fn unsubscribe_shared(&self, key: &SharedKey) -> (bool, bool) {
         let mut trie = self.shared.write().unwrap_or_else(|p| p.into_inner());
         let (removed, filter_empty) = trie.remove(&key.target.filter, key);
+        if removed.is_some() {
+            self.shared_members.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut members = 0;
         trie.for_each_filter_value(&key.target.filter, |k, _| members += usize::from(k.target == key.target));
         if filter_empty {
@@ -76,6 +84,9 @@ impl SubscriptionIndex {
 
     /// Every shared subscription matching the message, with its members.
     pub fn shared_matches(&self, message: &Message) -> Vec<SharedMatch> {
+        if self.shared_members.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            return Vec::new();
+        }
         let mut groups: HashMap<Arc<ShareTarget>, Vec<(Arc<str>, SubscriptionOptions)>> = HashMap::new();
         let trie = self.shared.read().unwrap_or_else(|p| p.into_inner());
         trie.for_each_match(&message.topic, |key, opts| {
@@ -117,30 +128,43 @@ impl SubscriptionIndex {
         self.trie.read().map(|t| t.filter_count()).unwrap_or(0) + self.shared.read().map(|t| t.filter_count()).unwrap_or(0)
     }
 
-    /// One delivery per matching client.
+    /// One delivery per matching client. Matches are collected into one vector and a
+    /// client matched by several filters is folded by sorting, without a map per message.
     pub fn deliveries(&self, message: &Arc<Message>) -> Vec<(Arc<str>, QueuedMessage)> {
-        let mut per_client: HashMap<Arc<str>, QueuedMessage> = HashMap::new();
-        let trie = self.trie.read().unwrap_or_else(|p| p.into_inner());
-        trie.for_each_match(&message.topic, |client, opts| {
-            if opts.no_local && **client == *message.publisher {
-                return;
-            }
+        let mut matches: Vec<(Arc<str>, SubscriptionOptions)> = Vec::new();
+        {
+            let trie = self.trie.read().unwrap_or_else(|p| p.into_inner());
+            trie.for_each_match(&message.topic, |client, opts| {
+                if !(opts.no_local && **client == *message.publisher) {
+                    matches.push((Arc::clone(client), *opts));
+                }
+            });
+        }
+        if matches.len() > 1 {
+            matches.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        }
+        let mut out: Vec<(Arc<str>, QueuedMessage)> = Vec::with_capacity(matches.len());
+        for (client, opts) in matches {
             let qos = opts.qos.min(message.qos);
             let retain = opts.retain_as_published && message.retain;
-            let entry = per_client.entry(Arc::clone(client)).or_insert_with(|| QueuedMessage {
-                message: Arc::clone(message),
-                qos: QoS::AtMostOnce,
-                retain: false,
-                subscription_ids: Vec::new(),
-                shared: None,
-            });
-            entry.qos = entry.qos.max(qos);
-            entry.retain |= retain;
-            if let Some(id) = opts.subscription_identifier {
-                entry.subscription_ids.push(id);
+            match out.last_mut() {
+                Some((last, entry)) if *last == client => {
+                    entry.qos = entry.qos.max(qos);
+                    entry.retain |= retain;
+                    entry.subscription_ids.extend(opts.subscription_identifier);
+                }
+                _ => out.push((
+                    client,
+                    QueuedMessage {
+                        message: Arc::clone(message),
+                        qos,
+                        retain,
+                        subscription_ids: opts.subscription_identifier.into_iter().collect(),
+                        shared: None,
+                    },
+                )),
             }
-        });
-        drop(trie);
-        per_client.into_iter().collect()
+        }
+        out
     }
 }

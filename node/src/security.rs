@@ -180,7 +180,13 @@ impl Authenticator {
         Ok(Authenticator { passwords, jwt, chain, allow_anonymous: auth.allow_anonymous.unwrap_or(!any) })
     }
 
-    /// Decides on a client. Blocking (password hashing): call from a blocking thread.
+    /// Whether [`Authenticator::check`] may block (it hashes passwords).
+    pub fn is_blocking(&self) -> bool {
+        self.passwords.is_some()
+    }
+
+    /// Decides on a client. Blocking when [`Authenticator::is_blocking`]: call it from a
+    /// blocking thread then.
     pub fn check(&self, creds: &Credentials<'_>) -> Verdict {
         if creds.certificate_verified {
             return Verdict::Accept(Identity { username: creds.username.map(str::to_owned), claims: HashMap::new() });

@@ -19,7 +19,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 pub use connect::{ConnAck, Connect, LastWill};
 pub use control::{Auth, Disconnect};
 pub use properties::{Properties, PropertyContext};
-pub use publish::{PubKind, PubResponse, Publish};
+pub use publish::{PubKind, PubResponse, Publish, PublishRef};
 pub use subscribe::{SubAck, Subscribe, UnsubAck, Unsubscribe};
 
 use wire::{parse_varint, varint_len, write_varint};

@@ -42,27 +42,75 @@ impl Publish {
         Ok(Publish { dup, qos, retain, topic, packet_id, properties, payload: b })
     }
 
-    fn body_len(&self, protocol: Protocol, props_body: &[u8]) -> usize {
+    fn as_ref<'a>(&'a self, props_body: &'a [u8]) -> PublishRef<'a> {
+        PublishRef {
+            dup: self.dup,
+            qos: self.qos,
+            retain: self.retain,
+            topic: &self.topic,
+            packet_id: self.packet_id,
+            properties: props_body,
+            payload: &self.payload,
+        }
+    }
+
+    /// Encoded size of the whole packet, given its encoded property body.
+    pub fn wire_len(&self, protocol: Protocol, props_body: &[u8]) -> usize {
+        self.as_ref(props_body).wire_len(protocol)
+    }
+
+    /// Writes the packet with a pre-encoded property body.
+    pub fn write_with(&self, protocol: Protocol, props_body: &[u8], out: &mut BytesMut) {
+        self.as_ref(props_body).write(protocol, out);
+    }
+
+    pub(super) fn write(&self, protocol: Protocol, out: &mut BytesMut) {
+        let props = if protocol.is_v5() { self.properties.body() } else { BytesMut::new() };
+        self.write_with(protocol, &props, out);
+    }
+}
+
+/// A PUBLISH to encode from borrowed parts, so a delivery to many subscribers copies
+/// neither topic nor payload.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishRef<'a> {
+    /// DUP flag.
+    pub dup: bool,
+    /// QoS of this transfer.
+    pub qos: QoS,
+    /// RETAIN flag.
+    pub retain: bool,
+    /// Topic name (empty when a topic alias stands for it).
+    pub topic: &'a str,
+    /// Packet identifier, 0 for QoS 0.
+    pub packet_id: u16,
+    /// Pre-encoded MQTT 5 property block body.
+    pub properties: &'a [u8],
+    /// Payload.
+    pub payload: &'a [u8],
+}
+
+impl PublishRef<'_> {
+    fn body_len(&self, protocol: Protocol) -> usize {
         let mut body = 2 + self.topic.len() + self.payload.len();
         if self.qos != QoS::AtMostOnce {
             body += 2;
         }
         if protocol.is_v5() {
-            body += Properties::wire_len(props_body);
+            body += Properties::wire_len(self.properties);
         }
         body
     }
 
-    /// Encoded size of the whole packet, given its encoded property body.
-    pub fn wire_len(&self, protocol: Protocol, props_body: &[u8]) -> usize {
-        let body = self.body_len(protocol, props_body);
+    /// Encoded size of the whole packet.
+    pub fn wire_len(&self, protocol: Protocol) -> usize {
+        let body = self.body_len(protocol);
         1 + varint_len(body) + body
     }
 
-    /// Writes the packet with a pre-encoded property body (the broker encodes properties
-    /// once to check the client's Maximum Packet Size before writing).
-    pub fn write_with(&self, protocol: Protocol, props_body: &[u8], out: &mut BytesMut) {
-        let body = self.body_len(protocol, props_body);
+    /// Appends the packet to `out`.
+    pub fn write(&self, protocol: Protocol, out: &mut BytesMut) {
+        let body = self.body_len(protocol);
         out.reserve(1 + varint_len(body) + body);
         let mut first = 0x30 | ((self.qos as u8) << 1);
         if self.dup {
@@ -73,19 +121,14 @@ impl Publish {
         }
         out.put_u8(first);
         write_varint(out, body);
-        write_string(out, &self.topic);
+        write_string(out, self.topic);
         if self.qos != QoS::AtMostOnce {
             out.put_u16(self.packet_id);
         }
         if protocol.is_v5() {
-            Properties::write_body(out, props_body);
+            Properties::write_body(out, self.properties);
         }
-        out.put_slice(&self.payload);
-    }
-
-    pub(super) fn write(&self, protocol: Protocol, out: &mut BytesMut) {
-        let props = if protocol.is_v5() { self.properties.body() } else { BytesMut::new() };
-        self.write_with(protocol, &props, out);
+        out.put_slice(self.payload);
     }
 }
 

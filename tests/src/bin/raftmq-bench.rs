@@ -1,0 +1,507 @@
+//! raftmq-bench: an MQTT load generator in the spirit of emqtt-bench, for raftmq or any
+//! other broker (docs/benchmarks.md runs it against raftmq and Mosquitto side by side).
+//!
+//! Scenarios: `conn` (connect N clients, optionally subscribe and hold them), `pub`, `sub`,
+//! and the paired `p2p` (N publishers -> N subscribers, one topic each), `fanout`
+//! (1 publisher -> N subscribers), `fanin` (N publishers -> one shared subscription group),
+//! `latency` (one paced publisher, one subscriber). Publishers run closed-loop (a window of
+//! unacknowledged QoS 1/2 messages, or batches of QoS 0) or paced at `--rate`. Every payload
+//! carries its send time, so subscribers measure one-way latency into an HDR histogram.
+//!
+//! Bounded: at most 100,000 clients and 600 seconds, to the address given (loopback by
+//! default). Progress is printed once a second; `--json` prints the summary as one line.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::{BufMut, Bytes, BytesMut};
+use clap::{Args, Parser, Subcommand};
+use hdrhistogram::Histogram;
+use raftmq_cluster::message::QoS;
+use raftmq_cluster::session::SubscriptionOptions;
+use raftmq_node::codec::{self, Connect, Packet, Properties, Protocol, PubKind, PubResponse, Publish, Subscribe};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+const MAX_CLIENTS: usize = 100_000;
+const MAX_SECONDS: u64 = 600;
+
+#[derive(Debug, Parser)]
+#[command(name = "raftmq-bench", about = "MQTT load generator")]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Clone, Args)]
+struct Common {
+    /// Broker address.
+    #[arg(long, global = true, default_value = "127.0.0.1:1883")]
+    broker: SocketAddr,
+    /// QoS of publishes and subscriptions.
+    #[arg(long, global = true, default_value_t = 0)]
+    qos: u8,
+    /// Payload size in bytes (at least 8: the send timestamp).
+    #[arg(long, global = true, default_value_t = 64)]
+    size: usize,
+    /// Measured duration in seconds.
+    #[arg(long, global = true, default_value_t = 10)]
+    duration: u64,
+    /// Messages per second per publisher (default: as fast as the window allows).
+    #[arg(long, global = true)]
+    rate: Option<u64>,
+    /// Unacknowledged QoS 1/2 messages per publisher, or QoS 0 messages per write.
+    #[arg(long, global = true, default_value_t = 64)]
+    window: usize,
+    /// MQTT version: 4 (3.1.1) or 5.
+    #[arg(long = "mqtt", global = true, default_value_t = 4)]
+    version: u8,
+    /// Print the summary as one JSON line.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Connect N clients, optionally subscribe each, hold them open, report the rate.
+    Conn {
+        /// Clients.
+        #[arg(short = 'c', long, default_value_t = 1000)]
+        count: usize,
+        /// Connections opened at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Subscribe each client to its own topic.
+        #[arg(long)]
+        subscribe: bool,
+        /// Seconds to hold the connections open after all connected.
+        #[arg(long, default_value_t = 0)]
+        hold: u64,
+    },
+    /// N publishers to one topic.
+    Pub {
+        /// Publishers.
+        #[arg(short = 'c', long, default_value_t = 1)]
+        count: usize,
+        /// Topic.
+        #[arg(long, default_value = "bench/t")]
+        topic: String,
+    },
+    /// N subscribers to one filter, counting what arrives.
+    Sub {
+        /// Subscribers.
+        #[arg(short = 'c', long, default_value_t = 1)]
+        count: usize,
+        /// Topic filter.
+        #[arg(long, default_value = "bench/#")]
+        topic: String,
+    },
+    /// N publishers -> N subscribers, one topic per pair.
+    P2p {
+        /// Pairs.
+        #[arg(short = 'c', long, default_value_t = 16)]
+        count: usize,
+    },
+    /// 1 publisher -> N subscribers on one topic.
+    Fanout {
+        /// Subscribers.
+        #[arg(short = 'c', long, default_value_t = 100)]
+        count: usize,
+    },
+    /// N publishers -> one shared subscription group of M members.
+    Fanin {
+        /// Publishers.
+        #[arg(short = 'c', long, default_value_t = 16)]
+        count: usize,
+        /// Group members.
+        #[arg(long, default_value_t = 4)]
+        members: usize,
+    },
+    /// One paced publisher (default 1000 msg/s) and one subscriber: one-way latency.
+    Latency,
+}
+
+/// Microseconds since the generator started: the clock carried in payloads.
+fn clock_us() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+struct Conn {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    buf: BytesMut,
+    protocol: Protocol,
+}
+
+impl Conn {
+    async fn open(c: &Common, client_id: &str) -> anyhow::Result<Conn> {
+        let protocol = if c.version == 5 { Protocol::V5 } else { Protocol::V311 };
+        let stream = TcpStream::connect(c.broker).await.with_context(|| format!("connecting to {}", c.broker))?;
+        stream.set_nodelay(true)?;
+        let (rd, wr) = stream.into_split();
+        let mut conn = Conn { rd, wr, buf: BytesMut::with_capacity(16 * 1024), protocol };
+        let connect = Connect {
+            protocol,
+            clean_start: true,
+            keep_alive: 300,
+            properties: Properties::default(),
+            client_id: client_id.to_owned(),
+            will: None,
+            username: None,
+            password: None,
+        };
+        conn.send(&Packet::Connect(Box::new(connect))).await?;
+        match conn.next().await? {
+            Some(Packet::ConnAck(a)) if a.code == 0 => Ok(conn),
+            other => bail!("{client_id}: CONNECT refused: {other:?}"),
+        }
+    }
+
+    async fn send(&mut self, p: &Packet) -> anyhow::Result<()> {
+        let mut out = BytesMut::new();
+        codec::encode(p, self.protocol, &mut out);
+        self.wr.write_all(&out).await?;
+        Ok(())
+    }
+
+    /// Next packet; `None` when the broker closed.
+    async fn next(&mut self) -> anyhow::Result<Option<Packet>> {
+        loop {
+            if let Some(p) = codec::decode(&mut self.buf, Some(self.protocol), usize::MAX)? {
+                return Ok(Some(p));
+            }
+            if self.rd.read_buf(&mut self.buf).await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, filter: &str, qos: QoS) -> anyhow::Result<()> {
+        let opts = SubscriptionOptions { qos, ..SubscriptionOptions::default() };
+        self.send(&Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            properties: Properties::default(),
+            filters: vec![(filter.to_owned(), opts)],
+        }))
+        .await?;
+        match self.next().await? {
+            Some(Packet::SubAck(s)) if s.codes.first().is_some_and(|c| *c < 0x80) => Ok(()),
+            other => bail!("SUBSCRIBE {filter} refused: {other:?}"),
+        }
+    }
+}
+
+fn payload(size: usize) -> Bytes {
+    let mut b = BytesMut::with_capacity(size.max(8));
+    b.put_u64(clock_us());
+    b.resize(size.max(8), b'x');
+    b.freeze()
+}
+
+/// Publishes to `topic` until `until`, closed-loop or paced.
+async fn publisher(c: Common, id: String, topic: String, until: Instant, counters: Arc<Counters>) -> anyhow::Result<()> {
+    let mut conn = Conn::open(&c, &id).await?;
+    let qos = QoS::from_u8(c.qos).unwrap_or(QoS::AtMostOnce);
+    let window = c.window.clamp(1, 60_000);
+    let mut next_id: u16 = 0;
+    let mut outstanding = 0usize;
+    let pace = c.rate.map(|r| Duration::from_secs_f64(1.0 / r.max(1) as f64));
+    let mut next_send = Instant::now();
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    while Instant::now() < until {
+        // Fill the window (or a batch of QoS 0 messages).
+        let mut batch = 0;
+        while batch < window && (qos == QoS::AtMostOnce || outstanding < window) {
+            if let Some(p) = pace {
+                let now = Instant::now();
+                if now < next_send {
+                    if batch == 0 {
+                        tokio::time::sleep_until(next_send.into()).await;
+                    } else {
+                        break;
+                    }
+                }
+                next_send += p;
+            }
+            let packet_id = if qos == QoS::AtMostOnce {
+                0
+            } else {
+                next_id = next_id.checked_add(1).unwrap_or(1);
+                next_id
+            };
+            let publish = Publish {
+                dup: false,
+                qos,
+                retain: false,
+                topic: topic.clone(),
+                packet_id,
+                properties: Properties::default(),
+                payload: payload(c.size),
+            };
+            codec::encode(&Packet::Publish(publish), conn.protocol, &mut out);
+            batch += 1;
+            if qos != QoS::AtMostOnce {
+                outstanding += 1;
+            }
+            if pace.is_some() {
+                break;
+            }
+        }
+        conn.wr.write_all(&out).await?;
+        out.clear();
+        counters.sent.fetch_add(batch as u64, Ordering::Relaxed);
+        // Collect acknowledgements until the window has room again.
+        while qos != QoS::AtMostOnce && outstanding >= window {
+            match conn.next().await? {
+                Some(Packet::PubResponse(r)) => match r.kind {
+                    PubKind::PubAck | PubKind::PubComp => outstanding -= 1,
+                    PubKind::PubRec => {
+                        codec::encode(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, r.packet_id, 0)), conn.protocol, &mut out)
+                    }
+                    PubKind::PubRel => {}
+                },
+                Some(_) => {}
+                None => bail!("{id}: broker closed the connection"),
+            }
+            if !out.is_empty() {
+                conn.wr.write_all(&out).await?;
+                out.clear();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Connects and subscribes; the returned future counts deliveries until `until` + grace.
+async fn subscriber(c: Common, id: String, filter: String) -> anyhow::Result<Conn> {
+    let mut conn = Conn::open(&c, &id).await?;
+    conn.subscribe(&filter, QoS::from_u8(c.qos).unwrap_or(QoS::AtMostOnce)).await?;
+    Ok(conn)
+}
+
+async fn consume(mut conn: Conn, until: Instant, counters: Arc<Counters>) -> anyhow::Result<Histogram<u64>> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut acks = BytesMut::new();
+    let stop = tokio::time::sleep_until(until.into());
+    tokio::pin!(stop);
+    loop {
+        // Decode everything buffered, then read more.
+        while let Some(p) = codec::decode(&mut conn.buf, Some(conn.protocol), usize::MAX)? {
+            match p {
+                Packet::Publish(p) => {
+                    counters.received.fetch_add(1, Ordering::Relaxed);
+                    if p.payload.len() >= 8 {
+                        let sent = u64::from_be_bytes(p.payload[..8].try_into().unwrap_or_default());
+                        let _ = hist.record(clock_us().saturating_sub(sent).max(1));
+                    }
+                    match p.qos {
+                        QoS::AtMostOnce => {}
+                        QoS::AtLeastOnce => {
+                            codec::encode(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, p.packet_id, 0)), conn.protocol, &mut acks)
+                        }
+                        QoS::ExactlyOnce => {
+                            codec::encode(&Packet::PubResponse(PubResponse::new(PubKind::PubRec, p.packet_id, 0)), conn.protocol, &mut acks)
+                        }
+                    }
+                }
+                Packet::PubResponse(r) if r.kind == PubKind::PubRel => {
+                    codec::encode(&Packet::PubResponse(PubResponse::new(PubKind::PubComp, r.packet_id, 0)), conn.protocol, &mut acks)
+                }
+                _ => {}
+            }
+        }
+        if !acks.is_empty() {
+            conn.wr.write_all(&acks).await?;
+            acks.clear();
+        }
+        tokio::select! {
+            r = conn.rd.read_buf(&mut conn.buf) => if r? == 0 { return Ok(hist) },
+            _ = &mut stop => return Ok(hist),
+        }
+    }
+}
+
+fn progress(counters: Arc<Counters>, label: &'static str, quiet: bool) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = (0, 0);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        for second in 1.. {
+            tick.tick().await;
+            let now = (counters.sent.load(Ordering::Relaxed), counters.received.load(Ordering::Relaxed));
+            if !quiet {
+                eprintln!("{label} t={second}s sent/s={} recv/s={}", now.0 - last.0, now.1 - last.1);
+            }
+            last = now;
+        }
+    })
+}
+
+struct Summary {
+    scenario: &'static str,
+    sent: u64,
+    received: u64,
+    seconds: f64,
+    latency: Option<Histogram<u64>>,
+    conn_per_sec: Option<f64>,
+}
+
+fn report(s: &Summary, json: bool) {
+    let rate = s.received as f64 / s.seconds;
+    let pct = |q: f64| s.latency.as_ref().filter(|h| !h.is_empty()).map(|h| h.value_at_quantile(q));
+    if json {
+        let line = serde_json::json!({
+            "scenario": s.scenario, "sent": s.sent, "received": s.received, "seconds": s.seconds,
+            "msgs_per_sec": rate, "conn_per_sec": s.conn_per_sec,
+            "latency_us": { "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": s.latency.as_ref().map(|h| h.max()) },
+        });
+        println!("{line}");
+        return;
+    }
+    println!("scenario      {}", s.scenario);
+    if let Some(c) = s.conn_per_sec {
+        println!("connections/s {c:.0}");
+        return;
+    }
+    println!("sent          {}", s.sent);
+    println!("received      {} in {:.1} s = {:.0} msg/s", s.received, s.seconds, rate);
+    if let (Some(p50), Some(p99)) = (pct(0.5), pct(0.99)) {
+        println!("latency us    p50 {p50}  p90 {}  p99 {p99}  max {}", pct(0.9).unwrap_or(0), s.latency.as_ref().map_or(0, |h| h.max()));
+    }
+}
+
+/// Runs publishers and subscribers: subscribers first, then `duration` seconds of traffic.
+async fn paired(c: &Common, scenario: &'static str, pubs: Vec<String>, subs: Vec<String>) -> anyhow::Result<Summary> {
+    let counters = Arc::new(Counters::default());
+    let mut conns = Vec::new();
+    for (i, filter) in subs.iter().enumerate() {
+        conns.push(subscriber(c.clone(), format!("bench-sub-{i}"), filter.clone()).await?);
+    }
+    let duration = Duration::from_secs(c.duration.min(MAX_SECONDS));
+    let start = Instant::now();
+    let until = start + duration;
+    let drain = until + Duration::from_secs(2);
+    let consumers: Vec<_> = conns.into_iter().map(|conn| tokio::spawn(consume(conn, drain, Arc::clone(&counters)))).collect();
+    let ticker = progress(Arc::clone(&counters), scenario, c.json);
+    let publishers: Vec<_> = pubs
+        .into_iter()
+        .enumerate()
+        .map(|(i, topic)| tokio::spawn(publisher(c.clone(), format!("bench-pub-{i}"), topic, until, Arc::clone(&counters))))
+        .collect();
+    tokio::time::sleep_until(until.into()).await;
+    // Throughput counts what was delivered within the measured duration.
+    let received = counters.received.load(Ordering::Relaxed);
+    for p in publishers {
+        p.await??;
+    }
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for h in consumers {
+        latency.add(h.await??)?;
+    }
+    ticker.abort();
+    Ok(Summary {
+        scenario,
+        sent: counters.sent.load(Ordering::Relaxed),
+        received,
+        seconds: duration.as_secs_f64(),
+        latency: Some(latency),
+        conn_per_sec: None,
+    })
+}
+
+async fn conn_scenario(c: &Common, count: usize, concurrency: usize, subscribe: bool, hold: u64) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut tasks = Vec::with_capacity(count);
+    for i in 0..count {
+        let permit = Arc::clone(&semaphore).acquire_owned().await?;
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::open(&c, &format!("bench-conn-{i}")).await?;
+            if subscribe {
+                conn.subscribe(&format!("bench/conn/{i}"), QoS::from_u8(c.qos).unwrap_or(QoS::AtMostOnce)).await?;
+            }
+            drop(permit);
+            anyhow::Ok(conn)
+        }));
+    }
+    let mut conns = Vec::with_capacity(count);
+    for t in tasks {
+        conns.push(t.await??);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    // A line the benchmark script waits for before it samples the broker's memory.
+    eprintln!("connected {count} in {seconds:.2} s");
+    if hold > 0 {
+        tokio::time::sleep(Duration::from_secs(hold.min(MAX_SECONDS))).await;
+    }
+    drop(conns);
+    Ok(Summary { scenario: "conn", sent: 0, received: count as u64, seconds, latency: None, conn_per_sec: Some(count as f64 / seconds) })
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let c = cli.common;
+    if c.size < 8 {
+        bail!("--size must be at least 8 (the timestamp)");
+    }
+    let count = match &cli.scenario {
+        Scenario::Conn { count, .. }
+        | Scenario::Pub { count, .. }
+        | Scenario::Sub { count, .. }
+        | Scenario::P2p { count }
+        | Scenario::Fanout { count } => *count,
+        Scenario::Fanin { count, members } => count + members,
+        Scenario::Latency => 2,
+    };
+    if count == 0 || count > MAX_CLIENTS {
+        bail!("between 1 and {MAX_CLIENTS} clients");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        clock_us();
+        let summary = match cli.scenario {
+            Scenario::Conn { count, concurrency, subscribe, hold } => conn_scenario(&c, count, concurrency, subscribe, hold).await?,
+            Scenario::Pub { count, topic } => paired(&c, "pub", vec![topic; count], vec![]).await?,
+            Scenario::Sub { count, topic } => paired(&c, "sub", vec![], vec![topic; count]).await?,
+            Scenario::P2p { count } => {
+                paired(
+                    &c,
+                    "p2p",
+                    (0..count).map(|i| format!("bench/p2p/{i}")).collect(),
+                    (0..count).map(|i| format!("bench/p2p/{i}")).collect(),
+                )
+                .await?
+            }
+            Scenario::Fanout { count } => paired(&c, "fanout", vec!["bench/fanout".into()], vec!["bench/fanout".into(); count]).await?,
+            Scenario::Fanin { count, members } => {
+                paired(
+                    &c,
+                    "fanin",
+                    (0..count).map(|i| format!("bench/fanin/{i}")).collect(),
+                    vec!["$share/bench/bench/fanin/+".into(); members],
+                )
+                .await?
+            }
+            Scenario::Latency => {
+                let c = Common { rate: Some(c.rate.unwrap_or(1000)), ..c.clone() };
+                paired(&c, "latency", vec!["bench/latency".into()], vec!["bench/latency".into()]).await?
+            }
+        };
+        report(&summary, c.json);
+        anyhow::Ok(())
+    })
+}
