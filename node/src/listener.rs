@@ -115,47 +115,58 @@ pub async fn run(broker: Arc<Broker>, listener: TcpListener, transport: Arc<Tran
     }
 }
 
+/// Runs the transport's handshake, then the MQTT connection. Each transport's path is
+/// boxed so that a plain TCP connection's task does not carry the (much larger) state of a
+/// TLS or WebSocket handshake: the task holds one pointer, the box only what is used.
 async fn handshake_and_serve(broker: Arc<Broker>, stream: TcpStream, peer: std::net::SocketAddr, transport: &Transport) {
-    let timeout = Duration::from_secs(broker.config.mqtt.connect_timeout_secs);
-    let max_message = broker.config.mqtt.max_packet_size + 16;
     match transport {
-        Transport::Tcp => connection::serve(broker, stream, peer, None).await,
-        Transport::Tls(acceptor, config) => {
-            let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-            };
-            let user = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| transport::cert_username(c, config.peer_cert_as_username));
-            connection::serve(broker, tls, peer, user).await;
-        }
-        Transport::Ws(config) => match tokio::time::timeout(timeout, transport::accept_websocket(stream, config, max_message)).await {
-            Ok(Ok(ws)) => connection::serve(broker, ws, peer, None).await,
-            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "WebSocket handshake failed"),
-            Err(_) => tracing::debug!(%peer, "WebSocket handshake timed out"),
-        },
-        Transport::Wss(acceptor, config) => {
-            let handshake = async {
-                let tls = acceptor.accept(stream).await?;
-                let user = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| transport::cert_username(c, config.peer_cert_as_username));
-                let ws = transport::accept_websocket(tls, config, max_message).await?;
-                Ok::<_, std::io::Error>((ws, user))
-            };
-            match tokio::time::timeout(timeout, handshake).await {
-                Ok(Ok((ws, user))) => connection::serve(broker, ws, peer, user).await,
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "secure WebSocket handshake failed"),
-                Err(_) => tracing::debug!(%peer, "secure WebSocket handshake timed out"),
-            }
-        }
+        Transport::Tcp => Box::pin(connection::serve(broker, stream, peer, None)).await,
+        Transport::Tls(acceptor, config) => Box::pin(serve_tls(broker, stream, peer, acceptor, config)).await,
+        Transport::Ws(config) => Box::pin(serve_ws(broker, stream, peer, config)).await,
+        Transport::Wss(acceptor, config) => Box::pin(serve_wss(broker, stream, peer, acceptor, config)).await,
+    }
+}
+
+fn handshake_timeout(broker: &Broker) -> Duration {
+    Duration::from_secs(broker.config.mqtt.connect_timeout_secs)
+}
+
+async fn serve_tls(broker: Arc<Broker>, stream: TcpStream, peer: std::net::SocketAddr, acceptor: &TlsAcceptor, config: &ListenerConfig) {
+    let tls = match tokio::time::timeout(handshake_timeout(&broker), acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+    };
+    let user =
+        tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| transport::cert_username(c, config.peer_cert_as_username));
+    connection::serve(broker, tls, peer, user).await;
+}
+
+async fn serve_ws(broker: Arc<Broker>, stream: TcpStream, peer: std::net::SocketAddr, config: &ListenerConfig) {
+    let max_message = broker.config.mqtt.max_packet_size + 16;
+    match tokio::time::timeout(handshake_timeout(&broker), transport::accept_websocket(stream, config, max_message)).await {
+        Ok(Ok(ws)) => connection::serve(broker, ws, peer, None).await,
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "WebSocket handshake failed"),
+        Err(_) => tracing::debug!(%peer, "WebSocket handshake timed out"),
+    }
+}
+
+async fn serve_wss(broker: Arc<Broker>, stream: TcpStream, peer: std::net::SocketAddr, acceptor: &TlsAcceptor, config: &ListenerConfig) {
+    let max_message = broker.config.mqtt.max_packet_size + 16;
+    let handshake = async {
+        let tls = acceptor.accept(stream).await?;
+        let user = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| transport::cert_username(c, config.peer_cert_as_username));
+        let ws = transport::accept_websocket(tls, config, max_message).await?;
+        Ok::<_, std::io::Error>((ws, user))
+    };
+    match tokio::time::timeout(handshake_timeout(&broker), handshake).await {
+        Ok(Ok((ws, user))) => connection::serve(broker, ws, peer, user).await,
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "secure WebSocket handshake failed"),
+        Err(_) => tracing::debug!(%peer, "secure WebSocket handshake timed out"),
     }
 }
