@@ -19,3 +19,4 @@ mod t95_transports;
 mod t96_auth_acl;
 mod t97_paho;
 mod t98_admin;
+mod t99_bench;
