@@ -447,12 +447,7 @@ async fn publish(State(state): State<AppState>, Json(req): Json<PublishRequest>)
         received_at_us: now_us(),
         publisher: String::new(),
     });
-    if message.retain {
-        if let Err(e) = broker.retain(&message).await {
-            return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
-        }
-    }
-    match broker.route(&message).await {
+    match broker.publish(&message).await {
         Ok(matched) => Json(json!({ "matched": matched })).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }

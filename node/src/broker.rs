@@ -533,15 +533,20 @@ impl Broker {
         self.stats.wills_published.fetch_add(1, Ordering::Relaxed);
         let mut message = message;
         message.received_at_us = now_us();
-        let message = Arc::new(message);
+        if let Err(e) = self.publish(&Arc::new(message)).await {
+            tracing::warn!(error = %e, "failed to publish will message");
+        }
+    }
+
+    /// Publishes a message: stores it as the topic's retained message when its RETAIN flag
+    /// is set, then routes it. Resolves once durable; returns the number of sessions and
+    /// shared groups that matched. Every publisher (clients, wills, `$SYS`, the admin API)
+    /// goes through here.
+    pub async fn publish(&self, message: &Arc<Message>) -> Result<usize, StoreError> {
         if message.retain {
-            if let Err(e) = self.retain(&message).await {
-                tracing::warn!(error = %e, "failed to retain will message");
-            }
+            self.retain(message).await?;
         }
-        if let Err(e) = self.route(&message).await {
-            tracing::warn!(error = %e, "failed to route will message");
-        }
+        self.route(message).await
     }
 
     /// Stores or deletes a retained message.

@@ -999,10 +999,7 @@ async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         received_at_us: now_us(),
         publisher: client.client_id.to_string(),
     });
-    if message.retain {
-        broker.retain(&message).await?;
-    }
-    let matched = broker.route(&message).await?;
+    let matched = broker.publish(&message).await?;
     if matched == 0 {
         broker.stats.drop(DropReason::NoSubscribers, 1);
     }

@@ -70,13 +70,8 @@ pub async fn publish(broker: &Broker, topic: String, payload: Bytes, retain: boo
         received_at_us: now_us(),
         publisher: String::new(),
     });
-    if retain {
-        if let Err(e) = broker.retain(&message).await {
-            tracing::warn!(error = %e, "failed to retain $SYS message");
-        }
-    }
-    if let Err(e) = broker.route(&message).await {
-        tracing::warn!(error = %e, "failed to route $SYS message");
+    if let Err(e) = broker.publish(&message).await {
+        tracing::warn!(error = %e, "failed to publish $SYS message");
     }
 }
 
