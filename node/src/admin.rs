@@ -141,9 +141,9 @@ async fn status(State(state): State<AppState>) -> Json<serde_json::Value> {
         "retained": b.retained_count(),
         "queued": sessions.queued,
         "inflight": sessions.inflight,
-        "messages_received": load(&s.messages_received),
-        "messages_sent": load(&s.messages_sent),
-        "messages_dropped": load(&s.messages_dropped),
+        "messages_received": s.messages_received(),
+        "messages_sent": s.messages_sent(),
+        "messages_dropped": s.messages_dropped(),
         "bytes_received": load(&s.bytes_received),
         "bytes_sent": load(&s.bytes_sent),
     }))

@@ -33,6 +33,7 @@ use crate::shared::{self, Dispatcher, MemberLoad};
 /// Why a delivery or message was dropped (the `reason` label of
 /// `raftmq_messages_dropped_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
 pub enum DropReason {
     /// A session queue was full.
     QueueFull,
@@ -49,7 +50,8 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    /// Every reason, in label order.
+    /// Every reason, in label order (the order of the discriminants, which index
+    /// [`Stats::dropped_by_reason`]).
     pub const ALL: [DropReason; 6] = [
         DropReason::QueueFull,
         DropReason::Expired,
@@ -109,12 +111,6 @@ pub struct Stats {
     pub connections: AtomicUsize,
     /// Highest value `connections` reached.
     pub connections_max: AtomicUsize,
-    /// PUBLISH packets received from clients.
-    pub messages_received: AtomicU64,
-    /// PUBLISH packets written to clients.
-    pub messages_sent: AtomicU64,
-    /// Deliveries dropped (queue full, offline QoS 0, too large for the client, expired).
-    pub messages_dropped: AtomicU64,
     /// Will messages published.
     pub wills_published: AtomicU64,
     /// Sessions taken over by a new connection.
@@ -135,10 +131,26 @@ impl Stats {
         if n == 0 {
             return;
         }
-        self.messages_dropped.fetch_add(n, Ordering::Relaxed);
-        if let Some(i) = DropReason::ALL.iter().position(|r| *r == reason) {
-            self.dropped_by_reason[i].fetch_add(n, Ordering::Relaxed);
-        }
+        self.dropped_by_reason[reason as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sum(counters: &[AtomicU64]) -> u64 {
+        counters.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// PUBLISH packets received from clients (all QoS).
+    pub fn messages_received(&self) -> u64 {
+        Self::sum(&self.received_by_qos)
+    }
+
+    /// PUBLISH packets written to clients (all QoS).
+    pub fn messages_sent(&self) -> u64 {
+        Self::sum(&self.sent_by_qos)
+    }
+
+    /// Messages and deliveries dropped, for every reason.
+    pub fn messages_dropped(&self) -> u64 {
+        Self::sum(&self.dropped_by_reason)
     }
 
     /// Counts a CONNECT outcome (a label of [`CONNECT_RESULTS`]).
@@ -818,5 +830,22 @@ impl Broker {
         if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
             tracing::warn!("some connections did not close within the shutdown grace period");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_reasons_index_their_counters_in_label_order() {
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i, "{reason:?}");
+        }
+        let stats = Stats::default();
+        stats.drop(DropReason::Expired, 2);
+        stats.drop(DropReason::NotQueued, 1);
+        assert_eq!(stats.messages_dropped(), 3);
+        assert_eq!(stats.dropped_by_reason[DropReason::Expired as usize].load(Ordering::Relaxed), 2);
     }
 }

@@ -695,7 +695,6 @@ fn encode_delivery<S: AsyncRead + AsyncWrite + Unpin>(
     }
     publish.write(client.protocol, &mut framed.wbuf);
     let stats = &broker.stats;
-    stats.messages_sent.fetch_add(1, Ordering::Relaxed);
     stats.sent_by_qos[item.qos as usize].fetch_add(1, Ordering::Relaxed);
     stats.packets_sent[3].fetch_add(1, Ordering::Relaxed);
     broker.metrics.delivered(m.received_at_us);
@@ -894,7 +893,6 @@ async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<(), ConnectionError> {
     let cfg = &broker.config.mqtt;
     let v5 = client.protocol.is_v5();
-    broker.stats.messages_received.fetch_add(1, Ordering::Relaxed);
     broker.stats.received_by_qos[p.qos as usize].fetch_add(1, Ordering::Relaxed);
     if let Some(limiter) = client.rate.as_mut() {
         if let Some(wait) = limiter.take() {

@@ -48,9 +48,9 @@ async fn publish_all(broker: &Broker, started: Instant) {
         (format!("{prefix}/stats/sessions/count"), broker.session_count().to_string()),
         (format!("{prefix}/stats/subscriptions/count"), broker.subscription_filter_count().to_string()),
         (format!("{prefix}/stats/retained/count"), broker.retained_count().to_string()),
-        (format!("{prefix}/metrics/messages/received"), stats.messages_received.load(Ordering::Relaxed).to_string()),
-        (format!("{prefix}/metrics/messages/sent"), stats.messages_sent.load(Ordering::Relaxed).to_string()),
-        (format!("{prefix}/metrics/messages/dropped"), stats.messages_dropped.load(Ordering::Relaxed).to_string()),
+        (format!("{prefix}/metrics/messages/received"), stats.messages_received().to_string()),
+        (format!("{prefix}/metrics/messages/sent"), stats.messages_sent().to_string()),
+        (format!("{prefix}/metrics/messages/dropped"), stats.messages_dropped().to_string()),
         (format!("{prefix}/metrics/bytes/received"), stats.bytes_received.load(Ordering::Relaxed).to_string()),
         (format!("{prefix}/metrics/bytes/sent"), stats.bytes_sent.load(Ordering::Relaxed).to_string()),
     ];
