@@ -178,7 +178,12 @@ pub fn push_bounded(queue: &mut VecDeque<QueuedMessage>, bytes: &mut usize, item
 /// because nothing outlives the process anyway.
 #[derive(Debug, Default)]
 pub struct MemorySessionStore {
-    sessions: DashMap<String, SessionState>,
+    /// Each session with the bytes its queue holds, so an append is O(1).
+    sessions: DashMap<String, (SessionState, usize)>,
+}
+
+fn queue_bytes(state: &SessionState) -> usize {
+    state.queue.iter().map(|q| q.message.weight()).sum()
 }
 
 impl MemorySessionStore {
@@ -191,27 +196,28 @@ impl MemorySessionStore {
 #[async_trait]
 impl SessionStore for MemorySessionStore {
     async fn load(&self, client_id: &str) -> Result<Option<SessionState>, StoreError> {
-        Ok(self.sessions.get(client_id).map(|s| s.clone()))
+        Ok(self.sessions.get(client_id).map(|s| s.0.clone()))
     }
 
     async fn save(&self, state: SessionState) -> Result<(), StoreError> {
-        self.sessions.insert(state.client_id.clone(), state);
+        let bytes = queue_bytes(&state);
+        self.sessions.insert(state.client_id.clone(), (state, bytes));
         Ok(())
     }
 
     async fn append(&self, batch: Vec<(String, QueuedMessage)>, limits: QueueLimits) -> Result<u64, StoreError> {
         let mut dropped = 0;
         for (client_id, item) in batch {
-            if let Some(mut s) = self.sessions.get_mut(&client_id) {
-                let mut bytes = s.queue.iter().map(|q| q.message.weight()).sum();
-                dropped += push_bounded(&mut s.queue, &mut bytes, item, limits);
+            if let Some(mut entry) = self.sessions.get_mut(&client_id) {
+                let (state, bytes) = &mut *entry;
+                dropped += push_bounded(&mut state.queue, bytes, item, limits);
             }
         }
         Ok(dropped)
     }
 
     async fn remove(&self, client_id: &str) -> Result<Option<SessionState>, StoreError> {
-        Ok(self.sessions.remove(client_id).map(|(_, s)| s))
+        Ok(self.sessions.remove(client_id).map(|(_, (s, _))| s))
     }
 
     fn len(&self) -> usize {
