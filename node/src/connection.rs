@@ -967,7 +967,7 @@ async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         return Ok(());
     }
     if !client.allowed(broker, Access::Publish, &p.topic) {
-        if cfg_deny_disconnects(broker) {
+        if broker.config.acl.deny_action == DenyAction::Disconnect {
             return Err(violation(reason::NOT_AUTHORIZED, "publish not authorized"));
         }
         broker.stats.drop(DropReason::NotAuthorized, 1);
@@ -1126,10 +1126,6 @@ async fn reauthenticate<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         Err((code, what)) => Err(violation(code, what)),
     }
-}
-
-fn cfg_deny_disconnects(broker: &Broker) -> bool {
-    broker.config.acl.deny_action == DenyAction::Disconnect
 }
 
 #[cfg(test)]

@@ -28,8 +28,8 @@ async fn mqtt_3_1_0_2_second_connect_is_protocol_error() -> anyhow::Result<()> {
 async fn b5_unsupported_level_gets_0x84_on_v5_and_0x01_on_v311() -> anyhow::Result<()> {
     let b = start_broker(|_| {}).await?;
     let mut raw = Raw::open(b.addr, Protocol::V5).await?;
-    // "MQTT" level 6.
-    raw.send_bytes(&[0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 6, 2, 0, 60, 0, 0, 1, b'c', 0][..15]).await?;
+    // "MQTT" level 6: name, level, flags, keep alive, client id "c".
+    raw.send_bytes(&[0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 6, 2, 0, 60, 0, 1, b'c']).await?;
     match raw.expect_closed(DEADLINE).await? {
         Some(Packet::ConnAck(a)) => assert_eq!(a.code, reason::UNSUPPORTED_PROTOCOL_VERSION),
         other => panic!("expected CONNACK, got {other:?}"),
