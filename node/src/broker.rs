@@ -18,7 +18,6 @@ use raftmq_cluster::session::{
     InflightStage, MemorySessionStore, QueueLimits, QueuedMessage, SessionStore, ShareTarget, SubscriptionOptions, WillMessage,
 };
 use raftmq_cluster::StoreError;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -192,8 +191,6 @@ pub struct Attached {
     pub slot: Arc<SessionSlot>,
     /// Whether an existing session was resumed (CONNACK Session Present).
     pub session_present: bool,
-    /// Kick signal for the connection loop.
-    pub kicked: oneshot::Receiver<u8>,
 }
 
 /// The shared state of one node.
@@ -354,8 +351,8 @@ impl Broker {
         info: ConnInfo,
     ) -> Result<Attached, StoreError> {
         loop {
-            let slot =
-                self.sessions.entry(Arc::from(client_id)).or_insert_with(|| Arc::new(SessionSlot::new(Arc::from(client_id)))).clone();
+            let id: Arc<str> = Arc::from(client_id);
+            let slot = self.sessions.entry(Arc::clone(&id)).or_insert_with(|| Arc::new(SessionSlot::new(id))).clone();
             let _guard = slot.connect_lock.lock().await;
             if slot.lock().removed {
                 continue;
@@ -388,10 +385,9 @@ impl Broker {
                 slot.restore(state);
                 session_present = true;
             }
-            let (kick_tx, kicked) = oneshot::channel();
             {
                 let mut inner = slot.lock();
-                inner.conn = Some(ConnHandle { conn_id, info: info.clone(), kick: Some(kick_tx) });
+                inner.conn = Some(ConnHandle { conn_id, info: info.clone(), kick: None });
                 inner.generation += 1;
                 inner.persistent = expiry_secs > 0;
                 inner.expiry_secs = expiry_secs;
@@ -401,7 +397,7 @@ impl Broker {
             if expiry_secs > 0 {
                 self.store.save(slot.snapshot()).await?;
             }
-            return Ok(Attached { slot: Arc::clone(&slot), session_present, kicked });
+            return Ok(Attached { slot: Arc::clone(&slot), session_present });
         }
     }
 
@@ -411,18 +407,11 @@ impl Broker {
         let released = slot.released.notified();
         tokio::pin!(released);
         released.as_mut().enable();
-        let kick = {
-            let mut inner = slot.lock();
-            match inner.conn.as_mut() {
-                Some(conn) => conn.kick.take(),
-                None => return,
-            }
-        };
+        if !slot.kick(reason) {
+            return;
+        }
         if reason == crate::codec::reason::SESSION_TAKEN_OVER {
             self.stats.takeovers.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(kick) = kick {
-            let _ = kick.send(reason);
         }
         let timeout = Duration::from_secs(self.config.mqtt.takeover_timeout_secs);
         if tokio::time::timeout(timeout, released).await.is_err() {
@@ -485,7 +474,7 @@ impl Broker {
         } else {
             match will {
                 Some(will) if will.delay_secs > 0 => {
-                    slot.lock().pending_will = Some(will.clone());
+                    slot.lock().pending_will = Some(Box::new(will.clone()));
                     let delay = Duration::from_secs(u64::from(will.delay_secs.min(expiry)));
                     self.spawn_will_timer(Arc::clone(slot), generation, delay);
                 }
@@ -826,6 +815,12 @@ impl Broker {
     /// Asks every connection to close (server shutting down) and waits for them.
     pub async fn shutdown(&self, grace: Duration) {
         self.shutdown.cancel();
+        // Connections past their handshake do not watch the token (it would cost every idle
+        // connection a waiter); they are kicked. One attaching right now checks the token
+        // before it waits.
+        for slot in self.sessions.iter() {
+            slot.kick(crate::codec::reason::SERVER_SHUTTING_DOWN);
+        }
         self.tasks.close();
         if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
             tracing::warn!("some connections did not close within the shutdown grace period");

@@ -16,7 +16,7 @@ use raftmq_cluster::message::QoS;
 use raftmq_cluster::session::{
     push_bounded, InflightMessage, InflightStage, QueueLimits, QueuedMessage, SessionState, SubscriptionOptions, WillMessage,
 };
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 
 /// What the admin API shows about a live connection.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -42,8 +42,9 @@ pub struct ConnHandle {
     pub conn_id: u64,
     /// Who is connected.
     pub info: ConnInfo,
-    /// Tells the connection to close with an MQTT 5 reason code (takeover, admin kick).
-    pub kick: Option<oneshot::Sender<u8>>,
+    /// Set when the connection must close, with the MQTT 5 reason code to send (takeover,
+    /// admin kick, shutdown); the connection sees it at its next wake-up.
+    pub kick: Option<u8>,
 }
 
 /// Mutable state of a slot.
@@ -70,7 +71,7 @@ pub struct SlotInner {
     /// Inbound QoS 2 packet ids awaiting PUBREL, with the time they arrived.
     pub awaiting_rel: HashMap<u16, std::time::Instant>,
     /// A will waiting for its delay to pass.
-    pub pending_will: Option<WillMessage>,
+    pub pending_will: Option<Box<WillMessage>>,
     /// The slot has been removed from the broker; nothing may be added any more.
     pub removed: bool,
     /// Messages dropped because the queue was full or they could not be queued.
@@ -114,6 +115,18 @@ impl SessionSlot {
         }
     }
 
+    /// Asks the attached connection to close with `reason` (the first reason asked for
+    /// wins) and wakes it. False if no connection is attached.
+    pub fn kick(&self, reason: u8) -> bool {
+        {
+            let mut inner = self.lock();
+            let Some(conn) = inner.conn.as_mut() else { return false };
+            conn.kick.get_or_insert(reason);
+        }
+        self.wake.notify_one();
+        true
+    }
+
     /// Locks the slot state. A poisoned lock (a panic elsewhere) still yields the data: the
     /// state is plain collections that stay consistent between statements.
     pub fn lock(&self) -> MutexGuard<'_, SlotInner> {
@@ -154,7 +167,7 @@ impl SessionSlot {
             inflight: inner.inflight.clone(),
             awaiting_rel: inner.awaiting_rel.keys().copied().collect(),
             expiry_secs: inner.expiry_secs,
-            will: inner.pending_will.clone(),
+            will: inner.pending_will.as_deref().cloned(),
             disconnected_at_ms: 0,
         }
     }
@@ -172,7 +185,7 @@ impl SessionSlot {
         inner.inflight = state.inflight;
         let now = std::time::Instant::now();
         inner.awaiting_rel = state.awaiting_rel.into_iter().map(|id| (id, now)).collect();
-        inner.pending_will = state.will;
+        inner.pending_will = state.will.map(Box::new);
     }
 }
 
