@@ -836,7 +836,9 @@ enum Event {
     Timer,
 }
 
-/// What the synchronous packet handler left for the asynchronous one.
+/// What the synchronous packet handler left for the asynchronous one. Lives for one
+/// statement; boxing the packet would cost an allocation per packet.
+#[allow(clippy::large_enum_variant)]
 enum Handled {
     Done,
     End(EndKind),
