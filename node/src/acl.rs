@@ -248,14 +248,13 @@ pub fn overlaps(rule: &str, sub: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     fn subject<'a>(client_id: &'a str, identity: &'a Identity) -> Subject<'a> {
         Subject { client_id, identity, peer: IpAddr::from([10, 1, 2, 3]) }
     }
 
     fn user(name: &str) -> Identity {
-        Identity { username: Some(name.into()), claims: HashMap::new() }
+        Identity { username: Some(name.into()), claims: Default::default() }
     }
 
     const RULES: &str = "

@@ -332,6 +332,14 @@ impl Broker {
         sum
     }
 
+    /// Runs [`SessionSlot::sweep`] over every session.
+    pub fn sweep_sessions(&self, keepalive_multiplier: f64, rel_timeout: Duration) {
+        let now = std::time::Instant::now();
+        for slot in self.sessions.iter() {
+            slot.sweep(now, keepalive_multiplier, rel_timeout);
+        }
+    }
+
     /// The queue bounds of every session.
     pub fn queue_limits(&self) -> QueueLimits {
         let m = &self.config.mqtt;
@@ -387,7 +395,7 @@ impl Broker {
             }
             {
                 let mut inner = slot.lock();
-                inner.conn = Some(ConnHandle { conn_id, info: info.clone(), kick: None });
+                inner.conn = Some(ConnHandle { conn_id, info: info.clone(), kick: None, last_packet: std::time::Instant::now() });
                 inner.generation += 1;
                 inner.persistent = expiry_secs > 0;
                 inner.expiry_secs = expiry_secs;

@@ -104,11 +104,11 @@ pub async fn run(broker: Arc<Broker>, listener: TcpListener, transport: Arc<Tran
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let broker = Arc::clone(&broker);
-        let transport = Arc::clone(&transport);
-        let tasks = broker.tasks.clone();
-        tasks.spawn(async move {
-            handshake_and_serve(broker, stream, peer, &transport).await;
+        // The task holds the boxed connection and the two guards, nothing else: it is part
+        // of every connection's memory.
+        let serve = handshake_and_serve(Arc::clone(&broker), stream, peer, &transport);
+        broker.tasks.spawn(async move {
+            serve.await;
             drop(ip_slot);
             drop(permit);
         });
@@ -116,15 +116,26 @@ pub async fn run(broker: Arc<Broker>, listener: TcpListener, transport: Arc<Tran
 }
 
 /// Runs the transport's handshake, then the MQTT connection. Each transport's path is
-/// boxed so that a plain TCP connection's task does not carry the (much larger) state of a
-/// TLS or WebSocket handshake: the task holds one pointer, the box only what is used.
-async fn handshake_and_serve(broker: Arc<Broker>, stream: TcpStream, peer: std::net::SocketAddr, transport: &Transport) {
-    match transport {
-        Transport::Tcp => Box::pin(connection::serve(broker, stream, peer, None)).await,
-        Transport::Tls(acceptor, config) => Box::pin(serve_tls(broker, stream, peer, acceptor, config)).await,
-        Transport::Ws(config) => Box::pin(serve_ws(broker, stream, peer, config)).await,
-        Transport::Wss(acceptor, config) => Box::pin(serve_wss(broker, stream, peer, acceptor, config)).await,
+/// boxed on its own so that a plain TCP connection does not carry the (much larger) state
+/// of a TLS or WebSocket handshake.
+fn handshake_and_serve(
+    broker: Arc<Broker>,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    transport: &Arc<Transport>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    if let Transport::Tcp = **transport {
+        return Box::pin(connection::serve(broker, stream, peer, None));
     }
+    let transport = Arc::clone(transport);
+    Box::pin(async move {
+        match &*transport {
+            Transport::Tcp => {}
+            Transport::Tls(acceptor, config) => serve_tls(broker, stream, peer, acceptor, config).await,
+            Transport::Ws(config) => serve_ws(broker, stream, peer, config).await,
+            Transport::Wss(acceptor, config) => serve_wss(broker, stream, peer, acceptor, config).await,
+        }
+    })
 }
 
 fn handshake_timeout(broker: &Broker) -> Duration {

@@ -114,6 +114,7 @@ impl Server {
         }
         crate::sys::spawn(Arc::clone(&broker));
         spawn_flapping_sweeper(&broker);
+        spawn_session_sweeper(&broker);
         tracing::info!(node = %broker.config.node_name, %mqtt_addr, "raftmq listening");
         Ok(Server { broker, mqtt_addr, listeners, admin_addr, log_control })
     }
@@ -127,6 +128,27 @@ impl Server {
     pub async fn shutdown(&self, grace: Duration) {
         self.broker.shutdown(grace).await;
     }
+}
+
+/// Once a second: keep-alive expiry and forgotten QoS 2 packet ids, for every session. One
+/// pass over the sessions costs less than a timer in every connection.
+fn spawn_session_sweeper(broker: &Arc<Broker>) {
+    let broker = Arc::clone(broker);
+    let tasks = broker.tasks.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let multiplier = broker.config.mqtt.keepalive_multiplier;
+        let rel_timeout = Duration::from_secs(broker.config.mqtt.await_rel_timeout_secs);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    broker.sweep_sessions(multiplier, rel_timeout);
+                }
+                _ = broker.shutdown.cancelled() => return,
+            }
+        }
+    });
 }
 
 fn spawn_flapping_sweeper(broker: &Arc<Broker>) {

@@ -43,8 +43,10 @@ pub struct ConnHandle {
     /// Who is connected.
     pub info: ConnInfo,
     /// Set when the connection must close, with the MQTT 5 reason code to send (takeover,
-    /// admin kick, shutdown); the connection sees it at its next wake-up.
+    /// admin kick, keep-alive expiry, shutdown); the connection sees it at its next wake-up.
     pub kick: Option<u8>,
+    /// When the connection last sent a whole packet, for the keep-alive sweep.
+    pub last_packet: std::time::Instant,
 }
 
 /// Mutable state of a slot.
@@ -69,7 +71,7 @@ pub struct SlotInner {
     /// Last packet id handed out.
     pub last_packet_id: u16,
     /// Inbound QoS 2 packet ids awaiting PUBREL, with the time they arrived.
-    pub awaiting_rel: HashMap<u16, std::time::Instant>,
+    pub awaiting_rel: BTreeMap<u16, std::time::Instant>,
     /// A will waiting for its delay to pass.
     pub pending_will: Option<Box<WillMessage>>,
     /// The slot has been removed from the broker; nothing may be added any more.
@@ -125,6 +127,32 @@ impl SessionSlot {
         }
         self.wake.notify_one();
         true
+    }
+
+    /// Run about once a second by the broker's sweeper: kicks a connection silent for
+    /// longer than `multiplier` times its keep alive [MQTT-3.1.2-24] and forgets inbound
+    /// QoS 2 packet ids whose PUBREL has not come within `rel_timeout`.
+    pub fn sweep(&self, now: std::time::Instant, multiplier: f64, rel_timeout: std::time::Duration) {
+        let expired = {
+            let mut inner = self.lock();
+            if !inner.awaiting_rel.is_empty() {
+                inner.awaiting_rel.retain(|_, since| now.duration_since(*since) < rel_timeout);
+            }
+            match inner.conn.as_mut() {
+                Some(conn) if conn.info.keep_alive > 0 && conn.kick.is_none() => {
+                    let limit = std::time::Duration::from_secs_f64(f64::from(conn.info.keep_alive) * multiplier);
+                    let expired = now.saturating_duration_since(conn.last_packet) >= limit;
+                    if expired {
+                        conn.kick = Some(crate::codec::reason::KEEP_ALIVE_TIMEOUT);
+                    }
+                    expired
+                }
+                _ => false,
+            }
+        };
+        if expired {
+            self.wake.notify_one();
+        }
     }
 
     /// Locks the slot state. A poisoned lock (a panic elsewhere) still yields the data: the
