@@ -448,7 +448,7 @@ async fn publish(State(state): State<AppState>, Json(req): Json<PublishRequest>)
         publisher: String::new(),
     });
     match broker.publish(&message).await {
-        Ok(matched) => Json(json!({ "matched": matched })).into_response(),
+        Ok(routed) => Json(json!({ "matched": routed.matched })).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
 }

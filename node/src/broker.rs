@@ -26,7 +26,7 @@ use crate::banned::{Bans, Flapping};
 use crate::config::Config;
 use crate::router::{SharedKey, SubscriptionIndex};
 use crate::security::{Security, SecurityError};
-use crate::session::{ConnHandle, ConnInfo, Offer, SessionSlot};
+use crate::session::{ConnHandle, ConnInfo, Offer, Offered, SessionSlot};
 use crate::shared::{self, Dispatcher, MemberLoad};
 
 /// Why a delivery or message was dropped (the `reason` label of
@@ -182,6 +182,15 @@ pub enum EndKind {
     PublishWill,
     /// Another connection took the session over.
     TakenOver,
+}
+
+/// Where a client's message went.
+#[derive(Debug)]
+pub struct Routed {
+    /// Sessions and shared groups that matched.
+    pub matched: usize,
+    /// An online subscriber whose queue is over half full.
+    pub congested: Option<Arc<SessionSlot>>,
 }
 
 /// What a connection gets when it attaches to a session.
@@ -388,7 +397,7 @@ impl Broker {
                 session_present = true;
             } else if let Some(state) = self.store.load(client_id).await? {
                 for (filter, opts) in &state.subscriptions {
-                    self.index_subscribe(&slot.client_id, filter, *opts).await;
+                    self.index_subscribe(&slot, filter, *opts).await;
                 }
                 slot.restore(state);
                 session_present = true;
@@ -441,7 +450,7 @@ impl Broker {
             (filters, inner.pending_will.take())
         };
         for filter in filters {
-            self.index_unsubscribe(&slot.client_id, &filter).await;
+            self.index_unsubscribe(slot, &filter).await;
         }
         self.sessions.remove_if(&slot.client_id, |_, s| Arc::ptr_eq(s, slot));
         self.store.remove(&slot.client_id).await?;
@@ -460,6 +469,9 @@ impl Broker {
             if mine {
                 inner.conn = None;
                 inner.generation += 1;
+                // Publishers held back for this client go on.
+                inner.congested = false;
+                slot.drained.notify_waiters();
             }
             // Not ours any more: a takeover that timed out fenced this connection off.
             let fenced = !mine && inner.conn.is_some();
@@ -548,10 +560,10 @@ impl Broker {
     }
 
     /// Publishes a message: stores it as the topic's retained message when its RETAIN flag
-    /// is set, then routes it. Resolves once durable; returns the number of sessions and
-    /// shared groups that matched. Every publisher (clients, wills, `$SYS`, the admin API)
+    /// is set, then routes it. Resolves once durable; says where it went (see
+    /// [`Broker::route`]). Every publisher (clients, wills, `$SYS`, the admin API)
     /// goes through here.
-    pub async fn publish(&self, message: &Arc<Message>) -> Result<usize, StoreError> {
+    pub async fn publish(&self, message: &Arc<Message>) -> Result<Routed, StoreError> {
         if message.retain {
             self.retain(message).await?;
         }
@@ -568,29 +580,32 @@ impl Broker {
     }
 
     /// Routes a message to every matching session. Resolves once every persistent
-    /// subscriber's copy is durable; returns the number of sessions that matched.
-    pub async fn route(&self, message: &Arc<Message>) -> Result<usize, StoreError> {
+    /// subscriber's copy is durable. Says how many sessions and groups matched, and names a
+    /// subscriber whose queue is filling up, so a publishing client can be held back.
+    pub async fn route(&self, message: &Arc<Message>) -> Result<Routed, StoreError> {
         let deliveries = self.index.deliveries(message);
-        let matched = deliveries.len();
+        let mut routed = Routed { matched: deliveries.len(), congested: None };
         let limits = self.queue_limits();
         let queue_qos0 = self.config.mqtt.queue_qos0;
         let mut durable = Vec::new();
-        for (client_id, item) in deliveries {
-            let Some(slot) = self.sessions.get(&client_id).map(|s| Arc::clone(&s)) else { continue };
+        for (slot, item) in deliveries {
             let qos = item.qos;
             let copy = (qos != QoS::AtMostOnce).then(|| item.clone());
-            let (offer, lost) = slot.offer(item, limits, queue_qos0);
+            let Offered { offer, lost, congested } = slot.offer(item, limits, queue_qos0);
+            if congested && routed.congested.is_none() {
+                routed.congested = Some(Arc::clone(&slot));
+            }
             let reason = if offer == Offer::Dropped { DropReason::NotQueued } else { DropReason::QueueFull };
             if lost > 0 {
-                tracing::debug!(client_id = %client_id, reason = reason.label(), dropped = lost, topic = %message.topic, "message dropped");
+                tracing::debug!(client_id = %slot.client_id, reason = reason.label(), dropped = lost, topic = %message.topic, "message dropped");
             }
             self.stats.drop(reason, lost);
             if let (Offer::Offline, Some(copy)) = (offer, copy) {
-                durable.push((client_id.to_string(), copy));
+                durable.push((slot.client_id.to_string(), copy));
             }
         }
         let shared_groups = self.index.shared_matches(message);
-        let matched = matched + shared_groups.len();
+        routed.matched += shared_groups.len();
         for (target, members) in shared_groups {
             let ids: Vec<Arc<str>> = members.iter().map(|(c, _)| Arc::clone(c)).collect();
             let pick = |client: &Arc<str>| members.iter().find(|(c, _)| c == client).map(|(_, o)| *o);
@@ -620,7 +635,7 @@ impl Broker {
         if !durable.is_empty() {
             self.store.append(durable, limits).await?;
         }
-        Ok(matched)
+        Ok(routed)
     }
 
     fn member_load(&self, client_id: &str) -> MemberLoad {
@@ -641,9 +656,9 @@ impl Broker {
         let limits = QueueLimits { policy: raftmq_cluster::session::DropPolicy::DropNew, ..self.queue_limits() };
         let copy = (item.qos != QoS::AtMostOnce).then(|| item.clone());
         match slot.offer(item, limits, self.config.mqtt.queue_qos0) {
-            (Offer::Dropped, _) | (_, 1..) => None,
-            (Offer::Online, _) => Some(None),
-            (Offer::Offline, _) => Some(copy),
+            Offered { offer: Offer::Dropped, .. } | Offered { lost: 1.., .. } => None,
+            Offered { offer: Offer::Online, .. } => Some(None),
+            Offered { offer: Offer::Offline, .. } => Some(copy),
         }
     }
 
@@ -721,10 +736,10 @@ impl Broker {
         }
     }
 
-    async fn index_subscribe(&self, client_id: &Arc<str>, filter: &str, options: SubscriptionOptions) -> bool {
-        let (existed, new_route) = match Self::shared_key(client_id, filter) {
+    async fn index_subscribe(&self, slot: &Arc<SessionSlot>, filter: &str, options: SubscriptionOptions) -> bool {
+        let (existed, new_route) = match Self::shared_key(&slot.client_id, filter) {
             Some(key) => self.index.subscribe_shared(key, options),
-            None => self.index.subscribe(client_id, filter, options),
+            None => self.index.subscribe(slot, filter, options),
         };
         if new_route {
             self.routes.add(filter).await;
@@ -732,8 +747,8 @@ impl Broker {
         existed
     }
 
-    async fn index_unsubscribe(&self, client_id: &Arc<str>, filter: &str) -> bool {
-        let (existed, route_gone) = match Self::shared_key(client_id, filter) {
+    async fn index_unsubscribe(&self, slot: &Arc<SessionSlot>, filter: &str) -> bool {
+        let (existed, route_gone) = match Self::shared_key(&slot.client_id, filter) {
             Some(key) => {
                 let result = self.index.unsubscribe_shared(&key);
                 if result.1 {
@@ -741,7 +756,7 @@ impl Broker {
                 }
                 result
             }
-            None => self.index.unsubscribe(client_id, filter),
+            None => self.index.unsubscribe(slot, filter),
         };
         if route_gone {
             self.routes.remove(filter).await;
@@ -753,7 +768,7 @@ impl Broker {
     /// existed (for Retain Handling 1).
     pub async fn subscribe(&self, slot: &Arc<SessionSlot>, filter: &str, options: SubscriptionOptions) -> Result<bool, StoreError> {
         slot.lock().subscriptions.insert(filter.to_owned(), options);
-        let existed = self.index_subscribe(&slot.client_id, filter, options).await;
+        let existed = self.index_subscribe(slot, filter, options).await;
         self.save_if_persistent(slot).await?;
         Ok(existed)
     }
@@ -761,7 +776,7 @@ impl Broker {
     /// Removes a subscription. Returns whether it existed.
     pub async fn unsubscribe(&self, slot: &Arc<SessionSlot>, filter: &str) -> Result<bool, StoreError> {
         slot.lock().subscriptions.remove(filter);
-        let existed = self.index_unsubscribe(&slot.client_id, filter).await;
+        let existed = self.index_unsubscribe(slot, filter).await;
         self.save_if_persistent(slot).await?;
         Ok(existed)
     }

@@ -138,6 +138,10 @@ pub struct MqttConfig {
     pub queue_qos0: bool,
     /// What to drop when a queue is full.
     pub queue_drop_policy: QueueDropPolicy,
+    /// Milliseconds a publisher's connection stops reading while an online subscriber its
+    /// messages go to has a queue over half full (until it is down to a quarter). 0: never
+    /// hold publishers back; full queues then drop by `queue_drop_policy`.
+    pub publish_backpressure_ms: u64,
     /// Session expiry of MQTT 3 persistent sessions (clean session 0), seconds.
     pub session_expiry_secs: u32,
     /// Longest session expiry granted to any client, seconds.
@@ -191,6 +195,7 @@ impl Default for MqttConfig {
             max_queue_len: 1000,
             max_queue_bytes: 16 * 1024 * 1024,
             queue_qos0: false,
+            publish_backpressure_ms: 100,
             queue_drop_policy: QueueDropPolicy::DropOldest,
             session_expiry_secs: 7200,
             max_session_expiry_secs: 7 * 24 * 3600,

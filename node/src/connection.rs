@@ -233,6 +233,9 @@ struct Client {
     client_alias_max: u16,
     /// Inbound PUBLISH rate limit.
     rate: Option<Box<RateLimiter>>,
+    /// A subscriber whose queue this client's messages are filling: the connection waits
+    /// for it to drain before reading more.
+    congested: Option<Arc<SessionSlot>>,
     /// Who the client authenticated as, for ACL checks.
     identity: Identity,
     /// Peer address, for ACL checks.
@@ -700,6 +703,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
         aliases: None,
         client_alias_max: props.topic_alias_maximum.unwrap_or(0),
         rate: (cfg.max_publish_rate > 0).then(|| Box::new(RateLimiter::new(cfg.max_publish_rate))),
+        congested: None,
         identity,
         peer,
     };
@@ -861,6 +865,14 @@ fn pump<S: AsyncRead + AsyncWrite + Unpin>(
             inner.inflight.insert(packet_id, InflightMessage { queued: item, stage: InflightStage::Published });
         }
     }
+    if inner.congested {
+        let limits = broker.queue_limits();
+        if inner.queue.len() <= limits.max_len / 4 && inner.queue_bytes <= limits.max_bytes / 4 {
+            inner.congested = false;
+            drop(inner);
+            slot.drained.notify_waiters();
+        }
+    }
     None
 }
 
@@ -868,6 +880,16 @@ fn pump<S: AsyncRead + AsyncWrite + Unpin>(
 enum Event {
     Read(std::io::Result<usize>),
     Wake,
+}
+
+/// Waits until `slot`'s queue has drained to a quarter, at most `max`.
+async fn wait_drained(slot: Arc<SessionSlot>, max: Duration) {
+    let drained = slot.drained.notified();
+    tokio::pin!(drained);
+    drained.as_mut().enable();
+    if slot.is_congested() {
+        let _ = tokio::time::timeout(max, drained).await;
+    }
 }
 
 /// What the synchronous packet handler left for the asynchronous one. Lives for one
@@ -931,6 +953,16 @@ async fn connected_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 Handled::Async(packet) => packet,
             };
             Box::pin(handle_packet(broker, slot, client, framed, packet)).await?;
+            if let Some(congested) = client.congested.take() {
+                // Backpressure: the acknowledgements so far go out, the rest of the burst
+                // and the socket wait until the subscriber catches up (bounded).
+                framed.flush().await?;
+                Box::pin(wait_drained(congested, Duration::from_millis(broker.config.mqtt.publish_backpressure_ms))).await;
+            }
+            // A fair share: a publisher whose socket always has more to read yields to the
+            // subscribers it feeds every so many packets instead of filling their queues
+            // until they overflow.
+            tokio::task::coop::consume_budget().await;
         }
         framed.release_read_buffer();
     }
@@ -1131,7 +1163,11 @@ async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         received_at_us: now_us(),
         publisher: client.client_id.to_string(),
     });
-    let matched = broker.publish(&message).await?;
+    let routed = broker.publish(&message).await?;
+    let matched = routed.matched;
+    if routed.congested.is_some() && cfg.publish_backpressure_ms > 0 {
+        client.congested = routed.congested;
+    }
     if matched == 0 {
         broker.stats.drop(DropReason::NoSubscribers, 1);
     }
@@ -1208,8 +1244,7 @@ async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
     framed.send(&Packet::SubAck(SubAck { packet_id: s.packet_id, properties, codes }));
     let limits = broker.queue_limits();
     for item in retained {
-        let (_, lost) = slot.offer(item, limits, true);
-        broker.stats.drop(DropReason::QueueFull, lost);
+        broker.stats.drop(DropReason::QueueFull, slot.offer(item, limits, true).lost);
     }
     Ok(())
 }

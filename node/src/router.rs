@@ -1,8 +1,10 @@
-//! The local subscription index: topic filter -> (client id -> options).
+//! The local subscription index: topic filter -> (session slot -> options).
 //!
-//! Routing a message asks the index which clients match, folds several matching
+//! Routing a message asks the index which sessions match, folds several matching
 //! subscriptions of one client into a single delivery (highest QoS, every subscription
 //! identifier [MQTT-3.3.4-3], [MQTT-3.3.4-5]) and honours No Local [MQTT-3.8.3-3].
+//! Ordinary subscriptions hold the session slot itself, so a delivery goes straight into
+//! its queue without a lookup by client id.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -10,6 +12,27 @@ use std::sync::{Arc, RwLock};
 use raftmq_cluster::message::Message;
 use raftmq_cluster::session::{QueuedMessage, ShareTarget, SubscriptionOptions};
 use raftmq_cluster::topic::TopicTrie;
+
+use crate::session::SessionSlot;
+
+/// A session in the index, compared by identity: a discarded and recreated session of the
+/// same client id is another subscriber.
+#[derive(Debug, Clone)]
+pub struct Subscriber(pub Arc<SessionSlot>);
+
+impl PartialEq for Subscriber {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Subscriber {}
+
+impl std::hash::Hash for Subscriber {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::ptr::hash(Arc::as_ptr(&self.0), state);
+    }
+}
 
 /// Key of a shared subscription in the index: which group and filter, which member.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -27,7 +50,7 @@ pub type SharedMatch = (Arc<ShareTarget>, Vec<(Arc<str>, SubscriptionOptions)>);
 #[derive(Debug, Default)]
 pub struct SubscriptionIndex {
     /// std `RwLock`: many concurrent routers read, subscribe/unsubscribe write briefly.
-    trie: RwLock<TopicTrie<Arc<str>, SubscriptionOptions>>,
+    trie: RwLock<TopicTrie<Subscriber, SubscriptionOptions>>,
     /// Shared subscriptions, indexed by their filter (without the `$share/{group}/` prefix).
     shared: RwLock<TopicTrie<SharedKey, SubscriptionOptions>>,
     /// Number of shared subscription memberships, so routing skips the shared trie when 0.
@@ -37,17 +60,17 @@ pub struct SubscriptionIndex {
 impl SubscriptionIndex {
     /// Adds or replaces a subscription. Returns whether the client already had this filter
     /// and whether the filter is new on this node (a route to announce).
-    pub fn subscribe(&self, client_id: &Arc<str>, filter: &str, options: SubscriptionOptions) -> (bool, bool) {
+    pub fn subscribe(&self, slot: &Arc<SessionSlot>, filter: &str, options: SubscriptionOptions) -> (bool, bool) {
         let mut trie = self.trie.write().unwrap_or_else(|p| p.into_inner());
-        let (previous, new_route) = trie.insert(filter, Arc::clone(client_id), options);
+        let (previous, new_route) = trie.insert(filter, Subscriber(Arc::clone(slot)), options);
         (previous.is_some(), new_route)
     }
 
     /// Removes a subscription. Returns whether it existed and whether the filter has no
     /// subscribers left on this node (a route to withdraw).
-    pub fn unsubscribe(&self, client_id: &Arc<str>, filter: &str) -> (bool, bool) {
+    pub fn unsubscribe(&self, slot: &Arc<SessionSlot>, filter: &str) -> (bool, bool) {
         let mut trie = self.trie.write().unwrap_or_else(|p| p.into_inner());
-        let (removed, route_gone) = trie.remove(filter, client_id);
+        let (removed, route_gone) = trie.remove(filter, &Subscriber(Arc::clone(slot)));
         if route_gone {
             trie.prune(filter);
         }
@@ -128,33 +151,34 @@ impl SubscriptionIndex {
         self.trie.read().map(|t| t.filter_count()).unwrap_or(0) + self.shared.read().map(|t| t.filter_count()).unwrap_or(0)
     }
 
-    /// One delivery per matching client. Matches are collected into one vector and a
-    /// client matched by several filters is folded by sorting, without a map per message.
-    pub fn deliveries(&self, message: &Arc<Message>) -> Vec<(Arc<str>, QueuedMessage)> {
-        let mut matches: Vec<(Arc<str>, SubscriptionOptions)> = Vec::new();
+    /// One delivery per matching session. Matches are collected into one vector and a
+    /// session matched by several filters is folded by sorting on the slot's address,
+    /// without a map per message.
+    pub fn deliveries(&self, message: &Arc<Message>) -> Vec<(Arc<SessionSlot>, QueuedMessage)> {
+        let mut matches: Vec<(Arc<SessionSlot>, SubscriptionOptions)> = Vec::new();
         {
             let trie = self.trie.read().unwrap_or_else(|p| p.into_inner());
-            trie.for_each_match(&message.topic, |client, opts| {
-                if !(opts.no_local && **client == *message.publisher) {
-                    matches.push((Arc::clone(client), *opts));
+            trie.for_each_match(&message.topic, |sub, opts| {
+                if !(opts.no_local && *sub.0.client_id == *message.publisher) {
+                    matches.push((Arc::clone(&sub.0), *opts));
                 }
             });
         }
         if matches.len() > 1 {
-            matches.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            matches.sort_unstable_by_key(|(slot, _)| Arc::as_ptr(slot) as usize);
         }
-        let mut out: Vec<(Arc<str>, QueuedMessage)> = Vec::with_capacity(matches.len());
-        for (client, opts) in matches {
+        let mut out: Vec<(Arc<SessionSlot>, QueuedMessage)> = Vec::with_capacity(matches.len());
+        for (slot, opts) in matches {
             let qos = opts.qos.min(message.qos);
             let retain = opts.retain_as_published && message.retain;
             match out.last_mut() {
-                Some((last, entry)) if *last == client => {
+                Some((last, entry)) if Arc::ptr_eq(last, &slot) => {
                     entry.qos = entry.qos.max(qos);
                     entry.retain |= retain;
                     entry.subscription_ids.extend(opts.subscription_identifier);
                 }
                 _ => out.push((
-                    client,
+                    slot,
                     QueuedMessage {
                         message: Arc::clone(message),
                         qos,

@@ -78,6 +78,20 @@ pub struct SlotInner {
     pub removed: bool,
     /// Messages dropped because the queue was full or they could not be queued.
     pub dropped: u64,
+    /// The queue went over half full while online: publishers feeding it wait on
+    /// `drained` until it is down to a quarter.
+    pub congested: bool,
+}
+
+/// What became of a delivery offered to a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offered {
+    /// Where it went.
+    pub offer: Offer,
+    /// Messages dropped to make room (or this one, if it was not queued).
+    pub lost: u64,
+    /// An online client's queue is over half full: the publisher should slow down.
+    pub congested: bool,
 }
 
 /// Outcome of offering a delivery to a slot.
@@ -101,6 +115,8 @@ pub struct SessionSlot {
     pub wake: Notify,
     /// The owning connection detached.
     pub released: Notify,
+    /// A congested queue drained (or its client went away): throttled publishers go on.
+    pub drained: Notify,
     /// Serialises CONNECTs for this client id (takeover races, F15).
     pub connect_lock: tokio::sync::Mutex<()>,
 }
@@ -113,6 +129,7 @@ impl SessionSlot {
             inner: Mutex::new(SlotInner::default()),
             wake: Notify::new(),
             released: Notify::new(),
+            drained: Notify::new(),
             connect_lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -163,26 +180,33 @@ impl SessionSlot {
 
     /// Offers a delivery under the queue limits. Returns where it went and how many
     /// messages were dropped (the offered one or older ones the drop policy evicted).
-    pub fn offer(&self, item: QueuedMessage, limits: QueueLimits, queue_qos0: bool) -> (Offer, u64) {
+    pub fn offer(&self, item: QueuedMessage, limits: QueueLimits, queue_qos0: bool) -> Offered {
+        let dropped = Offered { offer: Offer::Dropped, lost: 1, congested: false };
         let mut inner = self.lock();
         if inner.removed {
-            return (Offer::Dropped, 1);
+            return dropped;
         }
         let online = inner.conn.is_some();
         if !online && (!inner.persistent || (item.qos == QoS::AtMostOnce && !queue_qos0)) {
             inner.dropped += 1;
-            return (Offer::Dropped, 1);
+            return dropped;
         }
         let SlotInner { queue, queue_bytes, dropped, .. } = &mut *inner;
         let lost = push_bounded(queue, queue_bytes, item, limits);
         *dropped += lost;
-        drop(inner);
-        if online {
-            self.wake.notify_one();
-            (Offer::Online, lost)
-        } else {
-            (Offer::Offline, lost)
+        if !online {
+            return Offered { offer: Offer::Offline, lost, congested: false };
         }
+        let congested = inner.queue.len() > limits.max_len / 2 || inner.queue_bytes > limits.max_bytes / 2;
+        inner.congested |= congested;
+        drop(inner);
+        self.wake.notify_one();
+        Offered { offer: Offer::Online, lost, congested }
+    }
+
+    /// Whether publishers should still hold back for this slot's client.
+    pub fn is_congested(&self) -> bool {
+        self.lock().congested
     }
 
     /// The session as data, for the session store.

@@ -135,3 +135,77 @@ async fn f17_offline_queue_bounded_drop_oldest() -> anyhow::Result<()> {
     assert!(b.server.broker.stats.messages_dropped() >= 2);
     Ok(())
 }
+
+/// Sends QoS 1 messages `1..=count` on `topic` without waiting for acknowledgements.
+async fn publish_burst(publ: &mut Raw, topic: &str, count: u16) -> anyhow::Result<()> {
+    let mut bytes = bytes::BytesMut::new();
+    for id in 1..=count {
+        let packet = Packet::Publish(publish(topic, &id.to_be_bytes(), QoS::AtLeastOnce, false, id));
+        raftmq_node::codec::encode(&packet, Protocol::V311, &mut bytes);
+    }
+    publ.send_bytes(&bytes).await
+}
+
+/// Receives PUBACKs for ids `1..=count`, in order.
+async fn expect_pubacks(publ: &mut Raw, ids: std::ops::RangeInclusive<u16>) -> anyhow::Result<()> {
+    for id in ids {
+        assert_eq!(publ.recv().await?, Packet::PubResponse(PubResponse::new(PubKind::PubAck, id, 0)));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn slow_subscriber_holds_the_publisher_back_instead_of_dropping() -> anyhow::Result<()> {
+    let b = start_broker(|c| {
+        c.mqtt.max_inflight = 1;
+        c.mqtt.max_queue_len = 8;
+        c.mqtt.publish_backpressure_ms = 60_000;
+    })
+    .await?;
+    let (mut sub, _) = Raw::connect(b.addr, Protocol::V311, "slow-sub", true).await?;
+    sub.subscribe(1, "bp/t", QoS::AtLeastOnce).await?;
+    let (mut publ, _) = Raw::connect(b.addr, Protocol::V311, "fast-pub", true).await?;
+    publish_burst(&mut publ, "bp/t", 12).await?;
+    // The subscriber holds one message unacknowledged; once its queue is over half full
+    // (more than 4), the publisher's connection stops reading: no more PUBACKs.
+    let mut acked = 0;
+    while let Some(Packet::PubResponse(r)) = tokio::time::timeout(Duration::from_millis(300), publ.recv()).await.ok().transpose()? {
+        acked += 1;
+        assert_eq!(r.packet_id, acked);
+    }
+    assert!((5..=6).contains(&acked), "publisher acknowledged {acked} messages before being held back");
+    // The subscriber catches up: the publisher goes on, and nothing was dropped.
+    let consumer = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < 12 {
+            let p = sub.recv_publish().await?;
+            sub.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, p.packet_id, 0))).await?;
+            got.push(u16::from_be_bytes([p.payload[0], p.payload[1]]));
+        }
+        anyhow::Ok(got)
+    });
+    expect_pubacks(&mut publ, acked + 1..=12).await?;
+    assert_eq!(consumer.await??, (1..=12).collect::<Vec<u16>>());
+    assert_eq!(b.server.broker.stats.messages_dropped(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_backpressure_a_full_queue_drops_and_the_publisher_goes_on() -> anyhow::Result<()> {
+    let b = start_broker(|c| {
+        c.mqtt.max_inflight = 1;
+        c.mqtt.max_queue_len = 8;
+        c.mqtt.publish_backpressure_ms = 0;
+    })
+    .await?;
+    let (mut sub, _) = Raw::connect(b.addr, Protocol::V311, "slow-sub2", true).await?;
+    sub.subscribe(1, "bp/u", QoS::AtLeastOnce).await?;
+    let (mut publ, _) = Raw::connect(b.addr, Protocol::V311, "fast-pub2", true).await?;
+    publish_burst(&mut publ, "bp/u", 12).await?;
+    expect_pubacks(&mut publ, 1..=12).await?;
+    // Eight queued (and one in flight if the subscriber took it before the burst filled
+    // the queue): the other three or four were dropped.
+    let dropped = b.server.broker.stats.messages_dropped();
+    assert!((3..=4).contains(&dropped), "{dropped} dropped");
+    Ok(())
+}
