@@ -64,7 +64,7 @@ run_scenarios() {
   bench --duration "$DURATION" --qos 1 p2p -c 16 > "$RAW/$b.p2p_q1.$rep"
   bench --duration "$DURATION" fanout -c 100 > "$RAW/$b.fanout_q0.$rep"
   bench --duration "$DURATION" --qos 1 fanout -c 100 > "$RAW/$b.fanout_q1.$rep"
-  bench --duration "$DURATION" latency > "$RAW/$b.latency.$rep"
+  bench --duration "$DURATION" latency --busy-poll > "$RAW/$b.latency.$rep"
   bench conn -c 5000 > "$RAW/$b.conn.$rep"
   stop_broker
   for sub in idle sub; do
@@ -84,6 +84,11 @@ run_scenarios() {
 }
 
 for rep in $(seq "$REPS"); do
+  taskset -c 0 python3 tests/bench/echo_floor.py server $((PORT + 1)) &
+  ECHO_PID=$!
+  sleep 0.3
+  taskset -c 1 python3 tests/bench/echo_floor.py client $((PORT + 1)) > "$RAW/floor.floor.$rep"
+  wait "$ECHO_PID" || true
   for b in raftmq mosquitto; do
     echo "repetition $rep: $b" >&2
     run_scenarios "$b" "$rep"
@@ -127,6 +132,8 @@ rows = [
 table = ["| test | raftmq | Mosquitto | target |", "| --- | --- | --- | --- |"]
 for label, name, key, sub, unit, target in rows:
     table.append(f"| {label} | {fmt(med('raftmq', name, key, sub), unit)} | {fmt(med('mosquitto', name, key, sub), unit)} | {target} |")
+floor = (med('floor', 'floor', 'rtt_us', 'p50'), med('floor', 'floor', 'rtt_us', 'p99'))
+table += ["", f"Floor of this machine (no broker: loopback round trip into a core idle for 1 ms, `tests/bench/echo_floor.py`): p50 {fmt(floor[0])} us, p99 {fmt(floor[1])} us."]
 block = "\n".join([
   "<!-- results:begin (written by tests/bench/compare.sh) -->",
   f"Run {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC on {cpu}, {os.cpu_count()} CPUs; broker pinned to CPU 0,",

@@ -124,7 +124,12 @@ enum Scenario {
         members: usize,
     },
     /// One paced publisher (default 1000 msg/s) and one subscriber: one-way latency.
-    Latency,
+    Latency {
+        /// Run both clients in one thread that spins on non-blocking sockets instead of
+        /// sleeping, so the generator adds no wake-up latency of its own (uses a whole core).
+        #[arg(long)]
+        busy_poll: bool,
+    },
 }
 
 /// Microseconds since the generator started: the clock carried in payloads.
@@ -465,7 +470,7 @@ fn main() -> anyhow::Result<()> {
         | Scenario::P2p { count }
         | Scenario::Fanout { count } => *count,
         Scenario::Fanin { count, members } => count + members,
-        Scenario::Latency => 2,
+        Scenario::Latency { .. } => 2,
     };
     if count == 0 || count > MAX_CLIENTS {
         bail!("between 1 and {MAX_CLIENTS} clients");
@@ -496,7 +501,11 @@ fn main() -> anyhow::Result<()> {
                 )
                 .await?
             }
-            Scenario::Latency => {
+            Scenario::Latency { busy_poll: true } => {
+                let c = c.clone();
+                tokio::task::spawn_blocking(move || busy::latency(&c, c.rate.unwrap_or(1000))).await??
+            }
+            Scenario::Latency { busy_poll: false } => {
                 let c = Common { rate: Some(c.rate.unwrap_or(1000)), ..c.clone() };
                 paired(&c, "latency", vec!["bench/latency".into()], vec!["bench/latency".into()]).await?
             }
@@ -504,4 +513,162 @@ fn main() -> anyhow::Result<()> {
         report(&summary, c.json);
         anyhow::Ok(())
     })
+}
+
+/// The busy-polling latency scenario: blocking-free std sockets in one spinning thread.
+mod busy {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::TcpStream;
+
+    use super::*;
+
+    /// A client on a std socket, non-blocking once connected.
+    struct SyncConn {
+        stream: TcpStream,
+        buf: BytesMut,
+        protocol: Protocol,
+    }
+
+    impl SyncConn {
+        fn open(c: &Common, client_id: &str) -> anyhow::Result<SyncConn> {
+            let protocol = if c.version == 5 { Protocol::V5 } else { Protocol::V311 };
+            let stream = TcpStream::connect(c.broker).with_context(|| format!("connecting to {}", c.broker))?;
+            stream.set_nodelay(true)?;
+            stream.set_nonblocking(true)?;
+            let mut conn = SyncConn { stream, buf: BytesMut::new(), protocol };
+            let connect = Connect {
+                protocol,
+                clean_start: true,
+                keep_alive: 300,
+                properties: Properties::default(),
+                client_id: client_id.to_owned(),
+                will: None,
+                username: None,
+                password: None,
+            };
+            conn.send(&Packet::Connect(Box::new(connect)))?;
+            match conn.next_within(Duration::from_secs(10))? {
+                Some(Packet::ConnAck(a)) if a.code == 0 => Ok(conn),
+                other => bail!("{client_id}: CONNECT refused: {other:?}"),
+            }
+        }
+
+        fn send(&mut self, p: &Packet) -> anyhow::Result<()> {
+            let mut out = BytesMut::new();
+            codec::encode(p, self.protocol, &mut out);
+            let mut rest = &out[..];
+            while !rest.is_empty() {
+                match self.stream.write(rest) {
+                    Ok(0) => bail!("broker closed the connection"),
+                    Ok(n) => rest = &rest[n..],
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => std::hint::spin_loop(),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        }
+
+        /// A packet already received, or what one non-blocking read brings.
+        fn poll(&mut self, scratch: &mut [u8]) -> anyhow::Result<Option<Packet>> {
+            if let Some(p) = codec::decode(&mut self.buf, Some(self.protocol), usize::MAX)? {
+                return Ok(Some(p));
+            }
+            match self.stream.read(scratch) {
+                Ok(0) => bail!("broker closed the connection"),
+                Ok(n) => self.buf.extend_from_slice(&scratch[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+            Ok(codec::decode(&mut self.buf, Some(self.protocol), usize::MAX)?)
+        }
+
+        fn next_within(&mut self, limit: Duration) -> anyhow::Result<Option<Packet>> {
+            let until = Instant::now() + limit;
+            let mut scratch = [0u8; 4096];
+            while Instant::now() < until {
+                if let Some(p) = self.poll(&mut scratch)? {
+                    return Ok(Some(p));
+                }
+                std::hint::spin_loop();
+            }
+            Ok(None)
+        }
+    }
+
+    /// One publisher paced at `rate`, one subscriber, both polled by this thread.
+    pub(super) fn latency(c: &Common, rate: u64) -> anyhow::Result<Summary> {
+        let qos = QoS::from_u8(c.qos).unwrap_or(QoS::AtMostOnce);
+        let topic = "bench/latency";
+        let mut sub = SyncConn::open(c, "bench-latency-sub")?;
+        let opts = SubscriptionOptions { qos, ..SubscriptionOptions::default() };
+        let filters = vec![(topic.to_owned(), opts)];
+        sub.send(&Packet::Subscribe(Subscribe { packet_id: 1, properties: Properties::default(), filters }))?;
+        match sub.next_within(Duration::from_secs(10))? {
+            Some(Packet::SubAck(s)) if s.codes.first().is_some_and(|c| *c < 0x80) => {}
+            other => bail!("SUBSCRIBE refused: {other:?}"),
+        }
+        let mut publ = SyncConn::open(c, "bench-latency-pub")?;
+        let period = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+        let start = Instant::now();
+        let until = start + Duration::from_secs(c.duration.min(MAX_SECONDS));
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let (mut sent, mut received) = (0u64, 0u64);
+        let mut next_send = start;
+        let mut next_id: u16 = 0;
+        let mut scratch = vec![0u8; 64 * 1024];
+        // Stragglers get a short grace after the last send.
+        while Instant::now() < until + Duration::from_millis(200) && (received < sent || Instant::now() < until) {
+            let now = Instant::now();
+            if now < until && now >= next_send {
+                let packet_id = if qos == QoS::AtMostOnce {
+                    0
+                } else {
+                    next_id = next_id.checked_add(1).unwrap_or(1);
+                    next_id
+                };
+                let publish = Publish {
+                    dup: false,
+                    qos,
+                    retain: false,
+                    topic: topic.to_owned(),
+                    packet_id,
+                    properties: Properties::default(),
+                    payload: payload(c.size),
+                };
+                publ.send(&Packet::Publish(publish))?;
+                sent += 1;
+                next_send += period;
+            }
+            while let Some(p) = sub.poll(&mut scratch)? {
+                let p = match p {
+                    Packet::Publish(p) => p,
+                    Packet::PubResponse(r) if r.kind == PubKind::PubRel => {
+                        sub.send(&Packet::PubResponse(PubResponse::new(PubKind::PubComp, r.packet_id, 0)))?;
+                        continue;
+                    }
+                    _ => continue,
+                };
+                received += 1;
+                if p.payload.len() >= 8 {
+                    let at = u64::from_be_bytes(p.payload[..8].try_into().unwrap_or_default());
+                    let _ = hist.record(clock_us().saturating_sub(at).max(1));
+                }
+                match p.qos {
+                    QoS::AtMostOnce => {}
+                    QoS::AtLeastOnce => sub.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, p.packet_id, 0)))?,
+                    QoS::ExactlyOnce => sub.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRec, p.packet_id, 0)))?,
+                }
+            }
+            // Acknowledgements to the publisher are read and dropped (QoS 2 is completed).
+            while let Some(p) = publ.poll(&mut scratch)? {
+                if let Packet::PubResponse(r) = p {
+                    if r.kind == PubKind::PubRec {
+                        publ.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, r.packet_id, 0)))?;
+                    }
+                }
+            }
+            std::hint::spin_loop();
+        }
+        Ok(Summary { scenario: "latency", sent, received, seconds: c.duration as f64, latency: Some(hist), conn_per_sec: None })
+    }
 }

@@ -20,6 +20,11 @@ async fn raftmq_bench_scenarios_deliver_and_report() -> anyhow::Result<()> {
     assert!(p2p["latency_us"]["p99"].as_u64().is_some());
     let fanin = bench(&["--broker", &addr, "--json", "--duration", "1", "--rate", "100", "fanin", "-c", "2", "--members", "2"]).await?;
     assert!(fanin["received"].as_u64().unwrap_or(0) > 0, "{fanin}");
+    // The busy-polling latency client gets every paced message (QoS 2 exercises the whole
+    // handshake on both sides).
+    let lat = bench(&["--broker", &addr, "--json", "--duration", "1", "--rate", "200", "--qos", "2", "latency", "--busy-poll"]).await?;
+    assert!(lat["received"].as_u64().unwrap_or(0) >= 150, "{lat}");
+    assert_eq!(lat["received"], lat["sent"], "{lat}");
     let conn = bench(&["--broker", &addr, "--json", "conn", "-c", "50", "--subscribe"]).await?;
     assert_eq!(conn["received"], 50);
     // Bounds are enforced.
