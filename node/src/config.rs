@@ -158,6 +158,9 @@ pub struct MqttConfig {
     pub max_topic_alias: u16,
     /// Concurrent connections from one IP address (0 = no limit).
     pub max_connections_per_ip: usize,
+    /// Accept queue length of every MQTT listener (the kernel caps it at `somaxconn`). A
+    /// short queue drops SYNs during connection storms; the clients retry after a second.
+    pub listen_backlog: u32,
     /// PUBLISH packets per second a client may send (0 = no limit).
     pub max_publish_rate: u32,
     /// What happens above `max_publish_rate`.
@@ -205,6 +208,7 @@ impl Default for MqttConfig {
             write_timeout_secs: 30,
             max_topic_alias: 16,
             max_connections_per_ip: 0,
+            listen_backlog: 1024,
             max_publish_rate: 0,
             publish_rate_action: RateAction::Throttle,
             response_information: None,

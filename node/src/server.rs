@@ -55,8 +55,14 @@ pub struct Server {
     pub log_control: Arc<std::sync::OnceLock<crate::admin::LogControl>>,
 }
 
-async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
-    let tcp = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+async fn bind(addr: SocketAddr, backlog: u32) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bind = || {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(backlog)
+    };
+    let tcp = bind().map_err(|source| StartError::Bind { addr, source })?;
     let local = tcp.local_addr().map_err(|source| StartError::Bind { addr, source })?;
     Ok((tcp, local))
 }
@@ -91,11 +97,12 @@ impl Server {
             });
         }
         let addrs: Vec<SocketAddr> = config.listeners.iter().map(|l| l.addr()).collect();
-        let admin = if config.admin.enabled { Some(bind(config.admin.listen).await?) } else { None };
-        let (tcp, mqtt_addr) = bind(config.mqtt.listen).await?;
+        let backlog = config.mqtt.listen_backlog;
+        let admin = if config.admin.enabled { Some(bind(config.admin.listen, 128).await?) } else { None };
+        let (tcp, mqtt_addr) = bind(config.mqtt.listen, backlog).await?;
         let mut bound = Vec::new();
         for addr in addrs {
-            bound.push(bind(addr).await?);
+            bound.push(bind(addr, backlog).await?);
         }
         let broker = Broker::new(config, auth)?;
         let limits = Limits::new(&broker);
