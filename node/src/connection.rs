@@ -753,7 +753,7 @@ async fn close<S: AsyncRead + AsyncWrite + Unpin + Send>(conn: Connection<S>, re
 }
 
 fn resend_inflight<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, slot: &SessionSlot, client: &mut Client, framed: &mut Framed<S>) {
-    let now = now_ms();
+    let now = now_us();
     let inner = slot.lock();
     for (id, m) in &inner.inflight {
         match m.stage {
@@ -775,7 +775,7 @@ fn encode_delivery<S: AsyncRead + AsyncWrite + Unpin>(
     item: &QueuedMessage,
     packet_id: u16,
     dup: bool,
-    now: u64,
+    now_us: u64,
 ) -> bool {
     let m = &item.message;
     let mut props = Properties::default();
@@ -784,7 +784,7 @@ fn encode_delivery<S: AsyncRead + AsyncWrite + Unpin>(
     if client.protocol.is_v5() {
         let mp = &m.properties;
         props.payload_format_indicator = mp.payload_format_indicator;
-        props.message_expiry_interval = m.remaining_expiry(now);
+        props.message_expiry_interval = m.remaining_expiry(now_us / 1000);
         props.content_type.clone_from(&mp.content_type);
         props.response_topic.clone_from(&mp.response_topic);
         props.correlation_data.clone_from(&mp.correlation_data);
@@ -813,7 +813,7 @@ fn encode_delivery<S: AsyncRead + AsyncWrite + Unpin>(
     let stats = &broker.stats;
     stats.sent_by_qos[item.qos as usize].fetch_add(1, Ordering::Relaxed);
     stats.packets_sent[3].fetch_add(1, Ordering::Relaxed);
-    broker.metrics.delivered(m.received_at_us);
+    broker.metrics.delivered(m.received_at_us, now_us);
     true
 }
 
@@ -828,7 +828,8 @@ fn pump<S: AsyncRead + AsyncWrite + Unpin>(
     got_packet: bool,
 ) -> Option<u8> {
     let window = usize::from(broker.config.mqtt.max_inflight.min(client.receive_maximum));
-    let now = now_ms();
+    let now_us = now_us();
+    let now = now_us / 1000;
     let mut inner = slot.lock();
     match inner.conn.as_mut() {
         Some(conn) if conn.conn_id == client.conn_id => {
@@ -854,14 +855,14 @@ fn pump<S: AsyncRead + AsyncWrite + Unpin>(
             continue;
         }
         if item.qos == QoS::AtMostOnce {
-            encode_delivery(broker, client, framed, &item, 0, false, now);
+            encode_delivery(broker, client, framed, &item, 0, false, now_us);
             continue;
         }
         let Some(packet_id) = inner.next_packet_id() else {
             inner.queue.push_front(item);
             break;
         };
-        if encode_delivery(broker, client, framed, &item, packet_id, false, now) {
+        if encode_delivery(broker, client, framed, &item, packet_id, false, now_us) {
             inner.inflight.insert(packet_id, InflightMessage { queued: item, stage: InflightStage::Published });
         }
     }

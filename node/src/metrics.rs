@@ -4,15 +4,17 @@
 //! Each broker owns its recorder instead of installing a process-global one, so several
 //! brokers in one process (the test suite) keep separate numbers. The hot path counts with
 //! plain atomics in [`Stats`](crate::broker::Stats); a scrape copies them into the recorder
-//! and renders. Only the delivery-latency histogram is recorded as it happens. Labels stay
+//! and renders. Only the delivery-latency histogram is recorded as it happens, into fixed
+//! buckets of atomics (the exporter's own histograms keep every sample until the next
+//! scrape, which without a scraper is unbounded memory). Labels stay
 //! small: QoS, packet type, drop reason, CONNECT result; never client ids or topics.
 
-use std::sync::atomic::Ordering;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
-use raftmq_cluster::message::now_us;
+use metrics::{Counter, Gauge, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::broker::{Broker, DropReason, CONNECT_RESULTS};
 
@@ -66,14 +68,49 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("raftmq_acl_checks_total", "ACL decisions, by result."),
     ("raftmq_wills_published_total", "Will messages published."),
     ("raftmq_takeovers_total", "Sessions taken over by a new connection."),
-    (LATENCY, "Time from receiving a PUBLISH to writing it to a subscriber's connection."),
+    (LATENCY, "Time from receiving a PUBLISH to queueing it into a subscriber's socket buffer."),
 ];
+
+/// Upper bounds of the delivery-latency buckets, in microseconds (50 us to 5 s).
+const LATENCY_BOUNDS_US: [u64; 15] =
+    [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 5_000_000];
+
+/// A histogram in fixed buckets of atomics: recording is a short search and two adds, and
+/// its memory does not grow between scrapes.
+#[derive(Debug, Default)]
+struct LatencyHistogram {
+    /// Per-bucket counts (not cumulative); the last one is above every bound (`+Inf`).
+    buckets: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    fn record(&self, us: u64) {
+        let i = LATENCY_BOUNDS_US.iter().position(|bound| us <= *bound).unwrap_or(LATENCY_BOUNDS_US.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Appends the family in the Prometheus text format.
+    fn render(&self, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {LATENCY} {help}\n# TYPE {LATENCY} histogram");
+        let mut cumulative = 0;
+        for (i, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{LATENCY}_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+        }
+        cumulative += self.buckets[LATENCY_BOUNDS_US.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{LATENCY}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{LATENCY}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{LATENCY}_count {cumulative}\n");
+    }
+}
 
 /// The metrics of one broker.
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    latency: Histogram,
+    latency: LatencyHistogram,
     started: Instant,
 }
 
@@ -94,33 +131,29 @@ fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
 }
 
 impl Metrics {
-    /// A recorder with the latency buckets (50 us to 5 s) and every family described.
+    /// A recorder with every family described (the latency histogram is rendered apart).
     pub fn new() -> Metrics {
-        let buckets = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
-        let builder = PrometheusBuilder::new();
-        let builder =
-            builder.set_buckets_for_metric(Matcher::Full(LATENCY.to_owned()), &buckets).unwrap_or_else(|_| PrometheusBuilder::new());
-        let recorder = builder.build_recorder();
+        let recorder = PrometheusBuilder::new().build_recorder();
         for (name, help) in FAMILIES {
             let unit = if name.ends_with("_seconds") { Some(Unit::Seconds) } else { None };
             let (name, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
             if name.as_str() == LATENCY {
-                recorder.describe_histogram(name, unit, help);
+                continue;
             } else if name.as_str().ends_with("_total") {
                 recorder.describe_counter(name, unit, help);
             } else {
                 recorder.describe_gauge(name, unit, help);
             }
         }
-        let latency = recorder.register_histogram(&key(LATENCY, &[]), &META);
         let handle = recorder.handle();
-        Metrics { recorder, handle, latency, started: Instant::now() }
+        Metrics { recorder, handle, latency: LatencyHistogram::default(), started: Instant::now() }
     }
 
-    /// Records the latency of a delivery of a message received at `received_at_us`.
-    pub fn delivered(&self, received_at_us: u64) {
+    /// Records the latency of a delivery, at `now_us`, of a message received at
+    /// `received_at_us` (both from `message::now_us`, read once per batch by the caller).
+    pub fn delivered(&self, received_at_us: u64, now_us: u64) {
         if received_at_us > 0 {
-            self.latency.record(now_us().saturating_sub(received_at_us) as f64 / 1e6);
+            self.latency.record(now_us.saturating_sub(received_at_us));
         }
     }
 
@@ -177,6 +210,31 @@ impl Metrics {
         self.counter("raftmq_acl_checks_total", &[("result", "deny")]).absolute(load(&s.acl_denied));
         self.counter("raftmq_wills_published_total", &[]).absolute(load(&s.wills_published));
         self.counter("raftmq_takeovers_total", &[]).absolute(load(&s.takeovers));
-        self.handle.render()
+        let mut text = self.handle.render();
+        let help = FAMILIES.iter().find(|(name, _)| *name == LATENCY).map_or("", |(_, help)| help);
+        self.latency.render(help, &mut text);
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_histogram_renders_cumulative_buckets_sum_and_count() {
+        let h = LatencyHistogram::default();
+        for us in [10, 50, 51, 2_000_000, 9_000_000] {
+            h.record(us);
+        }
+        let mut text = String::new();
+        h.render("help", &mut text);
+        assert!(text.contains("raftmq_delivery_latency_seconds_bucket{le=\"0.00005\"} 2\n"), "{text}");
+        assert!(text.contains("raftmq_delivery_latency_seconds_bucket{le=\"0.0001\"} 3\n"), "{text}");
+        assert!(text.contains("raftmq_delivery_latency_seconds_bucket{le=\"1\"} 3\n"), "{text}");
+        assert!(text.contains("raftmq_delivery_latency_seconds_bucket{le=\"5\"} 4\n"), "{text}");
+        assert!(text.contains("raftmq_delivery_latency_seconds_bucket{le=\"+Inf\"} 5\n"), "{text}");
+        assert!(text.contains("raftmq_delivery_latency_seconds_sum 11.000111\n"), "{text}");
+        assert!(text.contains("raftmq_delivery_latency_seconds_count 5\n"), "{text}");
     }
 }
