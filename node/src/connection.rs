@@ -755,7 +755,7 @@ async fn close<S: AsyncRead + AsyncWrite + Unpin + Send>(conn: Connection<S>, re
 fn resend_inflight<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, slot: &SessionSlot, client: &mut Client, framed: &mut Framed<S>) {
     let now = now_us();
     let inner = slot.lock();
-    for (id, m) in &inner.inflight {
+    for (id, m) in inner.inflight.iter() {
         match m.stage {
             InflightStage::Published => {
                 encode_delivery(broker, client, framed, &m.queued, *id, true, now);

@@ -66,8 +66,8 @@ pub struct SlotInner {
     pub queue: VecDeque<QueuedMessage>,
     /// Bytes in `queue`.
     pub queue_bytes: usize,
-    /// Outbound messages sent and not fully acknowledged, by packet id.
-    pub inflight: BTreeMap<u16, InflightMessage>,
+    /// Outbound messages sent and not fully acknowledged, in send order.
+    pub inflight: Inflight,
     /// Last packet id handed out.
     pub last_packet_id: u16,
     /// Inbound QoS 2 packet ids awaiting PUBREL, with the time they arrived.
@@ -92,6 +92,74 @@ pub struct Offered {
     pub lost: u64,
     /// An online client's queue is over half full: the publisher should slow down.
     pub congested: bool,
+}
+
+/// Outbound messages sent and not fully acknowledged, in the order they were sent.
+///
+/// Clients acknowledge in order almost always, so a ring searched from the oldest end makes
+/// the acknowledgement a pop; a B-tree keyed by packet id shifted its large entries on every
+/// removal. The window (`max_inflight`) bounds the length, so searches stay short.
+#[derive(Debug, Default, Clone)]
+pub struct Inflight {
+    entries: VecDeque<(u16, InflightMessage)>,
+}
+
+impl Inflight {
+    /// From stored state (ordered by packet id).
+    pub fn from_map(map: BTreeMap<u16, InflightMessage>) -> Inflight {
+        Inflight { entries: map.into_iter().collect() }
+    }
+
+    /// For the session store.
+    pub fn to_map(&self) -> BTreeMap<u16, InflightMessage> {
+        self.entries.iter().cloned().collect()
+    }
+
+    /// Number of messages in flight.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Nothing in flight.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Records a message just sent with `packet_id`.
+    pub fn insert(&mut self, packet_id: u16, message: InflightMessage) {
+        self.entries.push_back((packet_id, message));
+    }
+
+    fn position(&self, packet_id: u16) -> Option<usize> {
+        self.entries.iter().position(|(id, _)| *id == packet_id)
+    }
+
+    /// Whether `packet_id` is in use.
+    pub fn contains_key(&self, packet_id: &u16) -> bool {
+        self.position(*packet_id).is_some()
+    }
+
+    /// The message sent with `packet_id`.
+    pub fn get(&self, packet_id: &u16) -> Option<&InflightMessage> {
+        self.position(*packet_id).and_then(|i| self.entries.get(i)).map(|(_, m)| m)
+    }
+
+    /// The message sent with `packet_id`, to change its stage.
+    pub fn get_mut(&mut self, packet_id: &u16) -> Option<&mut InflightMessage> {
+        let i = self.position(*packet_id)?;
+        self.entries.get_mut(i).map(|(_, m)| m)
+    }
+
+    /// Forgets `packet_id` (acknowledged), returning its message.
+    pub fn remove(&mut self, packet_id: &u16) -> Option<InflightMessage> {
+        let i = self.position(*packet_id)?;
+        self.entries.remove(i).map(|(_, m)| m)
+    }
+
+    /// Every message in flight with its packet id, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = (&u16, &InflightMessage)> {
+        self.entries.iter().map(|(id, m)| (id, m))
+    }
 }
 
 /// Outcome of offering a delivery to a slot.
@@ -216,7 +284,7 @@ impl SessionSlot {
             client_id: self.client_id.to_string(),
             subscriptions: inner.subscriptions.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             queue: inner.queue.clone(),
-            inflight: inner.inflight.clone(),
+            inflight: inner.inflight.to_map(),
             awaiting_rel: inner.awaiting_rel.keys().copied().collect(),
             expiry_secs: inner.expiry_secs,
             will: inner.pending_will.as_deref().cloned(),
@@ -234,7 +302,7 @@ impl SessionSlot {
         inner.queue_bytes = state.queue.iter().map(|q| q.message.weight()).sum();
         inner.queue = state.queue;
         inner.last_packet_id = state.inflight.keys().next_back().copied().unwrap_or(0);
-        inner.inflight = state.inflight;
+        inner.inflight = Inflight::from_map(state.inflight);
         let now = std::time::Instant::now();
         inner.awaiting_rel = state.awaiting_rel.into_iter().map(|id| (id, now)).collect();
         inner.pending_will = state.will.map(Box::new);
@@ -278,5 +346,59 @@ impl SlotInner {
             }
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raftmq_cluster::message::{Message, MessageProperties};
+
+    fn sent(qos: QoS) -> InflightMessage {
+        let message = Message {
+            topic: "t".into(),
+            payload: bytes::Bytes::new(),
+            qos,
+            retain: false,
+            properties: MessageProperties::default(),
+            received_at_us: 0,
+            publisher: String::new(),
+        };
+        let queued = QueuedMessage { message: Arc::new(message), qos, retain: false, subscription_ids: Vec::new(), shared: None };
+        InflightMessage { queued, stage: InflightStage::Published }
+    }
+
+    /// [MQTT-4.6.0-1]: resends go out in the order of the original sends, also after the
+    /// packet ids wrapped around.
+    #[test]
+    fn inflight_keeps_send_order_across_packet_id_wraparound_and_out_of_order_acks() {
+        let mut inner = SlotInner { last_packet_id: u16::MAX - 1, ..SlotInner::default() };
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            let id = inner.next_packet_id().unwrap_or_default();
+            inner.inflight.insert(id, sent(QoS::AtLeastOnce));
+            ids.push(id);
+        }
+        assert_eq!(ids, [u16::MAX, 1, 2, 3]);
+        assert!(inner.complete(2, InflightStage::Published));
+        assert!(!inner.complete(2, InflightStage::Published), "a second PUBACK for the same id is unknown");
+        assert!(inner.complete(u16::MAX, InflightStage::Published));
+        let left: Vec<u16> = inner.inflight.iter().map(|(id, _)| *id).collect();
+        assert_eq!(left, [1, 3]);
+        // An id still in flight is skipped when ids come round again.
+        inner.last_packet_id = 0;
+        assert_eq!(inner.next_packet_id(), Some(2));
+    }
+
+    #[test]
+    fn qos2_inflight_moves_to_released_and_completes_on_pubcomp() {
+        let mut inner = SlotInner::default();
+        let id = inner.next_packet_id().unwrap_or_default();
+        inner.inflight.insert(id, sent(QoS::ExactlyOnce));
+        assert!(!inner.complete(id, InflightStage::Released), "PUBCOMP before PUBREC");
+        assert!(inner.received(id, false));
+        assert_eq!(inner.inflight.get(&id).map(|m| m.stage), Some(InflightStage::Released));
+        assert!(inner.complete(id, InflightStage::Released));
+        assert!(inner.inflight.is_empty());
     }
 }
