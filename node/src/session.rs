@@ -260,6 +260,7 @@ impl SessionSlot {
             return dropped;
         }
         let SlotInner { queue, queue_bytes, dropped, .. } = &mut *inner;
+        let was_empty = queue.is_empty();
         let lost = push_bounded(queue, queue_bytes, item, limits);
         *dropped += lost;
         if !online {
@@ -268,7 +269,12 @@ impl SessionSlot {
         let congested = inner.queue.len() > limits.max_len / 2 || inner.queue_bytes > limits.max_bytes / 2;
         inner.congested |= congested;
         drop(inner);
-        self.wake.notify_one();
+        // Only the first message into an empty queue wakes the connection: while the queue
+        // is not empty, a wake-up is pending, or the connection's window is full and the
+        // client's acknowledgements will pump it.
+        if was_empty {
+            self.wake.notify_one();
+        }
         Offered { offer: Offer::Online, lost, congested }
     }
 
