@@ -1,9 +1,11 @@
-//! One MQTT connection: the CONNECT handshake, then a loop over incoming packets, queued
-//! deliveries, the keep-alive deadline, takeover kicks and shutdown.
+//! One MQTT connection: the CONNECT handshake, then a loop over incoming packets and
+//! queued deliveries that also notices kicks (takeover, admin, keep-alive expiry, shutdown)
+//! left in the session slot.
 //!
-//! Generic over the byte stream so TCP, TLS and WebSocket share this code path. Every
-//! `select!` branch is cancellation safe: reads go into a buffer that survives a cancelled
-//! read, and writes happen outside the `select!`.
+//! Generic over the byte stream so TCP, TLS and WebSocket share this code path. The loop's
+//! `select!` is cancellation safe: a read moves bytes into the connection's buffer within
+//! one poll, and writes happen outside the `select!`. The connected state is kept small
+//! (see the "idle connection is small" invariant in docs/ARCHITECTURE.md).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -123,7 +125,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
 
     fn poll_fill(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<usize>> {
         // Before CONNECT, read no further than the largest first packet allowed.
-        let limit = if self.protocol.is_none() { (self.max_in + 5).saturating_sub(self.rbuf.len()).max(1) } else { SCRATCH_LEN };
+        let limit =
+            if self.protocol.is_none() { self.max_in.saturating_add(5).saturating_sub(self.rbuf.len()).max(1) } else { SCRATCH_LEN };
         SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
             Ok(mut scratch) => self.poll_read_into(cx, &mut scratch[..limit.min(SCRATCH_LEN)]),
             // Only if a stream's poll_read re-entered this function on the same thread.
