@@ -182,6 +182,11 @@ impl Conn {
         Ok(())
     }
 
+    /// A packet already received, without reading.
+    fn buffered(&mut self) -> anyhow::Result<Option<Packet>> {
+        Ok(codec::decode(&mut self.buf, Some(self.protocol), usize::MAX)?)
+    }
+
     /// Next packet; `None` when the broker closed.
     async fn next(&mut self) -> anyhow::Result<Option<Packet>> {
         loop {
@@ -268,20 +273,24 @@ async fn publisher(c: Common, id: String, topic: String, until: Instant, counter
         conn.wr.write_all(&out).await?;
         out.clear();
         counters.sent.fetch_add(batch as u64, Ordering::Relaxed);
-        // Collect acknowledgements until the window has room again.
+        // Collect acknowledgements until the window has room again, taking every one already
+        // received, so the refill goes out in one write rather than one per acknowledgement.
         while qos != QoS::AtMostOnce && outstanding >= window {
-            match conn.next().await? {
-                Some(Packet::PubResponse(r)) => match r.kind {
-                    PubKind::PubAck | PubKind::PubComp => outstanding -= 1,
-                    PubKind::PubRec => {
-                        codec::encode(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, r.packet_id, 0)), conn.protocol, &mut out)
+            let Some(first) = conn.next().await? else { bail!("{id}: broker closed the connection") };
+            let mut next = Some(first);
+            while let Some(packet) = next {
+                if let Packet::PubResponse(r) = packet {
+                    match r.kind {
+                        PubKind::PubAck | PubKind::PubComp => outstanding -= 1,
+                        PubKind::PubRec => {
+                            codec::encode(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, r.packet_id, 0)), conn.protocol, &mut out)
+                        }
+                        PubKind::PubRel => {}
                     }
-                    PubKind::PubRel => {}
-                },
-                Some(_) => {}
-                None => bail!("{id}: broker closed the connection"),
+                }
+                next = conn.buffered()?;
             }
-            if !out.is_empty() {
+            if outstanding >= window && !out.is_empty() {
                 conn.wr.write_all(&out).await?;
                 out.clear();
             }
@@ -303,14 +312,17 @@ async fn consume(mut conn: Conn, until: Instant, counters: Arc<Counters>) -> any
     let stop = tokio::time::sleep_until(until.into());
     tokio::pin!(stop);
     loop {
-        // Decode everything buffered, then read more.
+        // Decode everything buffered, then read more. Everything in one read arrived at the
+        // same moment: one clock read and one counter update per batch.
+        let now = clock_us();
+        let mut received = 0;
         while let Some(p) = codec::decode(&mut conn.buf, Some(conn.protocol), usize::MAX)? {
             match p {
                 Packet::Publish(p) => {
-                    counters.received.fetch_add(1, Ordering::Relaxed);
+                    received += 1;
                     if p.payload.len() >= 8 {
                         let sent = u64::from_be_bytes(p.payload[..8].try_into().unwrap_or_default());
-                        let _ = hist.record(clock_us().saturating_sub(sent).max(1));
+                        let _ = hist.record(now.saturating_sub(sent).max(1));
                     }
                     match p.qos {
                         QoS::AtMostOnce => {}
@@ -328,6 +340,7 @@ async fn consume(mut conn: Conn, until: Instant, counters: Arc<Counters>) -> any
                 _ => {}
             }
         }
+        counters.received.fetch_add(received, Ordering::Relaxed);
         if !acks.is_empty() {
             conn.wr.write_all(&acks).await?;
             acks.clear();
