@@ -221,6 +221,25 @@ fn payload(size: usize) -> Bytes {
     b.freeze()
 }
 
+/// A PUBLISH carrying its send time, with the next packet id (QoS 1/2) after `last_id`.
+fn timed_publish(topic: &str, qos: QoS, last_id: &mut u16, size: usize) -> Publish {
+    let packet_id = if qos == QoS::AtMostOnce {
+        0
+    } else {
+        *last_id = last_id.checked_add(1).unwrap_or(1);
+        *last_id
+    };
+    Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.to_owned(),
+        packet_id,
+        properties: Properties::default(),
+        payload: payload(size),
+    }
+}
+
 /// Publishes to `topic` until `until`, closed-loop or paced.
 async fn publisher(c: Common, id: String, topic: String, until: Instant, counters: Arc<Counters>) -> anyhow::Result<()> {
     let mut conn = Conn::open(&c, &id).await?;
@@ -246,21 +265,7 @@ async fn publisher(c: Common, id: String, topic: String, until: Instant, counter
                 }
                 next_send += p;
             }
-            let packet_id = if qos == QoS::AtMostOnce {
-                0
-            } else {
-                next_id = next_id.checked_add(1).unwrap_or(1);
-                next_id
-            };
-            let publish = Publish {
-                dup: false,
-                qos,
-                retain: false,
-                topic: topic.clone(),
-                packet_id,
-                properties: Properties::default(),
-                payload: payload(c.size),
-            };
+            let publish = timed_publish(&topic, qos, &mut next_id, c.size);
             codec::encode(&Packet::Publish(publish), conn.protocol, &mut out);
             batch += 1;
             if qos != QoS::AtMostOnce {
@@ -633,21 +638,7 @@ mod busy {
         while Instant::now() < until + Duration::from_millis(200) && (received < sent || Instant::now() < until) {
             let now = Instant::now();
             if now < until && now >= next_send {
-                let packet_id = if qos == QoS::AtMostOnce {
-                    0
-                } else {
-                    next_id = next_id.checked_add(1).unwrap_or(1);
-                    next_id
-                };
-                let publish = Publish {
-                    dup: false,
-                    qos,
-                    retain: false,
-                    topic: topic.to_owned(),
-                    packet_id,
-                    properties: Properties::default(),
-                    payload: payload(c.size),
-                };
+                let publish = timed_publish(topic, qos, &mut next_id, c.size);
                 publ.send(&Packet::Publish(publish))?;
                 sent += 1;
                 next_send += period;

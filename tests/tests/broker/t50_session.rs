@@ -154,18 +154,25 @@ async fn expect_pubacks(publ: &mut Raw, ids: std::ops::RangeInclusive<u16>) -> a
     Ok(())
 }
 
-#[tokio::test]
-async fn slow_subscriber_holds_the_publisher_back_instead_of_dropping() -> anyhow::Result<()> {
+/// A subscriber that takes one QoS 1 message and acknowledges nothing (queue of 8), and a
+/// publisher that has just sent it twelve QoS 1 messages in one burst.
+async fn slow_subscriber_after_a_burst(backpressure_ms: u64) -> anyhow::Result<(TestBroker, Raw, Raw)> {
     let b = start_broker(|c| {
         c.mqtt.max_inflight = 1;
         c.mqtt.max_queue_len = 8;
-        c.mqtt.publish_backpressure_ms = 60_000;
+        c.mqtt.publish_backpressure_ms = backpressure_ms;
     })
     .await?;
     let (mut sub, _) = Raw::connect(b.addr, Protocol::V311, "slow-sub", true).await?;
     sub.subscribe(1, "bp/t", QoS::AtLeastOnce).await?;
     let (mut publ, _) = Raw::connect(b.addr, Protocol::V311, "fast-pub", true).await?;
     publish_burst(&mut publ, "bp/t", 12).await?;
+    Ok((b, sub, publ))
+}
+
+#[tokio::test]
+async fn slow_subscriber_holds_the_publisher_back_instead_of_dropping() -> anyhow::Result<()> {
+    let (b, mut sub, mut publ) = slow_subscriber_after_a_burst(60_000).await?;
     // The subscriber holds one message unacknowledged; once its queue is over half full
     // (more than 4), the publisher's connection stops reading: no more PUBACKs.
     let mut acked = 0;
@@ -192,16 +199,7 @@ async fn slow_subscriber_holds_the_publisher_back_instead_of_dropping() -> anyho
 
 #[tokio::test]
 async fn without_backpressure_a_full_queue_drops_and_the_publisher_goes_on() -> anyhow::Result<()> {
-    let b = start_broker(|c| {
-        c.mqtt.max_inflight = 1;
-        c.mqtt.max_queue_len = 8;
-        c.mqtt.publish_backpressure_ms = 0;
-    })
-    .await?;
-    let (mut sub, _) = Raw::connect(b.addr, Protocol::V311, "slow-sub2", true).await?;
-    sub.subscribe(1, "bp/u", QoS::AtLeastOnce).await?;
-    let (mut publ, _) = Raw::connect(b.addr, Protocol::V311, "fast-pub2", true).await?;
-    publish_burst(&mut publ, "bp/u", 12).await?;
+    let (b, _sub, mut publ) = slow_subscriber_after_a_burst(0).await?;
     expect_pubacks(&mut publ, 1..=12).await?;
     // Eight queued (and one in flight if the subscriber took it before the burst filled
     // the queue): the other three or four were dropped.
