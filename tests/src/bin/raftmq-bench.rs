@@ -158,17 +158,7 @@ impl Conn {
         stream.set_nodelay(true)?;
         let (rd, wr) = stream.into_split();
         let mut conn = Conn { rd, wr, buf: BytesMut::with_capacity(16 * 1024), protocol };
-        let connect = Connect {
-            protocol,
-            clean_start: true,
-            keep_alive: 300,
-            properties: Properties::default(),
-            client_id: client_id.to_owned(),
-            will: None,
-            username: None,
-            password: None,
-        };
-        conn.send(&Packet::Connect(Box::new(connect))).await?;
+        conn.send(&connect_packet(protocol, client_id)).await?;
         match conn.next().await? {
             Some(Packet::ConnAck(a)) if a.code == 0 => Ok(conn),
             other => bail!("{client_id}: CONNECT refused: {other:?}"),
@@ -212,6 +202,20 @@ impl Conn {
             other => bail!("SUBSCRIBE {filter} refused: {other:?}"),
         }
     }
+}
+
+/// The CONNECT every generated client sends: clean start, keep alive 300 s.
+fn connect_packet(protocol: Protocol, client_id: &str) -> Packet {
+    Packet::Connect(Box::new(Connect {
+        protocol,
+        clean_start: true,
+        keep_alive: 300,
+        properties: Properties::default(),
+        client_id: client_id.to_owned(),
+        will: None,
+        username: None,
+        password: None,
+    }))
 }
 
 fn payload(size: usize) -> Bytes {
@@ -554,17 +558,7 @@ mod busy {
             stream.set_nodelay(true)?;
             stream.set_nonblocking(true)?;
             let mut conn = SyncConn { stream, buf: BytesMut::new(), protocol };
-            let connect = Connect {
-                protocol,
-                clean_start: true,
-                keep_alive: 300,
-                properties: Properties::default(),
-                client_id: client_id.to_owned(),
-                will: None,
-                username: None,
-                password: None,
-            };
-            conn.send(&Packet::Connect(Box::new(connect)))?;
+            conn.send(&connect_packet(protocol, client_id))?;
             match conn.next_within(Duration::from_secs(10))? {
                 Some(Packet::ConnAck(a)) if a.code == 0 => Ok(conn),
                 other => bail!("{client_id}: CONNECT refused: {other:?}"),
