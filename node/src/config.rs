@@ -58,6 +58,10 @@ pub struct Config {
     pub bans: Vec<BanConfig>,
     /// Automatic bans for clients that reconnect too often.
     pub flapping: FlappingConfig,
+    /// `RAFTMQ_*` variables that named no configuration key and were skipped (reported
+    /// once at start).
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
 
 impl Default for Config {
@@ -76,6 +80,7 @@ impl Default for Config {
             acl: AclConfig::default(),
             bans: Vec::new(),
             flapping: FlappingConfig::default(),
+            ignored_env: Vec::new(),
         }
     }
 }
@@ -512,6 +517,7 @@ impl Config {
             }
             None => toml::Table::new(),
         };
+        let mut ignored = Vec::new();
         for (key, value) in env {
             let Some(path) = key.strip_prefix(ENV_PREFIX) else { continue };
             // Variables read by the CLI itself (`RAFTMQ_CONFIG`, `RAFTMQ_CTL_*`), not keys.
@@ -519,10 +525,21 @@ impl Config {
                 continue;
             }
             let segments: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
-            set_path(&mut root, &segments, parse_env_value(&value)).map_err(|e| ConfigError::Invalid(format!("{key}: {e}")))?;
+            let value = parse_env_value(&value);
+            // Kubernetes puts `RAFTMQ_PORT`, `RAFTMQ_SERVICE_HOST`, ... into every pod of a
+            // namespace with a Service named `raftmq`: a variable that names no key is
+            // skipped (and reported), one that names a key with a bad value stops the start.
+            if !names_a_key(&segments, &value) {
+                ignored.push(key);
+                continue;
+            }
+            set_path(&mut root, &segments, value).map_err(|e| ConfigError::Invalid(format!("{key}: {e}")))?;
         }
-        let config: Config = toml::Value::Table(root).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        let mut config: Config =
+            toml::Value::Table(root).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
         config.validate()?;
+        ignored.sort();
+        config.ignored_env = ignored;
         Ok(config)
     }
 
@@ -569,6 +586,26 @@ impl Config {
             return bad("node_name must be non-empty and contain no '/', '+' or '#'");
         }
         Ok(())
+    }
+}
+
+/// Whether a variable's key path is a configuration key: its parent is a section (a table
+/// holding only an empty parent deserializes), and a table holding only the key
+/// deserializes or fails for any reason but an unknown field (a bad value).
+fn names_a_key(segments: &[String], value: &toml::Value) -> bool {
+    let deserializes = |path: &[String], value: toml::Value| -> Result<(), String> {
+        let mut table = toml::Table::new();
+        set_path(&mut table, path, value)?;
+        toml::Value::Table(table).try_into::<Config>().map(drop).map_err(|e| e.to_string())
+    };
+    if let Some((_, parent)) = segments.split_last().filter(|(_, parent)| !parent.is_empty()) {
+        if deserializes(parent, toml::Value::Table(toml::Table::new())).is_err() {
+            return false;
+        }
+    }
+    match deserializes(segments, value.clone()) {
+        Ok(()) => true,
+        Err(e) => !e.contains("unknown field") && !e.contains("empty key"),
     }
 }
 
@@ -621,12 +658,41 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// Issue 10, defect 15: Kubernetes' service variables do not stop the start.
+    #[test]
+    fn variables_naming_no_key_are_skipped_and_listed() {
+        let env = vec![
+            ("RAFTMQ_PORT".to_string(), "tcp://10.0.0.1:1883".to_string()),
+            ("RAFTMQ_SERVICE_HOST".to_string(), "10.0.0.1".to_string()),
+            ("RAFTMQ_PORT_1883_TCP_ADDR".to_string(), "10.0.0.1".to_string()),
+            ("RAFTMQ_BIN".to_string(), "/usr/bin/raftmq".to_string()),
+            ("RAFTMQ_MQTT__NO_SUCH_KEY".to_string(), "1".to_string()),
+            ("RAFTMQ_LOG__LEVEL".to_string(), "debug".to_string()),
+            ("RAFTMQ_MQTT__MAX_INFLIGHT".to_string(), "64".to_string()),
+        ];
+        let c = Config::load(None, env);
+        assert!(c.is_ok(), "{c:?}");
+        let c = c.unwrap_or_default();
+        assert_eq!(c.mqtt.max_inflight, 64);
+        assert_eq!(
+            c.ignored_env,
+            [
+                "RAFTMQ_BIN",
+                "RAFTMQ_LOG__LEVEL",
+                "RAFTMQ_MQTT__NO_SUCH_KEY",
+                "RAFTMQ_PORT",
+                "RAFTMQ_PORT_1883_TCP_ADDR",
+                "RAFTMQ_SERVICE_HOST"
+            ]
+        );
+    }
+
     #[test]
     fn bad_values_are_refused_with_a_message() {
         let err = Config::load(None, vec![("RAFTMQ_MQTT__MAX_INFLIGHT".into(), "0".into())]).err();
         assert!(err.is_some_and(|e| e.to_string().contains("max_inflight")));
-        let err = Config::load(None, vec![("RAFTMQ_MQTT__NO_SUCH_KEY".into(), "1".into())]).err();
-        assert!(err.is_some_and(|e| e.to_string().contains("no_such_key")));
+        let err = Config::load(None, vec![("RAFTMQ_MQTT__MAX_INFLIGHT".into(), "many".into())]).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("max_inflight")));
         let err = Config::load(Some(Path::new("/nonexistent/raftmq.toml")), Vec::new()).err();
         assert!(matches!(err, Some(ConfigError::Read { .. })));
     }

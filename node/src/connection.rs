@@ -30,7 +30,7 @@ use crate::codec::{
 };
 use crate::config::{DenyAction, RateAction};
 use crate::security::{Credentials, Identity, Verdict};
-use crate::session::{ConnInfo, SessionSlot};
+use crate::session::{Ack, ConnInfo, SessionSlot};
 use crate::shared;
 use crate::sys::{self, ClientEvent};
 
@@ -83,6 +83,8 @@ struct Framed<S> {
     wbuf: BytesMut,
     protocol: Option<Protocol>,
     max_in: usize,
+    /// The client's Maximum Packet Size: nothing larger is ever sent [MQTT-3.1.2-25].
+    max_out: usize,
 }
 
 /// Buffers above this size are released once empty, so an idle connection stays small.
@@ -165,9 +167,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         }
     }
 
-    fn send(&mut self, packet: &Packet) {
+    /// Encodes `packet` for sending. A packet over the client's Maximum Packet Size loses
+    /// its Reason String and User Properties; if it still does not fit it is not sent
+    /// [MQTT-3.1.2-25] and false is returned.
+    fn send(&mut self, packet: &Packet) -> bool {
+        let protocol = self.protocol.unwrap_or(Protocol::V311);
+        let start = self.wbuf.len();
+        codec::encode(packet, protocol, &mut self.wbuf);
+        if self.wbuf.len() - start > self.max_out {
+            self.wbuf.truncate(start);
+            if let Some(slim) = packet.without_diagnostics() {
+                codec::encode(&slim, protocol, &mut self.wbuf);
+            }
+            if self.wbuf.len() - start > self.max_out || self.wbuf.len() == start {
+                self.wbuf.truncate(start);
+                self.broker.stats.drop(DropReason::TooLarge, 1);
+                return false;
+            }
+        }
         self.broker.stats.packets_sent[usize::from(packet.kind())].fetch_add(1, Ordering::Relaxed);
-        codec::encode(packet, self.protocol.unwrap_or(Protocol::V311), &mut self.wbuf);
+        true
     }
 
     /// Writes everything buffered. The socket usually takes it all at once; only a write
@@ -221,8 +240,6 @@ struct Client {
     conn_id: u64,
     /// Client's Receive Maximum: our outbound window is at most this.
     receive_maximum: u16,
-    /// Client's Maximum Packet Size: we never send more.
-    max_packet_size: usize,
     will: Option<Box<WillMessage>>,
     /// Session expiry from CONNECT (a DISCONNECT may change it unless it was 0).
     connect_expiry: u32,
@@ -352,6 +369,7 @@ where
         wbuf: BytesMut::new(),
         protocol: None,
         max_in: cfg.max_connect_packet_size.min(cfg.max_packet_size),
+        max_out: usize::MAX,
     };
     let connect_timeout = Duration::from_secs(cfg.connect_timeout_secs);
     let first = tokio::select! {
@@ -385,6 +403,7 @@ where
         }
     };
     framed.protocol = Some(connect.protocol);
+    framed.max_out = connect.properties.maximum_packet_size.map_or(usize::MAX, |m| m as usize);
     accept(broker, framed, connect, peer, cert_user).await
 }
 
@@ -521,7 +540,9 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // Client identifier rules [MQTT-3.1.3-6..8].
     let mut assigned = None;
     let client_id = if connect.client_id.is_empty() {
-        if !v5 && !connect.clean_start {
+        if protocol == Protocol::V31 || (!v5 && !connect.clean_start) {
+            // MQTT 3.1 requires 1 to 23 characters; 3.1.1 allows an empty id only with a
+            // clean session [MQTT-3.1.3-8] (B7).
             // B7: refuse and close.
             return refuse(
                 &mut framed,
@@ -603,6 +624,12 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     };
     if let Some(w) = &connect.will {
+        if !v5 && w.topic.is_empty() {
+            // [MQTT-4.7.3-1]: a protocol violation, which MQTT 3 answers by closing.
+            broker.stats.connect_result("malformed");
+            tracing::debug!(%peer, "empty will topic");
+            return None;
+        }
         if topic::validate_topic_name(&w.topic, cfg.max_topic_levels).is_err() {
             return refuse(&mut framed, protocol, reason::TOPIC_NAME_INVALID, connack_v3::NOT_AUTHORIZED, "invalid will topic").await;
         }
@@ -638,24 +665,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
     };
     let expiry = requested_expiry.min(cfg.max_session_expiry_secs);
 
-    let conn_id = broker.next_conn_id();
-    let info = ConnInfo {
-        peer: Some(peer),
-        username: identity.username.clone(),
-        protocol: protocol.level(),
-        keep_alive,
-        clean_start: connect.clean_start,
-        connected_at_ms: now_ms(),
-    };
-    let Attached { slot, session_present } = match Box::pin(broker.attach(&client_id, conn_id, connect.clean_start, expiry, info)).await {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::warn!(%peer, error = %e, "session store unavailable");
-            return refuse(&mut framed, protocol, reason::SERVER_UNAVAILABLE, connack_v3::SERVER_UNAVAILABLE, "session store unavailable")
-                .await;
-        }
-    };
-    let mut connack = ConnAck { session_present, code: 0, properties: Properties::default() };
+    let mut connack = ConnAck { session_present: false, code: 0, properties: Properties::default() };
     if v5 {
         let p = &mut connack.properties;
         p.assigned_client_identifier = assigned;
@@ -678,6 +688,33 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
             p.authentication_data = data;
         }
     }
+    // A CONNACK that cannot fit the client's Maximum Packet Size is never sent
+    // [MQTT-3.2.2-19]; the connection is closed before a session is touched.
+    let mut probe = BytesMut::new();
+    codec::encode(&Packet::ConnAck(connack.clone()), protocol, &mut probe);
+    if probe.len() > framed.max_out {
+        broker.stats.connect_result("malformed");
+        tracing::debug!(%peer, max = framed.max_out, "CONNACK does not fit the client's maximum packet size");
+        return None;
+    }
+    let conn_id = broker.next_conn_id();
+    let info = ConnInfo {
+        peer: Some(peer),
+        username: identity.username.clone(),
+        protocol: protocol.level(),
+        keep_alive,
+        clean_start: connect.clean_start,
+        connected_at_ms: now_ms(),
+    };
+    let Attached { slot, session_present } = match Box::pin(broker.attach(&client_id, conn_id, connect.clean_start, expiry, info)).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "session store unavailable");
+            return refuse(&mut framed, protocol, reason::SERVER_UNAVAILABLE, connack_v3::SERVER_UNAVAILABLE, "session store unavailable")
+                .await;
+        }
+    };
+    connack.session_present = session_present;
     framed.send(&Packet::ConnAck(connack));
     broker.stats.connect_result("success");
     framed.max_in = cfg.max_packet_size;
@@ -698,7 +735,6 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
         protocol,
         conn_id,
         receive_maximum: props.receive_maximum.unwrap_or(u16::MAX),
-        max_packet_size: props.maximum_packet_size.map_or(usize::MAX, |m| m as usize),
         will: will_message(&client_id, &connect).map(Box::new),
         connect_expiry: expiry,
         problem_info: props.request_problem_information != Some(0),
@@ -763,7 +799,9 @@ fn resend_inflight<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, slot: &Se
             InflightStage::Published => {
                 encode_delivery(broker, client, framed, &m.queued, *id, true, now);
             }
-            InflightStage::Released => framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, *id, 0))),
+            InflightStage::Released => {
+                framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, *id, 0)));
+            }
         }
     }
 }
@@ -805,7 +843,7 @@ fn encode_delivery<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let body = props.body();
     let publish = PublishRef { dup, qos: item.qos, retain: item.retain, topic, packet_id, properties: &body, payload: &m.payload };
-    if publish.wire_len(client.protocol) > client.max_packet_size {
+    if publish.wire_len(client.protocol) > framed.max_out {
         broker.stats.drop(DropReason::TooLarge, 1);
         return false;
     }
@@ -984,13 +1022,22 @@ fn handle_quick<S: AsyncRead + AsyncWrite + Unpin>(
     let v5 = client.protocol.is_v5();
     match packet {
         Packet::PubResponse(r) => {
+            if v5 && !codec::reason::client_may_send(r.kind, r.reason) {
+                return Err(ConnectionError::Decode(DecodeError::Malformed("invalid reason code in acknowledgement")));
+            }
             let failed = v5 && r.reason >= 0x80;
             match r.kind {
                 PubKind::PubAck => {
-                    slot.lock().complete(r.packet_id, InflightStage::Published);
+                    if slot.lock().complete(r.packet_id, InflightStage::Published) == Ack::WrongKind {
+                        return Err(violation(reason::PROTOCOL_ERROR, "PUBACK for a QoS 2 message"));
+                    }
                 }
                 PubKind::PubRec => {
-                    let known = slot.lock().received(r.packet_id, failed);
+                    let ack = slot.lock().received(r.packet_id, failed);
+                    if ack == Ack::WrongKind {
+                        return Err(violation(reason::PROTOCOL_ERROR, "PUBREC for a QoS 1 message"));
+                    }
+                    let known = ack == Ack::Known;
                     if known && !failed {
                         framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, r.packet_id, 0)));
                     } else if !known && v5 {
@@ -1003,7 +1050,9 @@ fn handle_quick<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
                 PubKind::PubComp => {
-                    slot.lock().complete(r.packet_id, InflightStage::Released);
+                    if slot.lock().complete(r.packet_id, InflightStage::Released) == Ack::WrongKind {
+                        return Err(violation(reason::PROTOCOL_ERROR, "PUBCOMP for a message not released"));
+                    }
                 }
                 PubKind::PubRel => {
                     let known = slot.lock().awaiting_rel.remove(&r.packet_id).is_some();
@@ -1012,8 +1061,14 @@ fn handle_quick<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
         }
-        Packet::PingReq => framed.send(&Packet::PingResp),
+        Packet::PingReq => {
+            framed.send(&Packet::PingResp);
+        }
         Packet::Disconnect(d) => {
+            if v5 && !codec::reason::client_may_disconnect_with(d.reason) {
+                // Not a normal disconnect: the will is published.
+                return Err(ConnectionError::Decode(DecodeError::Malformed("invalid DISCONNECT reason code")));
+            }
             if let Some(new_expiry) = d.properties.session_expiry_interval {
                 if client.connect_expiry == 0 && new_expiry != 0 {
                     // [MQTT-3.14.2-2]
@@ -1261,7 +1316,22 @@ async fn handle_unsubscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
     u: Unsubscribe,
 ) -> Result<(), ConnectionError> {
     let mut codes = Vec::with_capacity(u.filters.len());
+    let max_levels = broker.config.mqtt.max_topic_levels;
     for filter in u.filters {
+        let inner = match shared::parse(&filter) {
+            Ok(Some((_, inner))) => Some(inner),
+            Ok(None) => Some(filter.as_str()),
+            Err(_) => None,
+        };
+        if !inner.is_some_and(|f| topic::validate_topic_filter(f, max_levels).is_ok()) {
+            // [MQTT-4.7.3-1], [MQTT-4.8.2-2]: an empty or ill-formed filter. MQTT 3 has no
+            // way to say so but closing.
+            if !client.protocol.is_v5() {
+                return Err(violation(reason::PROTOCOL_ERROR, "invalid topic filter in UNSUBSCRIBE"));
+            }
+            codes.push(reason::TOPIC_FILTER_INVALID);
+            continue;
+        }
         let existed = broker.unsubscribe(slot, &filter).await?;
         codes.push(if existed { reason::SUCCESS } else { reason::NO_SUBSCRIPTION_EXISTED });
     }

@@ -91,6 +91,9 @@ fn main() -> anyhow::Result<()> {
             .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi))
             .init();
     }
+    if !config.ignored_env.is_empty() {
+        tracing::warn!(variables = ?config.ignored_env, "RAFTMQ_* environment variables that name no configuration key were ignored");
+    }
     let log_control: raftmq_node::admin::LogControl = Arc::new(move |spec: &str| {
         let filter = tracing_subscriber::EnvFilter::try_new(spec).map_err(|e| e.to_string())?;
         reload.reload(filter).map_err(|e| e.to_string())

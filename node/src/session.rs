@@ -162,6 +162,18 @@ impl Inflight {
     }
 }
 
+/// How an acknowledgement from the client matched the messages in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// It acknowledged a message in flight.
+    Known,
+    /// No message is in flight with its packet id.
+    Unknown,
+    /// Its packet id is in flight, but at another QoS or stage (PUBREC for QoS 1, PUBACK
+    /// for QoS 2): a protocol error.
+    WrongKind,
+}
+
 /// Outcome of offering a delivery to a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
@@ -327,20 +339,23 @@ impl SlotInner {
         None
     }
 
-    /// Records PUBACK (QoS 1) or PUBCOMP (QoS 2). Returns whether the id was known.
-    pub fn complete(&mut self, packet_id: u16, stage: InflightStage) -> bool {
-        match self.inflight.get(&packet_id) {
-            Some(m) if m.stage == stage => {
-                self.inflight.remove(&packet_id);
-                true
-            }
-            _ => false,
+    /// Records PUBACK (stage `Published`: QoS 1) or PUBCOMP (stage `Released`: QoS 2).
+    pub fn complete(&mut self, packet_id: u16, stage: InflightStage) -> Ack {
+        let Some(m) = self.inflight.get(&packet_id) else { return Ack::Unknown };
+        let fits = match stage {
+            InflightStage::Published => m.queued.qos == QoS::AtLeastOnce,
+            InflightStage::Released => m.stage == InflightStage::Released,
+        };
+        if !fits {
+            return Ack::WrongKind;
         }
+        self.inflight.remove(&packet_id);
+        Ack::Known
     }
 
-    /// Records PUBREC: the message moves to the PUBREL stage. Returns whether the id was
-    /// known; a PUBREC with an error reason ends the exchange.
-    pub fn received(&mut self, packet_id: u16, failed: bool) -> bool {
+    /// Records PUBREC: the message moves to the PUBREL stage; a PUBREC with an error
+    /// reason ends the exchange. A repeated PUBREC for a released message is known.
+    pub fn received(&mut self, packet_id: u16, failed: bool) -> Ack {
         match self.inflight.get_mut(&packet_id) {
             Some(m) if m.queued.qos == QoS::ExactlyOnce => {
                 if failed {
@@ -348,9 +363,10 @@ impl SlotInner {
                 } else {
                     m.stage = InflightStage::Released;
                 }
-                true
+                Ack::Known
             }
-            _ => false,
+            Some(_) => Ack::WrongKind,
+            None => Ack::Unknown,
         }
     }
 }
@@ -386,9 +402,9 @@ mod tests {
             ids.push(id);
         }
         assert_eq!(ids, [u16::MAX, 1, 2, 3]);
-        assert!(inner.complete(2, InflightStage::Published));
-        assert!(!inner.complete(2, InflightStage::Published), "a second PUBACK for the same id is unknown");
-        assert!(inner.complete(u16::MAX, InflightStage::Published));
+        assert_eq!(inner.complete(2, InflightStage::Published), Ack::Known);
+        assert_eq!(inner.complete(2, InflightStage::Published), Ack::Unknown, "a second PUBACK for the same id is unknown");
+        assert_eq!(inner.complete(u16::MAX, InflightStage::Published), Ack::Known);
         let left: Vec<u16> = inner.inflight.iter().map(|(id, _)| *id).collect();
         assert_eq!(left, [1, 3]);
         // An id still in flight is skipped when ids come round again.
@@ -401,10 +417,11 @@ mod tests {
         let mut inner = SlotInner::default();
         let id = inner.next_packet_id().unwrap_or_default();
         inner.inflight.insert(id, sent(QoS::ExactlyOnce));
-        assert!(!inner.complete(id, InflightStage::Released), "PUBCOMP before PUBREC");
-        assert!(inner.received(id, false));
+        assert_eq!(inner.complete(id, InflightStage::Released), Ack::WrongKind, "PUBCOMP before PUBREC");
+        assert_eq!(inner.complete(id, InflightStage::Published), Ack::WrongKind, "PUBACK for QoS 2");
+        assert_eq!(inner.received(id, false), Ack::Known);
         assert_eq!(inner.inflight.get(&id).map(|m| m.stage), Some(InflightStage::Released));
-        assert!(inner.complete(id, InflightStage::Released));
+        assert_eq!(inner.complete(id, InflightStage::Released), Ack::Known);
         assert!(inner.inflight.is_empty());
     }
 }

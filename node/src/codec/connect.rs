@@ -158,7 +158,8 @@ impl ConnAck {
 
     pub(super) fn write(&self, protocol: Protocol, out: &mut BytesMut) {
         let mut body = BytesMut::with_capacity(8);
-        body.put_u8(u8::from(self.session_present));
+        // MQTT 3.1 has no Session Present flag: the byte is reserved and 0.
+        body.put_u8(u8::from(self.session_present && protocol != Protocol::V31));
         body.put_u8(self.code);
         if protocol.is_v5() {
             Properties::write_body(&mut body, &self.properties.body());

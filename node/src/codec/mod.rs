@@ -96,6 +96,22 @@ pub mod reason {
     pub const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
     pub const SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED: u8 = 0xA1;
     pub const WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0xA2;
+
+    /// Whether a client may acknowledge a PUBLISH of `kind` with `code` (§3.4.2.1,
+    /// §3.5.2.1, §3.6.2.1, §3.7.2.1); any other code is a malformed packet.
+    pub fn client_may_send(kind: super::PubKind, code: u8) -> bool {
+        match kind {
+            super::PubKind::PubAck | super::PubKind::PubRec => {
+                matches!(code, 0x00 | 0x10 | 0x80 | 0x83 | 0x87 | 0x90 | 0x91 | 0x97 | 0x99)
+            }
+            super::PubKind::PubRel | super::PubKind::PubComp => matches!(code, 0x00 | 0x92),
+        }
+    }
+
+    /// Whether a client may send DISCONNECT with `code` (§3.14.2.1 lists who sends what).
+    pub fn client_may_disconnect_with(code: u8) -> bool {
+        matches!(code, 0x00 | 0x04 | 0x80..=0x83 | 0x90 | 0x93..=0x99)
+    }
 }
 
 /// CONNACK return codes of MQTT 3.1 and 3.1.1.
@@ -211,6 +227,30 @@ impl Packet {
             Packet::Disconnect(_) => "disconnect",
             Packet::Auth(_) => "auth",
         }
+    }
+}
+
+impl Packet {
+    /// The same packet without its Reason String and User Properties, which the sender may
+    /// drop to fit the receiver's Maximum Packet Size [MQTT-3.1.2-25] (§3.2.2.3.9 and the
+    /// matching rule of every acknowledgement); `None` for packets without such properties.
+    pub fn without_diagnostics(&self) -> Option<Packet> {
+        let mut slim = self.clone();
+        let properties = match &mut slim {
+            Packet::ConnAck(p) => &mut p.properties,
+            Packet::PubResponse(p) => &mut p.properties,
+            Packet::SubAck(p) => &mut p.properties,
+            Packet::UnsubAck(p) => &mut p.properties,
+            Packet::Disconnect(p) => &mut p.properties,
+            Packet::Auth(p) => &mut p.properties,
+            _ => return None,
+        };
+        if properties.reason_string.is_none() && properties.user_properties.is_empty() {
+            return None;
+        }
+        properties.reason_string = None;
+        properties.user_properties.clear();
+        Some(slim)
     }
 }
 

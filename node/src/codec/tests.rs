@@ -182,7 +182,10 @@ fn after_connect(protocol: Protocol) -> impl Strategy<Value = Packet> {
     });
     prop_oneof![
         (any::<bool>(), if v5 { any::<u8>().boxed() } else { (0u8..=5).boxed() }, props_for(p, PropertyContext::ConnAck))
-            .prop_map(|(session_present, code, properties)| Packet::ConnAck(ConnAck { session_present, code, properties })),
+            // MQTT 3.1 has no Session Present flag.
+            .prop_map(move |(session_present, code, properties)| {
+                Packet::ConnAck(ConnAck { session_present: session_present && p != Protocol::V31, code, properties })
+            }),
         (qos(), any::<bool>(), any::<bool>(), s(), 1u16.., props_for(p, PropertyContext::Publish), bin()).prop_map(
             |(qos, dup, retain, topic, id, properties, payload)| {
                 let packet_id = if qos == QoS::AtMostOnce { 0 } else { id };
