@@ -111,6 +111,9 @@ pub struct SessionState {
     pub will: Option<WillMessage>,
     /// Time the client disconnected (ms since the Unix epoch), 0 while connected.
     pub disconnected_at_ms: u64,
+    /// User name of the identity that created the session (`None`: anonymous); only that
+    /// identity may resume it.
+    pub owner: Option<String>,
 }
 
 /// Bounds applied by the store to a session queue.

@@ -254,7 +254,7 @@ mod tests {
     }
 
     fn user(name: &str) -> Identity {
-        Identity { username: Some(name.into()), claims: Default::default() }
+        Identity { username: Some(name.into()), ..Default::default() }
     }
 
     const RULES: &str = "

@@ -134,40 +134,92 @@ impl Bans {
     }
 }
 
-/// Counts connects per client id within a window.
+/// Most keys a [`WindowCounter`] tracks: beyond it new keys are not counted (the limits
+/// they feed fail open; the verification pool still bounds the cost of each attempt).
+const MAX_TRACKED: usize = 100_000;
+
+/// Events per key within a fixed window that starts at the key's first event.
+#[derive(Debug)]
+pub struct WindowCounter<K: std::hash::Hash + Eq> {
+    window: Duration,
+    seen: DashMap<K, (Instant, u32)>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> WindowCounter<K> {
+    /// A counter with windows of `window`.
+    pub fn new(window: Duration) -> WindowCounter<K> {
+        WindowCounter { window, seen: DashMap::new() }
+    }
+
+    /// Counts an event for `key`; returns the count within its window (0 when untracked).
+    pub fn record(&self, key: &K) -> u32 {
+        let now = Instant::now();
+        if !self.seen.contains_key(key) && self.seen.len() >= MAX_TRACKED {
+            self.sweep();
+            if self.seen.len() >= MAX_TRACKED {
+                return 0;
+            }
+        }
+        let mut entry = self.seen.entry(key.clone()).or_insert((now, 0));
+        if now.duration_since(entry.0) > self.window {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+        entry.1
+    }
+
+    /// Events for `key` within its current window.
+    pub fn count(&self, key: &K) -> u32 {
+        match self.seen.get(key) {
+            Some(e) if Instant::now().duration_since(e.0) <= self.window => e.1,
+            _ => 0,
+        }
+    }
+
+    /// Forgets keys whose window has passed (called periodically).
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.seen.retain(|_, (start, _)| now.duration_since(*start) <= self.window);
+    }
+
+    /// Keys tracked now.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Nothing tracked.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+/// Counts authenticated connects per client id within a window. Only connects that passed
+/// authentication count: otherwise anyone could get someone else's client id banned.
 #[derive(Debug)]
 pub struct Flapping {
     config: FlappingConfig,
-    seen: DashMap<String, (Instant, u32)>,
+    seen: WindowCounter<String>,
 }
 
 impl Flapping {
     /// A detector with `config`.
     pub fn new(config: FlappingConfig) -> Flapping {
-        Flapping { config, seen: DashMap::new() }
+        let seen = WindowCounter::new(Duration::from_secs(config.window_secs));
+        Flapping { config, seen }
     }
 
-    /// Records a connect; returns true when the client id crossed the limit and should be
-    /// banned for `ban_secs`.
+    /// Records an authenticated connect; returns true when the client id crossed the limit
+    /// and should be banned for `ban_secs`.
     pub fn record(&self, client_id: &str) -> bool {
         if !self.config.enabled {
             return false;
         }
-        let window = Duration::from_secs(self.config.window_secs);
-        let now = Instant::now();
-        let mut entry = self.seen.entry(client_id.to_owned()).or_insert((now, 0));
-        if now.duration_since(entry.0) > window {
-            *entry = (now, 0);
-        }
-        entry.1 += 1;
-        entry.1 > self.config.max_count
+        self.seen.record(&client_id.to_owned()) > self.config.max_count
     }
 
     /// Forgets entries whose window has passed (called periodically).
     pub fn sweep(&self) {
-        let window = Duration::from_secs(self.config.window_secs);
-        let now = Instant::now();
-        self.seen.retain(|_, (start, _)| now.duration_since(*start) <= window);
+        self.seen.sweep();
     }
 
     /// Ban length.
@@ -178,6 +230,53 @@ impl Flapping {
     /// Window length (the sweep period).
     pub fn window(&self) -> Duration {
         Duration::from_secs(self.config.window_secs.max(1))
+    }
+}
+
+/// Failed logins per address and per user name: password guessing is refused before it
+/// costs a password check.
+#[derive(Debug)]
+pub struct LoginFailures {
+    per_address: u32,
+    per_user: u32,
+    by_address: WindowCounter<IpAddr>,
+    by_user: WindowCounter<String>,
+}
+
+impl LoginFailures {
+    /// Limits from `auth.max_failures_per_address`, `auth.max_failures_per_user` (0: none)
+    /// within `window`.
+    pub fn new(per_address: u32, per_user: u32, window: Duration) -> LoginFailures {
+        LoginFailures { per_address, per_user, by_address: WindowCounter::new(window), by_user: WindowCounter::new(window) }
+    }
+
+    /// Whether a login from `address` as `user` is refused without a check: the address
+    /// failed too often, or the user name did and this address has failures of its own
+    /// (so guessing one user's password from many addresses stops, while the user, from
+    /// an address that never failed, can still log in).
+    pub fn locked(&self, user: Option<&str>, address: IpAddr) -> bool {
+        let by_address = self.by_address.count(&address);
+        if self.per_address > 0 && by_address >= self.per_address {
+            return true;
+        }
+        match user {
+            Some(user) if self.per_user > 0 && by_address > 0 => self.by_user.count(&user.to_owned()) >= self.per_user,
+            _ => false,
+        }
+    }
+
+    /// Records a failed login.
+    pub fn record(&self, user: Option<&str>, address: IpAddr) {
+        self.by_address.record(&address);
+        if let Some(user) = user {
+            self.by_user.record(&user.to_owned());
+        }
+    }
+
+    /// Forgets failures whose window has passed.
+    pub fn sweep(&self) {
+        self.by_address.sweep();
+        self.by_user.sweep();
     }
 }
 
@@ -198,6 +297,21 @@ mod tests {
         assert!(bans.is_ip_banned("192.168.4.5".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))));
         assert!(!bans.is_ip_banned(IpAddr::from([127, 0, 0, 1])));
         assert!(Bans::from_config(&[BanConfig { who: "host:x".into(), until: None }]).is_err());
+    }
+
+    #[test]
+    fn login_failures_lock_the_address_and_the_user_for_failing_addresses() {
+        let f = LoginFailures::new(3, 2, Duration::from_secs(60));
+        let (a, b, c) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]), IpAddr::from([10, 0, 0, 3]));
+        f.record(Some("alice"), a);
+        f.record(Some("alice"), b);
+        assert!(!f.locked(Some("alice"), c), "an address without failures may still try alice");
+        assert!(f.locked(Some("alice"), a), "a failing address may not try alice any more");
+        assert!(!f.locked(Some("bob"), a));
+        f.record(Some("bob"), a);
+        f.record(None, a);
+        assert!(f.locked(None, a), "the address reached its limit");
+        assert!(!f.locked(None, c));
     }
 
     #[test]

@@ -22,10 +22,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::AuthMethods;
-use crate::banned::{Bans, Flapping};
+use crate::banned::{Bans, Flapping, LoginFailures};
+use crate::log_limit::LogLimits;
+use crate::verify_pool::VerifyPool;
+use crate::printable::Printable;
 use crate::config::Config;
 use crate::router::{SharedKey, SubscriptionIndex};
-use crate::security::{Security, SecurityError};
+use crate::security::{Owner, Security, SecurityError};
 use crate::session::{ConnHandle, ConnInfo, Offer, Offered, SessionSlot};
 use crate::shared::{self, Dispatcher, MemberLoad};
 
@@ -74,7 +77,7 @@ impl DropReason {
 }
 
 /// Outcome of a CONNECT (the `result` label of `raftmq_connects_total`).
-pub const CONNECT_RESULTS: [&str; 11] = [
+pub const CONNECT_RESULTS: [&str; 14] = [
     "success",
     "bad_credentials",
     "not_authorized",
@@ -86,6 +89,9 @@ pub const CONNECT_RESULTS: [&str; 11] = [
     "invalid_will",
     "server_unavailable",
     "malformed",
+    "server_busy",
+    "too_many_failures",
+    "too_many_sessions",
 ];
 
 /// Counters exposed to tests, `$SYS` and metrics. Plain atomics on the hot path; the
@@ -103,7 +109,7 @@ pub struct Stats {
     /// Packets sent, by packet type.
     pub packets_sent: [AtomicU64; 16],
     /// CONNECT outcomes (index = position in [`CONNECT_RESULTS`]).
-    pub connects: [AtomicU64; 11],
+    pub connects: [AtomicU64; CONNECT_RESULTS.len()],
     /// ACL checks that allowed.
     pub acl_allowed: AtomicU64,
     /// Connections with an accepted CONNECT.
@@ -193,6 +199,20 @@ pub struct Routed {
     pub congested: Option<Arc<SessionSlot>>,
 }
 
+/// Why a connection could not attach to its session.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The session belongs to another identity (`auth.bind_session_to_user`).
+    #[error("the session belongs to another user")]
+    NotOwner,
+    /// `mqtt.max_sessions` sessions exist already.
+    #[error("too many sessions")]
+    TooManySessions,
+    /// The session store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// What a connection gets when it attaches to a session.
 #[derive(Debug)]
 pub struct Attached {
@@ -214,6 +234,12 @@ pub struct Broker {
     pub bans: Bans,
     /// Reconnect-storm detection.
     pub flapping: Flapping,
+    /// Failed logins per address and user name.
+    pub login_failures: LoginFailures,
+    /// Password checks, on a fixed pool with a bounded queue.
+    pub verify_pool: VerifyPool,
+    /// Log lines a client can provoke, rate-limited.
+    pub log_limits: LogLimits,
     sessions: DashMap<Arc<str>, Arc<SessionSlot>>,
     index: SubscriptionIndex,
     retained: Arc<dyn RetainedStore>,
@@ -260,10 +286,18 @@ impl Broker {
         let security = std::sync::RwLock::new(Arc::new(Security::load(&config)?));
         let bans = Bans::from_config(&config.bans)?;
         let flapping = Flapping::new(config.flapping.clone());
+        let a = &config.auth;
+        let login_failures =
+            LoginFailures::new(a.max_failures_per_address, a.max_failures_per_user, Duration::from_secs(a.failure_window_secs));
+        let workers = a.verify_workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let verify_pool = VerifyPool::new(workers, a.verify_queue);
         Ok(Arc::new(Broker {
             security,
             bans,
             flapping,
+            login_failures,
+            verify_pool,
+            log_limits: LogLimits::default(),
             auth,
             dispatcher,
             config: Arc::new(config),
@@ -344,8 +378,9 @@ impl Broker {
     /// Runs [`SessionSlot::sweep`] over every session.
     pub fn sweep_sessions(&self, keepalive_multiplier: f64, rel_timeout: Duration) {
         let now = std::time::Instant::now();
+        let packet_timeout = Duration::from_secs(self.config.mqtt.packet_timeout_secs);
         for slot in self.sessions.iter() {
-            slot.sweep(now, keepalive_multiplier, rel_timeout);
+            slot.sweep(now, keepalive_multiplier, rel_timeout, packet_timeout);
         }
     }
 
@@ -366,13 +401,45 @@ impl Broker {
         clean_start: bool,
         expiry_secs: u32,
         info: ConnInfo,
-    ) -> Result<Attached, StoreError> {
+        owner: Arc<Owner>,
+    ) -> Result<Attached, AttachError> {
         loop {
             let id: Arc<str> = Arc::from(client_id);
-            let slot = self.sessions.entry(Arc::clone(&id)).or_insert_with(|| Arc::new(SessionSlot::new(id))).clone();
+            let mut fresh = false;
+            let slot = self
+                .sessions
+                .entry(Arc::clone(&id))
+                .or_insert_with(|| {
+                    fresh = true;
+                    Arc::new(SessionSlot::new(id))
+                })
+                .clone();
+            if fresh && self.sessions.len() > self.config.mqtt.max_sessions {
+                // A flood of new client ids must not grow memory without bound.
+                slot.lock().removed = true;
+                self.sessions.remove_if(client_id, |_, s| Arc::ptr_eq(s, &slot));
+                return Err(AttachError::TooManySessions);
+            }
             let _guard = slot.connect_lock.lock().await;
             if slot.lock().removed {
                 continue;
+            }
+            // A session, live or stored, is only for the identity that created it: checked
+            // before anything is kicked, taken over or cleaned.
+            let live_owner = slot.lock().owner.clone();
+            let stored = if live_owner.is_none() { self.store.load(client_id).await? } else { None };
+            if self.config.auth.bind_session_to_user {
+                let claimed_by = match (&live_owner, &stored) {
+                    (Some(o), _) => Some(o.identity.username.as_deref()),
+                    (None, Some(state)) => Some(state.owner.as_deref()),
+                    (None, None) => None,
+                };
+                if claimed_by.is_some_and(|user| user != owner.identity.username.as_deref()) {
+                    if fresh {
+                        self.drop_if_unused(&slot);
+                    }
+                    return Err(AttachError::NotOwner);
+                }
             }
             self.take_over(&slot, crate::codec::reason::SESSION_TAKEN_OVER).await;
             if slot.lock().removed {
@@ -390,12 +457,12 @@ impl Broker {
                     continue;
                 }
                 // A fresh slot may still have a stored session (another node, or a restart).
-                if self.store.load(client_id).await?.is_some() {
+                if stored.is_some() {
                     self.store.remove(client_id).await?;
                 }
             } else if existed {
                 session_present = true;
-            } else if let Some(state) = self.store.load(client_id).await? {
+            } else if let Some(state) = stored {
                 for (filter, opts) in &state.subscriptions {
                     self.index_subscribe(&slot, filter, *opts).await;
                 }
@@ -404,10 +471,11 @@ impl Broker {
             }
             {
                 let mut inner = slot.lock();
-                inner.conn = Some(ConnHandle { conn_id, info: info.clone(), kick: None, last_packet: std::time::Instant::now() });
+                inner.conn = Some(ConnHandle { conn_id, info: info.clone(), kick: None, last_packet: std::time::Instant::now(), partial_since: None });
                 inner.generation += 1;
                 inner.persistent = expiry_secs > 0;
                 inner.expiry_secs = expiry_secs;
+                inner.owner = Some(Arc::clone(&owner));
                 // A reconnect before the will delay passed cancels the will [MQTT-3.1.3-9].
                 inner.pending_will = None;
             }
@@ -415,6 +483,17 @@ impl Broker {
                 self.store.save(slot.snapshot()).await?;
             }
             return Ok(Attached { slot: Arc::clone(&slot), session_present });
+        }
+    }
+
+    /// Removes a slot made for a CONNECT that was refused before attaching, unless another
+    /// connection started using it meanwhile.
+    fn drop_if_unused(&self, slot: &Arc<SessionSlot>) {
+        let mut inner = slot.lock();
+        if inner.conn.is_none() && inner.owner.is_none() && inner.subscriptions.is_empty() && inner.queue.is_empty() {
+            inner.removed = true;
+            drop(inner);
+            self.sessions.remove_if(&slot.client_id, |_, s| Arc::ptr_eq(s, slot));
         }
     }
 
@@ -433,7 +512,7 @@ impl Broker {
         let timeout = Duration::from_secs(self.config.mqtt.takeover_timeout_secs);
         if tokio::time::timeout(timeout, released).await.is_err() {
             // The old task is stuck (for example in a blocked write); fence it off.
-            tracing::warn!(client_id = %slot.client_id, "previous connection did not release the session in time");
+            tracing::warn!(client_id = %Printable(&slot.client_id), "previous connection did not release the session in time");
             let mut inner = slot.lock();
             inner.conn = None;
             inner.generation += 1;
@@ -486,7 +565,7 @@ impl Broker {
         self.redispatch_shared(slot, persistent).await;
         if !persistent {
             if let Err(e) = self.discard(slot).await {
-                tracing::warn!(client_id = %slot.client_id, error = %e, "failed to remove session");
+                tracing::warn!(client_id = %Printable(&slot.client_id), error = %e, "failed to remove session");
             }
             if let Some(will) = will {
                 self.publish_will_now(will.message).await;
@@ -504,7 +583,7 @@ impl Broker {
             let mut state = slot.snapshot();
             state.disconnected_at_ms = now_ms();
             if let Err(e) = self.store.save(state).await {
-                tracing::warn!(client_id = %slot.client_id, error = %e, "failed to save session");
+                tracing::warn!(client_id = %Printable(&slot.client_id), error = %e, "failed to save session");
             }
             self.spawn_expiry_timer(Arc::clone(slot), generation, Duration::from_secs(u64::from(expiry)));
         }
@@ -542,9 +621,9 @@ impl Broker {
             if slot.lock().generation != generation {
                 return;
             }
-            tracing::debug!(client_id = %slot.client_id, "session expired");
+            tracing::debug!(client_id = %Printable(&slot.client_id), "session expired");
             if let Err(e) = broker.discard(&slot).await {
-                tracing::warn!(client_id = %slot.client_id, error = %e, "failed to expire session");
+                tracing::warn!(client_id = %Printable(&slot.client_id), error = %e, "failed to expire session");
             }
         });
     }
@@ -574,7 +653,7 @@ impl Broker {
     pub async fn retain(&self, message: &Arc<Message>) -> Result<RetainOutcome, StoreError> {
         let outcome = self.retained.set(Arc::clone(message)).await?;
         if outcome == RetainOutcome::Refused {
-            tracing::warn!(topic = %message.topic, "retained message refused by limits");
+            tracing::warn!(topic = %Printable(&message.topic), "retained message refused by limits");
         }
         Ok(outcome)
     }
@@ -597,7 +676,7 @@ impl Broker {
             }
             let reason = if offer == Offer::Dropped { DropReason::NotQueued } else { DropReason::QueueFull };
             if lost > 0 {
-                tracing::debug!(client_id = %slot.client_id, reason = reason.label(), dropped = lost, topic = %message.topic, "message dropped");
+                tracing::debug!(client_id = %Printable(&slot.client_id), reason = reason.label(), dropped = lost, topic = %Printable(&message.topic), "message dropped");
             }
             self.stats.drop(reason, lost);
             if let (Offer::Offline, Some(copy)) = (offer, copy) {

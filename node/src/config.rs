@@ -155,6 +155,15 @@ pub struct MqttConfig {
     pub max_subscriptions: usize,
     /// Concurrent connections on this node.
     pub max_connections: usize,
+    /// Most sessions (online and offline) the node holds; a CONNECT that would create one
+    /// more is refused (MQTT 5 0x97, MQTT 3 0x03).
+    pub max_sessions: usize,
+    /// New connections each listener accepts per second; beyond it accepting pauses (the
+    /// kernel's backlog holds the rest). 0: no limit.
+    pub max_connection_rate: u32,
+    /// Seconds a packet may take to arrive once its first byte has, whatever the keep
+    /// alive (a client with keep alive 0 cannot hold a half-sent packet forever).
+    pub packet_timeout_secs: u64,
     /// Seconds a takeover waits for the old connection to hand its session over.
     pub takeover_timeout_secs: u64,
     /// Seconds a write to a client may block before the connection is dropped.
@@ -194,7 +203,7 @@ impl Default for MqttConfig {
             connect_timeout_secs: 10,
             max_keepalive: 0,
             keepalive_multiplier: 1.5,
-            max_client_id_len: 256,
+            max_client_id_len: 65535,
             max_topic_levels: 128,
             max_inflight: 32,
             receive_maximum: 32,
@@ -209,6 +218,9 @@ impl Default for MqttConfig {
             max_session_expiry_secs: 7 * 24 * 3600,
             max_subscriptions: 1000,
             max_connections: 100_000,
+            max_sessions: 1_000_000,
+            max_connection_rate: 10_000,
+            packet_timeout_secs: 60,
             takeover_timeout_secs: 5,
             write_timeout_secs: 30,
             max_topic_alias: 16,
@@ -346,7 +358,7 @@ pub enum AuthSource {
 }
 
 /// Authentication settings.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Accept clients without credentials. Default: true, unless an authenticator is
@@ -358,6 +370,40 @@ pub struct AuthConfig {
     pub jwt: Option<JwtConfig>,
     /// Order in which authenticators are tried (default: password_file, then jwt).
     pub chain: Vec<AuthSource>,
+    /// Threads that verify passwords (argon2id, 19 MiB each). Default: the number of
+    /// cores.
+    pub verify_workers: Option<usize>,
+    /// Password checks that may wait for a verify worker; a CONNECT beyond them is
+    /// refused as busy (MQTT 5 0x89, MQTT 3 0x03).
+    pub verify_queue: usize,
+    /// Failed logins per address within `failure_window_secs`; beyond it the address is
+    /// refused without a password check (0x9F / 0x05). 0: no limit.
+    pub max_failures_per_address: u32,
+    /// Failed logins per user name within `failure_window_secs`; beyond it only addresses
+    /// without failures of their own may still try that user. 0: no limit.
+    pub max_failures_per_user: u32,
+    /// Window of the failure limits, seconds.
+    pub failure_window_secs: u64,
+    /// A persistent session can only be resumed (or taken over, or cleaned) by the
+    /// identity (user name) that created it; another is refused with 0x87 / 0x05.
+    pub bind_session_to_user: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_anonymous: None,
+            password_file: None,
+            jwt: None,
+            chain: Vec::new(),
+            verify_workers: None,
+            verify_queue: 64,
+            max_failures_per_address: 30,
+            max_failures_per_user: 10,
+            failure_window_secs: 60,
+            bind_session_to_user: true,
+        }
+    }
 }
 
 /// JWT signature algorithm.
@@ -373,7 +419,7 @@ pub enum JwtAlgorithm {
 }
 
 /// JWT authentication: the token comes in the password field.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct JwtConfig {
     /// Signature algorithm.
@@ -382,6 +428,15 @@ pub struct JwtConfig {
     pub secret: Option<String>,
     /// Public key PEM file (RS256, ES256).
     pub public_key_file: Option<PathBuf>,
+    /// The claim that names the user (default `sub`): the client's identity for the ACL
+    /// and session ownership. A CONNECT with another user name is refused.
+    pub username_claim: String,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig { algorithm: JwtAlgorithm::HS256, secret: None, public_key_file: None, username_claim: "sub".to_owned() }
+    }
 }
 
 /// What an ACL decides.
@@ -444,7 +499,9 @@ pub struct FlappingConfig {
 
 impl Default for FlappingConfig {
     fn default() -> Self {
-        FlappingConfig { enabled: true, max_count: 15, window_secs: 60, ban_secs: 300 }
+        // Off by default, as in EMQX: a device or a test suite that reconnects in a loop
+        // with a fixed client id must not be banned by surprise.
+        FlappingConfig { enabled: false, max_count: 15, window_secs: 60, ban_secs: 300 }
     }
 }
 
@@ -568,8 +625,20 @@ impl Config {
         if m.connect_timeout_secs == 0 || m.write_timeout_secs == 0 || m.takeover_timeout_secs == 0 {
             return bad("mqtt timeouts must be at least 1 second");
         }
-        if m.max_connections == 0 {
-            return bad("mqtt.max_connections must be at least 1");
+        if m.max_connections == 0 || m.max_sessions == 0 {
+            return bad("mqtt.max_connections and mqtt.max_sessions must be at least 1");
+        }
+        if m.packet_timeout_secs == 0 {
+            return bad("mqtt.packet_timeout_secs must be at least 1");
+        }
+        if self.auth.verify_workers == Some(0) {
+            return bad("auth.verify_workers must be at least 1");
+        }
+        for (name, value) in [("username", &self.admin.username), ("password", &self.admin.password), ("api_key", &self.admin.api_key)] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                // An empty credential would let anyone in (`Basic Og==`).
+                return bad(&format!("admin.{name} must not be empty"));
+            }
         }
         for l in &self.listeners {
             if l.is_tls() && (l.certfile.is_none() || l.keyfile.is_none()) {

@@ -23,13 +23,16 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::acl::{Access, Subject};
 use crate::auth::AuthStep;
 use crate::banned::BanTarget;
-use crate::broker::{Attached, Broker, DropReason, EndKind};
+use crate::broker::{AttachError, Attached, Broker, DropReason, EndKind};
 use crate::codec::{
     self, connack_v3, reason, Auth, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Protocol, PubKind, PubResponse, Publish,
     PublishRef, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
+use crate::printable::{Printable, PrintableOpt};
+use crate::rate::RateLimiter;
 use crate::config::{DenyAction, RateAction};
-use crate::security::{Credentials, Identity, Verdict};
+use crate::security::{Credentials, Identity, IdentitySource, Owner, Verdict};
+use crate::verify_pool::Busy;
 use crate::session::{Ack, ConnInfo, SessionSlot};
 use crate::shared;
 use crate::sys::{self, ClientEvent};
@@ -271,28 +274,6 @@ struct TopicAliases {
     outbound: HashMap<String, u16>,
 }
 
-/// A token bucket: `per_sec` tokens a second, at most one second's worth saved up.
-struct RateLimiter {
-    per_sec: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl RateLimiter {
-    fn new(per_sec: u32) -> RateLimiter {
-        RateLimiter { per_sec: f64::from(per_sec), tokens: f64::from(per_sec), last: Instant::now() }
-    }
-
-    /// Takes a token; returns how long to wait first if the bucket is empty.
-    fn take(&mut self) -> Option<Duration> {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_sec).min(self.per_sec);
-        self.last = now;
-        self.tokens -= 1.0;
-        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.per_sec))
-    }
-}
-
 impl Client {
     /// A Reason String for an acknowledgement, if the client asked for them.
     fn problem(&self, why: &str) -> Properties {
@@ -313,7 +294,7 @@ impl Client {
             broker.stats.acl_allowed.fetch_add(1, Ordering::Relaxed);
         } else {
             broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(client_id = %self.client_id, ?access, topic, "denied by ACL");
+            tracing::info!(client_id = %Printable(&self.client_id), ?access, topic = %Printable(topic), "denied by ACL");
         }
         ok
     }
@@ -425,6 +406,9 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin, T>(
         reason::BAD_AUTHENTICATION_METHOD => "bad_auth_method",
         reason::TOPIC_NAME_INVALID | reason::RETAIN_NOT_SUPPORTED => "invalid_will",
         reason::SERVER_UNAVAILABLE => "server_unavailable",
+        reason::SERVER_BUSY => "server_busy",
+        reason::CONNECTION_RATE_EXCEEDED => "too_many_failures",
+        reason::QUOTA_EXCEEDED => "too_many_sessions",
         0 => "keep_alive_rejected",
         _ => "not_authorized",
     };
@@ -570,12 +554,6 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if banned {
         return refuse(&mut framed, protocol, reason::BANNED, connack_v3::NOT_AUTHORIZED, "banned").await;
     }
-    if broker.flapping.record(&client_id) {
-        let until = now_ms() / 1000 + broker.flapping.ban_secs();
-        tracing::warn!(%peer, client_id = %client_id, until, "flapping client banned");
-        broker.bans.ban(BanTarget::Client(client_id.clone()), Some(until));
-        return refuse(&mut framed, protocol, reason::BANNED, connack_v3::NOT_AUTHORIZED, "banned for reconnecting too often").await;
-    }
     // Authentication: an MQTT 5 enhanced method, or the authenticator chain.
     let security = broker.security();
     let mut auth_reply = None;
@@ -583,11 +561,20 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
         match Box::pin(authenticate(&broker, &mut framed, &client_id, &method, props.authentication_data.clone())).await {
             Ok(data) => {
                 auth_reply = Some((method, data));
-                Identity { username: username.clone(), claims: Default::default() }
+                Identity { source: IdentitySource::Enhanced, username: username.clone(), claims: Default::default() }
             }
             Err((code, why)) => return refuse(&mut framed, protocol, code, connack_v3::NOT_AUTHORIZED, why).await,
         }
     } else {
+        if broker.login_failures.locked(username.as_deref(), peer.ip()) {
+            // Password guessing: refused before it costs a password check.
+            broker.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = broker.log_limits.auth_failure.allow() {
+                tracing::info!(%peer, username = %PrintableOpt(username.as_deref()), suppressed, "login refused: too many failed attempts");
+            }
+            return refuse(&mut framed, protocol, reason::CONNECTION_RATE_EXCEEDED, connack_v3::NOT_AUTHORIZED, "too many failed logins")
+                .await;
+        }
         let checker = Arc::clone(&security);
         let (id, user, password, verified) = (client_id.clone(), username.clone(), connect.password.clone(), cert_user.is_some());
         let check = move || {
@@ -600,13 +587,26 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
             };
             checker.authenticator.check(&creds)
         };
-        // Only password hashing is slow enough to need a blocking thread.
-        let verdict = if security.authenticator.is_blocking() { tokio::task::spawn_blocking(check).await } else { Ok(check()) };
+        // Only password hashing is slow enough to need another thread: a small fixed
+        // pool with a bounded queue, so a flood of logins cannot exhaust memory.
+        let verdict = if security.authenticator.is_blocking() { Box::pin(broker.verify_pool.run(check)).await } else { Ok(check()) };
+        let failed = |broker: &Broker, why: &str| {
+            broker.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+            broker.login_failures.record(username.as_deref(), peer.ip());
+            if let Some(suppressed) = broker.log_limits.auth_failure.allow() {
+                tracing::info!(%peer, client_id = %Printable(&client_id), username = %PrintableOpt(username.as_deref()), suppressed, "authentication failed: {why}");
+            }
+        };
         match verdict {
             Ok(Verdict::Accept(identity)) => identity,
+            Err(Busy) => {
+                if let Some(suppressed) = broker.log_limits.overload.allow() {
+                    tracing::warn!(%peer, suppressed, "login refused: password verification saturated");
+                }
+                return refuse(&mut framed, protocol, reason::SERVER_BUSY, connack_v3::SERVER_UNAVAILABLE, "server busy").await;
+            }
             Ok(Verdict::BadCredentials) => {
-                broker.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, client_id = %client_id, username = ?username, "authentication failed: bad credentials");
+                failed(&broker, "bad credentials");
                 return refuse(
                     &mut framed,
                     protocol,
@@ -616,13 +616,20 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 )
                 .await;
             }
-            Ok(Verdict::NotAuthorized) | Err(_) => {
-                broker.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, client_id = %client_id, "authentication failed: not authorized");
+            Ok(Verdict::NotAuthorized) => {
+                failed(&broker, "not authorized");
                 return refuse(&mut framed, protocol, reason::NOT_AUTHORIZED, connack_v3::NOT_AUTHORIZED, "not authorized").await;
             }
         }
     };
+    // Reconnect storms: only connects that authenticated count, so nobody can get
+    // another's client id banned with wrong credentials.
+    if broker.flapping.record(&client_id) {
+        let until = now_ms() / 1000 + broker.flapping.ban_secs();
+        tracing::warn!(%peer, client_id = %Printable(&client_id), until, "flapping client banned");
+        broker.bans.ban(BanTarget::Client(client_id.clone()), Some(until));
+        return refuse(&mut framed, protocol, reason::BANNED, connack_v3::NOT_AUTHORIZED, "banned for reconnecting too often").await;
+    }
     if let Some(w) = &connect.will {
         if !v5 && w.topic.is_empty() {
             // [MQTT-4.7.3-1]: a protocol violation, which MQTT 3 answers by closing.
@@ -706,9 +713,21 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
         clean_start: connect.clean_start,
         connected_at_ms: now_ms(),
     };
-    let Attached { slot, session_present } = match Box::pin(broker.attach(&client_id, conn_id, connect.clean_start, expiry, info)).await {
+    let owner = Arc::new(Owner { identity: identity.clone(), peer: peer.ip() });
+    let attached = Box::pin(broker.attach(&client_id, conn_id, connect.clean_start, expiry, info, owner)).await;
+    let Attached { slot, session_present } = match attached {
         Ok(a) => a,
-        Err(e) => {
+        Err(AttachError::NotOwner) => {
+            tracing::info!(%peer, client_id = %Printable(&client_id), username = %PrintableOpt(identity.username.as_deref()), "CONNECT refused: the session belongs to another user");
+            return refuse(&mut framed, protocol, reason::NOT_AUTHORIZED, connack_v3::NOT_AUTHORIZED, "session belongs to another user").await;
+        }
+        Err(AttachError::TooManySessions) => {
+            if let Some(suppressed) = broker.log_limits.overload.allow() {
+                tracing::warn!(%peer, suppressed, "CONNECT refused: mqtt.max_sessions reached");
+            }
+            return refuse(&mut framed, protocol, reason::QUOTA_EXCEEDED, connack_v3::SERVER_UNAVAILABLE, "too many sessions").await;
+        }
+        Err(AttachError::Store(e)) => {
             tracing::warn!(%peer, error = %e, "session store unavailable");
             return refuse(&mut framed, protocol, reason::SERVER_UNAVAILABLE, connack_v3::SERVER_UNAVAILABLE, "session store unavailable")
                 .await;
@@ -720,7 +739,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
     framed.max_in = cfg.max_packet_size;
     let count = broker.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
     broker.stats.connections_max.fetch_max(count, Ordering::Relaxed);
-    tracing::debug!(%peer, client_id = %client_id, ?protocol, session_present, "connected");
+    tracing::debug!(%peer, client_id = %Printable(&client_id), ?protocol, session_present, "connected");
     let event = ClientEvent::Connected {
         username: identity.username.as_deref(),
         address: peer,
@@ -769,7 +788,7 @@ async fn close<S: AsyncRead + AsyncWrite + Unpin + Send>(conn: Connection<S>, re
     let end = match &result {
         Ok(end) => *end,
         Err(e) => {
-            tracing::debug!(%peer, client_id = %client.client_id, error = %e, "connection closed with error");
+            tracing::debug!(%peer, client_id = %Printable(&client.client_id), error = %e, "connection closed with error");
             if !matches!(e, ConnectionError::Io(_) | ConnectionError::Timeout) {
                 // Answers to the valid packets before the bad one still go out.
                 if client.protocol.is_v5() {
@@ -788,7 +807,7 @@ async fn close<S: AsyncRead + AsyncWrite + Unpin + Send>(conn: Connection<S>, re
     Box::pin(broker.detach(&slot, client.conn_id, end, will)).await;
     let event = ClientEvent::Disconnected { username: client.identity.username.as_deref(), reason: &why };
     Box::pin(sys::client_event(&broker, &client.client_id, event)).await;
-    tracing::debug!(%peer, client_id = %client.client_id, ?end, "disconnected");
+    tracing::debug!(%peer, client_id = %Printable(&client.client_id), ?end, "disconnected");
 }
 
 fn resend_inflight<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, slot: &SessionSlot, client: &mut Client, framed: &mut Framed<S>) {
@@ -868,6 +887,7 @@ fn pump<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S>,
     got_packet: bool,
 ) -> Option<u8> {
+    let partial = !framed.rbuf.is_empty();
     let window = usize::from(broker.config.mqtt.max_inflight.min(client.receive_maximum));
     let now_us = now_us();
     let now = now_us / 1000;
@@ -879,6 +899,13 @@ fn pump<S: AsyncRead + AsyncWrite + Unpin>(
             }
             if got_packet {
                 conn.last_packet = Instant::now();
+            }
+            // The partial-packet clock starts with the first byte of a packet and restarts
+            // with each whole one.
+            if !partial {
+                conn.partial_since = None;
+            } else if got_packet || conn.partial_since.is_none() {
+                conn.partial_since = Some(Instant::now());
             }
         }
         // Fenced off after a takeover that timed out.

@@ -12,7 +12,11 @@
 //! - [`security`], [`passwd`], [`acl`], [`banned`]: authentication, authorization, bans;
 //! - [`auth`]: the MQTT 5 enhanced authentication interface;
 //! - [`sys`]: `$SYS` topics and client events;
-//! - [`config`]: file, environment and flags.
+//! - [`config`]: file, environment and flags;
+//! - [`printable`] and [`log_limit`]: client strings made safe for log lines, and
+//!   lines a client can provoke rate-limited;
+//! - [`rate`]: the token bucket of publish and connection rates;
+//! - [`verify_pool`]: password checks on a fixed pool with a bounded queue.
 //!
 //! Shared state (retained messages, persistent sessions, routes) goes through the store
 //! traits of `raftmq-cluster`.
@@ -26,8 +30,11 @@ pub mod codec;
 pub mod config;
 pub mod connection;
 pub mod listener;
+pub mod log_limit;
 pub mod metrics;
 pub mod passwd;
+pub mod printable;
+pub mod rate;
 pub mod router;
 pub mod security;
 pub mod server;
@@ -35,3 +42,4 @@ pub mod session;
 pub mod shared;
 pub mod sys;
 pub mod transport;
+pub mod verify_pool;

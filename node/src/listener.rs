@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::broker::Broker;
+use crate::rate::RateLimiter;
 use crate::config::ListenerConfig;
 use crate::connection;
 use crate::transport;
@@ -77,7 +78,17 @@ impl Drop for IpSlot {
 /// Accepts connections on `listener` until shutdown.
 pub async fn run(broker: Arc<Broker>, listener: TcpListener, transport: Arc<Transport>, limits: Arc<Limits>) {
     let max_per_ip = broker.config.mqtt.max_connections_per_ip;
+    let rate = broker.config.mqtt.max_connection_rate;
+    let mut accept_rate = (rate > 0).then(|| RateLimiter::new(rate));
     loop {
+        if let Some(wait) = accept_rate.as_mut().and_then(RateLimiter::take) {
+            // Over the connection rate: stop accepting for a moment; the kernel's backlog
+            // holds the clients that keep coming.
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = broker.shutdown.cancelled() => return,
+            }
+        }
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = broker.shutdown.cancelled() => return,
@@ -91,16 +102,23 @@ pub async fn run(broker: Arc<Broker>, listener: TcpListener, transport: Arc<Tran
                 continue;
             }
         };
+        let overload = &broker.log_limits.overload;
         if broker.bans.is_ip_banned(peer.ip()) {
-            tracing::info!(%peer, "connection refused: address banned");
+            if let Some(suppressed) = overload.allow() {
+                tracing::info!(%peer, suppressed, "connection refused: address banned");
+            }
             continue;
         }
         let Ok(permit) = Arc::clone(&limits.permits).try_acquire_owned() else {
-            tracing::warn!(%peer, "connection refused: max_connections reached");
+            if let Some(suppressed) = overload.allow() {
+                tracing::warn!(%peer, suppressed, "connection refused: max_connections reached");
+            }
             continue;
         };
         let Some(ip_slot) = limits.per_ip.acquire(peer.ip(), max_per_ip) else {
-            tracing::warn!(%peer, "connection refused: max_connections_per_ip reached");
+            if let Some(suppressed) = overload.allow() {
+                tracing::warn!(%peer, suppressed, "connection refused: max_connections_per_ip reached");
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);

@@ -11,6 +11,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use crate::acl::Acl;
 use crate::config::{AuthSource, Config, JwtAlgorithm, JwtConfig};
 use crate::passwd::PasswordFile;
+use crate::printable::Printable;
 
 /// A security file or setting that cannot be used; the broker refuses to start with it.
 #[derive(Debug, thiserror::Error)]
@@ -57,14 +58,44 @@ pub struct Credentials<'a> {
     pub peer: IpAddr,
 }
 
-/// Who a client turned out to be: what ACL rules are matched against.
+/// Which authenticator vouched for an identity (a reload re-checks password users).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// No credentials, accepted by `allow_anonymous`.
+    #[default]
+    Anonymous,
+    /// No authenticator configured: the user name was taken unchecked.
+    Unchecked,
+    /// The password file.
+    Password,
+    /// A JSON Web Token (the user name is its configured claim).
+    Jwt,
+    /// A verified client certificate.
+    Certificate,
+    /// An MQTT 5 enhanced authentication method.
+    Enhanced,
+}
+
+/// Who a client turned out to be: what ACL rules are matched against, and who owns the
+/// sessions it creates.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
+    /// How it was established.
+    pub source: IdentitySource,
     /// User name, if any.
     pub username: Option<String>,
     /// String claims of a JWT, for `%{claim}` ACL placeholders (a B-tree: no allocation
     /// and a small footprint for the many clients without claims).
     pub claims: std::collections::BTreeMap<String, String>,
+}
+
+/// Who attaches to a session: the owner a new session records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// The authenticated identity.
+    pub identity: Identity,
+    /// The client's address when it attached (for ACL rules by address).
+    pub peer: IpAddr,
 }
 
 /// The authentication decision.
@@ -80,7 +111,10 @@ pub enum Verdict {
 
 enum Outcome {
     Accept(Identity),
+    /// Wrong credentials.
     Deny,
+    /// Valid credentials for another user than CONNECT names.
+    Refuse,
     Ignore,
 }
 
@@ -88,6 +122,7 @@ enum Outcome {
 struct JwtAuth {
     key: DecodingKey,
     validation: Validation,
+    username_claim: String,
 }
 
 impl JwtAuth {
@@ -109,7 +144,10 @@ impl JwtAuth {
         };
         // `exp` is required and checked.
         let validation = Validation::new(algorithm);
-        Ok(JwtAuth { key, validation })
+        if cfg.username_claim.is_empty() {
+            return Err(SecurityError::Invalid("auth.jwt.username_claim must not be empty".into()));
+        }
+        Ok(JwtAuth { key, validation, username_claim: cfg.username_claim.clone() })
     }
 
     fn check(&self, creds: &Credentials<'_>) -> Outcome {
@@ -119,7 +157,7 @@ impl JwtAuth {
         }
         match jsonwebtoken::decode::<HashMap<String, serde_json::Value>>(token, &self.key, &self.validation) {
             Ok(data) => {
-                let claims = data
+                let claims: std::collections::BTreeMap<String, String> = data
                     .claims
                     .into_iter()
                     .filter_map(|(k, v)| match v {
@@ -129,10 +167,19 @@ impl JwtAuth {
                         _ => None,
                     })
                     .collect();
-                Outcome::Accept(Identity { username: creds.username.map(str::to_owned), claims })
+                // The token, not CONNECT, says who the client is.
+                let Some(user) = claims.get(&self.username_claim).filter(|u| !u.is_empty()).cloned() else {
+                    tracing::debug!(client_id = %Printable(creds.client_id), claim = %self.username_claim, "JWT without the user name claim");
+                    return Outcome::Deny;
+                };
+                if creds.username.is_some_and(|u| u != user) {
+                    tracing::debug!(client_id = %Printable(creds.client_id), "CONNECT user name differs from the JWT's");
+                    return Outcome::Refuse;
+                }
+                Outcome::Accept(Identity { source: IdentitySource::Jwt, username: Some(user), claims })
             }
             Err(e) => {
-                tracing::debug!(client_id = creds.client_id, error = %e, "JWT rejected");
+                tracing::debug!(client_id = %Printable(creds.client_id), error = %e, "JWT rejected");
                 Outcome::Deny
             }
         }
@@ -189,8 +236,9 @@ impl Authenticator {
     /// Decides on a client. Blocking when [`Authenticator::is_blocking`]: call it from a
     /// blocking thread then.
     pub fn check(&self, creds: &Credentials<'_>) -> Verdict {
+        let named = |source| Identity { source, username: creds.username.map(str::to_owned), claims: Default::default() };
         if creds.certificate_verified {
-            return Verdict::Accept(Identity { username: creds.username.map(str::to_owned), claims: Default::default() });
+            return Verdict::Accept(named(IdentitySource::Certificate));
         }
         if creds.username.is_none() && creds.password.is_none() {
             return if self.allow_anonymous { Verdict::Accept(Identity::default()) } else { Verdict::NotAuthorized };
@@ -199,11 +247,13 @@ impl Authenticator {
         for source in &self.chain {
             let outcome = match source {
                 AuthSource::PasswordFile => match (&self.passwords, creds.username) {
-                    (Some(file), Some(user)) if file.contains(user) => {
-                        if file.verify(user, creds.password.unwrap_or_default()) {
-                            Outcome::Accept(Identity { username: Some(user.to_owned()), claims: Default::default() })
-                        } else {
-                            Outcome::Deny
+                    (Some(file), Some(user)) => {
+                        // An unknown user is checked against a dummy hash: both take as
+                        // long, so timing does not tell which user names exist.
+                        match (file.verify(user, creds.password.unwrap_or_default()), file.contains(user)) {
+                            (true, _) => Outcome::Accept(named(IdentitySource::Password)),
+                            (false, true) => Outcome::Deny,
+                            (false, false) => Outcome::Ignore,
                         }
                     }
                     _ => Outcome::Ignore,
@@ -213,14 +263,30 @@ impl Authenticator {
             match outcome {
                 Outcome::Accept(identity) => return Verdict::Accept(identity),
                 Outcome::Deny => return Verdict::BadCredentials,
+                Outcome::Refuse => return Verdict::NotAuthorized,
                 Outcome::Ignore => tried |= self.passwords.is_some() || self.jwt.is_some(),
             }
         }
         if !tried && self.allow_anonymous {
             // No authenticator configured at all: credentials are not checked.
-            return Verdict::Accept(Identity { username: creds.username.map(str::to_owned), claims: Default::default() });
+            return Verdict::Accept(named(IdentitySource::Unchecked));
         }
         Verdict::BadCredentials
+    }
+
+    /// Whether an identity accepted earlier would still be accepted as far as a reload can
+    /// tell without credentials: password users must still be in the file, anonymous
+    /// clients need `allow_anonymous`.
+    pub fn still_valid(&self, identity: &Identity) -> bool {
+        match identity.source {
+            IdentitySource::Anonymous => self.allow_anonymous,
+            IdentitySource::Password => match (&self.passwords, identity.username.as_deref()) {
+                (Some(file), Some(user)) => file.contains(user),
+                _ => false,
+            },
+            IdentitySource::Unchecked => self.passwords.is_none() && self.jwt.is_none() && self.allow_anonymous,
+            IdentitySource::Jwt | IdentitySource::Certificate | IdentitySource::Enhanced => true,
+        }
     }
 }
 

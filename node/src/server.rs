@@ -165,7 +165,10 @@ fn spawn_flapping_sweeper(broker: &Arc<Broker>) {
         let mut tick = tokio::time::interval(broker.flapping.window());
         loop {
             tokio::select! {
-                _ = tick.tick() => broker.flapping.sweep(),
+                _ = tick.tick() => {
+                    broker.flapping.sweep();
+                    broker.login_failures.sweep();
+                }
                 _ = broker.shutdown.cancelled() => return,
             }
         }

@@ -47,6 +47,10 @@ pub struct ConnHandle {
     pub kick: Option<u8>,
     /// When the connection last sent a whole packet, for the keep-alive sweep.
     pub last_packet: std::time::Instant,
+    /// Since when a started packet has been waiting for the rest of its bytes (`None`
+    /// when the read buffer ends on a packet boundary); the sweep closes the connection
+    /// once `mqtt.packet_timeout_secs` pass, whatever the keep alive.
+    pub partial_since: Option<std::time::Instant>,
 }
 
 /// Mutable state of a slot.
@@ -54,6 +58,8 @@ pub struct ConnHandle {
 pub struct SlotInner {
     /// Attached connection, `None` while offline.
     pub conn: Option<ConnHandle>,
+    /// The identity that created the session: only it may resume the session.
+    pub owner: Option<Arc<crate::security::Owner>>,
     /// Bumped at every attach and detach; timers compare it to know they are stale.
     pub generation: u64,
     /// The session outlives the connection (expiry > 0).
@@ -227,15 +233,21 @@ impl SessionSlot {
     }
 
     /// Run about once a second by the broker's sweeper: kicks a connection silent for
-    /// longer than `multiplier` times its keep alive [MQTT-3.1.2-24] and forgets inbound
+    /// longer than `multiplier` times its keep alive [MQTT-3.1.2-24] or holding a partial
+    /// packet for longer than `packet_timeout`, and forgets inbound
     /// QoS 2 packet ids whose PUBREL has not come within `rel_timeout`.
-    pub fn sweep(&self, now: std::time::Instant, multiplier: f64, rel_timeout: std::time::Duration) {
+    pub fn sweep(&self, now: std::time::Instant, multiplier: f64, rel_timeout: std::time::Duration, packet_timeout: std::time::Duration) {
         let expired = {
             let mut inner = self.lock();
             if !inner.awaiting_rel.is_empty() {
                 inner.awaiting_rel.retain(|_, since| now.duration_since(*since) < rel_timeout);
             }
             match inner.conn.as_mut() {
+                // A packet started and never finished, even with keep alive 0.
+                Some(conn) if conn.kick.is_none() && conn.partial_since.is_some_and(|t| now.saturating_duration_since(t) >= packet_timeout) => {
+                    conn.kick = Some(crate::codec::reason::KEEP_ALIVE_TIMEOUT);
+                    true
+                }
                 Some(conn) if conn.info.keep_alive > 0 && conn.kick.is_none() => {
                     let limit = std::time::Duration::from_secs_f64(f64::from(conn.info.keep_alive) * multiplier);
                     let expired = now.saturating_duration_since(conn.last_packet) >= limit;
@@ -307,6 +319,7 @@ impl SessionSlot {
             expiry_secs: inner.expiry_secs,
             will: inner.pending_will.as_deref().cloned(),
             disconnected_at_ms: 0,
+            owner: inner.owner.as_ref().and_then(|o| o.identity.username.clone()),
         }
     }
 

@@ -36,7 +36,7 @@ PORT=29883
 
 broker_cmd() {
   case "$1" in
-    raftmq) echo "env RAFTMQ_LISTENERS=[] RAFTMQ_ADMIN__ENABLED=false RAFTMQ_SYS__INTERVAL_SECS=0 RAFTMQ_FLAPPING__ENABLED=false RUST_LOG=error $RAFTMQ --mqtt-listen 127.0.0.1:$PORT" ;;
+    raftmq) echo "env RAFTMQ_LISTENERS=[] RAFTMQ_ADMIN__ENABLED=false RAFTMQ_SYS__INTERVAL_SECS=0 RAFTMQ_MQTT__MAX_CONNECTION_RATE=0 RUST_LOG=error $RAFTMQ --mqtt-listen 127.0.0.1:$PORT" ;;
     mosquitto)
       printf 'listener %s 127.0.0.1\nallow_anonymous true\nlog_type none\n' "$PORT" > "$RAW/mosquitto.conf"
       echo "mosquitto -c $RAW/mosquitto.conf" ;;

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 mod t10_connect;
+mod t12_protocol_gaps;
 mod t20_publish;
 mod t30_retained;
 mod t40_will;
