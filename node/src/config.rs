@@ -461,7 +461,7 @@ pub enum DenyAction {
 }
 
 /// Authorization settings.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AclConfig {
     /// Rule file; without one every client may publish and subscribe to anything but `$SYS`
@@ -471,6 +471,20 @@ pub struct AclConfig {
     pub no_match: Option<AclDecision>,
     /// Reaction to a denied PUBLISH.
     pub deny_action: DenyAction,
+    /// Without an ACL file, unauthenticated clients from these networks may still
+    /// subscribe to `$SYS/#` and `#`; others may not (default: loopback).
+    pub trusted_networks: Vec<String>,
+}
+
+impl Default for AclConfig {
+    fn default() -> Self {
+        AclConfig {
+            file: None,
+            no_match: None,
+            deny_action: DenyAction::Ignore,
+            trusted_networks: vec!["127.0.0.0/8".to_owned(), "::1/128".to_owned()],
+        }
+    }
 }
 
 /// One ban.

@@ -287,14 +287,15 @@ impl Client {
     /// Whether the ACL in force allows `access` to `topic`.
     fn allowed(&self, broker: &Broker, access: Access, topic: &str) -> bool {
         let security = broker.security();
-        let Some(acl) = security.acl.as_ref() else { return true };
         let subject = Subject { client_id: &self.client_id, identity: &self.identity, peer: self.peer.ip() };
-        let ok = acl.allows(&subject, access, topic);
+        let ok = security.allows(&subject, access, topic);
         if ok {
             broker.stats.acl_allowed.fetch_add(1, Ordering::Relaxed);
         } else {
             broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(client_id = %Printable(&self.client_id), ?access, topic = %Printable(topic), "denied by ACL");
+            if let Some(suppressed) = broker.log_limits.acl_denied.allow() {
+                tracing::info!(client_id = %Printable(&self.client_id), ?access, topic = %Printable(topic), suppressed, "denied by ACL");
+            }
         }
         ok
     }
@@ -644,7 +645,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
             return refuse(&mut framed, protocol, reason::NOT_AUTHORIZED, connack_v3::NOT_AUTHORIZED, "will topic in $SYS").await;
         }
         let subject = Subject { client_id: &client_id, identity: &identity, peer: peer.ip() };
-        if security.acl.as_ref().is_some_and(|acl| !acl.allows(&subject, Access::Publish, &w.topic)) {
+        if !security.allows(&subject, Access::Publish, &w.topic) {
             // B31: a will the client could not publish itself.
             return refuse(&mut framed, protocol, reason::NOT_AUTHORIZED, connack_v3::NOT_AUTHORIZED, "will topic not authorized").await;
         }

@@ -149,7 +149,7 @@ fn spawn_reload_on_sighup(server: &Server) -> anyhow::Result<()> {
         let broker = Arc::clone(&server.broker);
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                match broker.reload_security() {
+                match broker.reload_security().await {
                     Ok(()) => tracing::info!("security files reloaded"),
                     Err(e) => tracing::error!(error = %e, "reload failed; previous settings kept"),
                 }

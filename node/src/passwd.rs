@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 
 use crate::security::SecurityError;
@@ -55,6 +55,8 @@ impl PasswordFile {
     /// Reads and parses a password file.
     pub fn load(path: &Path) -> Result<PasswordFile, SecurityError> {
         let text = std::fs::read_to_string(path).map_err(|e| SecurityError::Read { file: path.display().to_string(), source: e })?;
+        // Made now rather than on the first unknown user, whose check would take twice as long.
+        dummy_hash();
         PasswordFile::parse(&text, &path.display().to_string())
     }
 
@@ -66,15 +68,12 @@ impl PasswordFile {
     /// Checks a password. Takes as long for an unknown user as for a known one. Blocking
     /// (argon2 by design takes milliseconds of CPU): call from a blocking thread.
     pub fn verify(&self, user: &str, password: &[u8]) -> bool {
-        static DUMMY: OnceLock<String> = OnceLock::new();
         let (hash, known) = match self.users.get(user) {
             Some(h) => (h.as_str(), true),
-            None => (DUMMY.get_or_init(|| hash_password(b"raftmq-timing-equaliser").unwrap_or_default()).as_str(), false),
+            None => (dummy_hash(), false),
         };
         let Ok(parsed) = PasswordHash::new(hash) else { return false };
-        // The hash carries its own parameters; verification compares in constant time.
-        let ok = Argon2::default().verify_password(password, &parsed).is_ok();
-        ok && known
+        verify_with_thread_memory(password, &parsed) && known
     }
 
     /// Adds or replaces a user's hash.
@@ -113,6 +112,46 @@ impl PasswordFile {
         }
         std::fs::rename(&tmp, path)
     }
+}
+
+/// A hash of nothing in particular, made once: unknown users are checked against it so
+/// that they take as long as known ones.
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| hash_password(b"raftmq-timing-equaliser").unwrap_or_default())
+}
+
+thread_local! {
+    /// argon2's working memory (19 MiB with our parameters), kept per verifying thread.
+    /// Allocating it per check made the allocator keep tens of freed blocks around (RSS
+    /// grew by hundreds of MB under a login flood); reused, memory is exactly this block
+    /// per thread of the verification pool.
+    static BLOCKS: std::cell::RefCell<Vec<argon2::Block>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Verifies `password` against a PHC argon2 hash with this thread's working memory; the
+/// final comparison is constant-time (`password_hash::Output`).
+fn verify_with_thread_memory(password: &[u8], hash: &PasswordHash<'_>) -> bool {
+    let (Ok(algorithm), Ok(params), Some(expected), Some(salt)) =
+        (Algorithm::try_from(hash.algorithm), Params::try_from(hash), hash.hash, hash.salt)
+    else {
+        return false;
+    };
+    let version = hash.version.map_or(Ok(Version::V0x13), Version::try_from);
+    let Ok(version) = version else { return false };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else { return false };
+    let mut out = vec![0u8; expected.len()];
+    let hasher = Argon2::new(algorithm, version, params.clone());
+    let computed = BLOCKS.with(|blocks| {
+        let Ok(mut blocks) = blocks.try_borrow_mut() else { return false };
+        let need = params.block_count();
+        if blocks.len() != need {
+            *blocks = vec![argon2::Block::default(); need];
+        }
+        hasher.hash_password_into_with_memory(password, salt, &mut out, &mut blocks[..]).is_ok()
+    });
+    computed && argon2::password_hash::Output::new(&out).is_ok_and(|o| o == expected)
 }
 
 /// Hashes a password with argon2id, OWASP parameters and a random salt (PHC string).

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
-use crate::acl::Acl;
+use crate::acl::{Access, Acl, Subject};
 use crate::config::{AuthSource, Config, JwtAlgorithm, JwtConfig};
 use crate::passwd::PasswordFile;
 use crate::printable::Printable;
@@ -297,6 +297,8 @@ pub struct Security {
     pub authenticator: Authenticator,
     /// The ACL, if a file is configured.
     pub acl: Option<Acl>,
+    /// Addresses trusted by the default policy (`acl.trusted_networks`).
+    trusted: Vec<ipnet::IpNet>,
 }
 
 impl Security {
@@ -307,6 +309,31 @@ impl Security {
             Some(path) => Some(Acl::load(path, config.acl.no_match.unwrap_or(crate::config::AclDecision::Deny))?),
             None => None,
         };
-        Ok(Security { authenticator, acl })
+        let trusted = config
+            .acl
+            .trusted_networks
+            .iter()
+            .map(|n| {
+                n.parse::<ipnet::IpNet>()
+                    .or_else(|_| n.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| SecurityError::Invalid(format!("acl.trusted_networks: {n:?} is not an address or network")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Security { authenticator, acl, trusted })
+    }
+
+    /// Whether `subject` may perform `access` on `topic`: the ACL when a file is
+    /// configured, else the default policy. The default policy (EMQX's) keeps `$SYS/#`
+    /// (client events carry every client's address and user name) and a bare `#` from
+    /// clients that are both unauthenticated and outside `acl.trusted_networks`.
+    pub fn allows(&self, subject: &Subject<'_>, access: Access, topic: &str) -> bool {
+        if let Some(acl) = &self.acl {
+            return acl.allows(subject, access, topic);
+        }
+        if access == Access::Publish || !(topic == "#" || topic.starts_with("$SYS")) {
+            return true;
+        }
+        let anonymous = matches!(subject.identity.source, IdentitySource::Anonymous | IdentitySource::Unchecked);
+        !anonymous || self.trusted.iter().any(|net| net.contains(&subject.peer))
     }
 }

@@ -5,6 +5,7 @@
 
 mod t10_connect;
 mod t12_protocol_gaps;
+mod t13_security;
 mod t20_publish;
 mod t30_retained;
 mod t40_will;

@@ -254,13 +254,13 @@ async fn failed_reload_keeps_the_previous_settings() -> anyhow::Result<()> {
     })
     .await?;
     std::fs::write(&f.acl, "garbage\n")?;
-    assert!(b.server.broker.reload_security().is_err());
+    assert!(b.server.broker.reload_security().await.is_err());
     let (mut alice, ack) = Raw::connect_with(b.addr, with_login(Protocol::V5, "a", Some("alice"), Some("wonderland"))).await?;
     assert_eq!(ack.code, 0);
     assert_eq!(alice.publish("public/x", b"1", QoS::AtLeastOnce, false, 1).await?, reason::NO_MATCHING_SUBSCRIBERS);
     // A good reload takes effect for new checks.
     std::fs::write(&f.acl, "allow all both other/#\n")?;
-    b.server.broker.reload_security()?;
+    b.server.broker.reload_security().await?;
     assert_eq!(alice.publish("public/x", b"1", QoS::AtLeastOnce, false, 2).await?, reason::NOT_AUTHORIZED);
     Ok(())
 }
