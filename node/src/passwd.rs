@@ -96,21 +96,41 @@ impl PasswordFile {
         self.users.is_empty()
     }
 
-    /// Writes the file atomically, readable by its owner only (0600).
+    /// Writes the file atomically, readable by its owner only (0600). The new content goes
+    /// to a temporary file with a random name in the same directory, created exclusively
+    /// (`O_EXCL`: an existing file or a symlink planted there makes it fail, never
+    /// redirects the write), then renamed over the file.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        {
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut f = options.open(&tmp)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let (tmp, mut f) = (0..16)
+            .find_map(|_| {
+                let tmp = dir.join(format!(".{name}.{:016x}.tmp", fastrand::u64(..)));
+                let mut options = std::fs::OpenOptions::new();
+                options.write(true).create_new(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                match options.open(&tmp) {
+                    Ok(f) => Some(Ok((tmp, f))),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => None,
+                    Err(e) => Some(Err(e)),
+                }
+            })
+            .unwrap_or_else(|| Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "no free temporary file name")))?;
+        let written = (|| {
             for (user, hash) in &self.users {
                 writeln!(f, "{user}:{hash}")?;
             }
             f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
-        std::fs::rename(&tmp, path)
+        written
     }
 }
 
@@ -176,6 +196,33 @@ mod tests {
         assert!(file.verify("alice", b"s3cret"));
         assert!(!file.verify("alice", b"wrong"));
         assert!(!file.verify("bob", b"s3cret"));
+    }
+
+    /// Issue 10, item 10: a planted `FILE.tmp` (a symlink, or a world-readable file) neither
+    /// redirects the write nor leaves the result readable by others.
+    #[cfg(unix)]
+    #[test]
+    fn save_ignores_planted_temporary_files_and_keeps_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("raftmq-passwd-{}-{}", std::process::id(), fastrand::u32(..)));
+        std::fs::create_dir_all(&dir).ok();
+        let file = dir.join("passwd");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious").ok();
+        std::os::unix::fs::symlink(&victim, dir.join("passwd.tmp")).ok();
+        let mut users = PasswordFile::default();
+        users.set("alice", "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo".into());
+        assert!(users.save(&file).is_ok());
+        assert_eq!(std::fs::read_to_string(&victim).ok().as_deref(), Some("precious"));
+        let mode = std::fs::metadata(&file).map(|m| m.permissions().mode() & 0o777).ok();
+        assert_eq!(mode, Some(0o600));
+        // An existing world-readable file is replaced by a 0600 one.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).ok();
+        assert!(users.save(&file).is_ok());
+        assert_eq!(std::fs::metadata(&file).map(|m| m.permissions().mode() & 0o777).ok(), Some(0o600));
+        let leftovers = std::fs::read_dir(&dir).map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).count()).unwrap_or(0);
+        assert_eq!(leftovers, 1, "only the planted link remains");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -51,6 +51,12 @@ fn starts_serves_mqtt_and_stops_on_sigterm() {
         .env("RUST_LOG", "warn")
         .env("RAFTMQ_LISTENERS", "[]")
         .env("RAFTMQ_ADMIN__ENABLED", "false")
+        // What Kubernetes injects for a Service named `raftmq` (issue 10, item 15): no key,
+        // so ignored.
+        .env("RAFTMQ_PORT", "tcp://10.0.0.1:1883")
+        .env("RAFTMQ_PORT_1883_TCP_ADDR", "10.0.0.1")
+        .env("RAFTMQ_SERVICE_HOST", "10.0.0.1")
+        .env("RAFTMQ_BIN", "/usr/local/bin/raftmq")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -145,13 +151,17 @@ impl Drop for Node {
 }
 
 fn start_node(stderr: Stdio) -> Node {
+    start_node_logging(stderr, "info")
+}
+
+fn start_node_logging(stderr: Stdio, log: &str) -> Node {
     let (mqtt, admin) = (free_port(), free_port());
     let child = raftmq()
         .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
         .env("RAFTMQ_LISTENERS", "[]")
         .env("RAFTMQ_ADMIN__API_KEY", "k3y")
         .env("RAFTMQ_SYS__INTERVAL_SECS", "0")
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", log)
         .stdout(Stdio::null())
         .stderr(stderr)
         .spawn()
@@ -244,4 +254,52 @@ fn ctl_drives_every_admin_command() {
     let out = raftmq().args(["ctl", "--url", &node.admin, "--api-key", "wrong", "status"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
+
+/// Issue 10, item 12: a client id with a newline cannot write a line of its own into the
+/// log; control characters come out escaped.
+#[test]
+fn client_strings_cannot_forge_log_lines() {
+    let mut node = start_node_logging(Stdio::piped(), "debug");
+    let forged = "x\n2026-01-01T00:00:00.000000Z  INFO raftmq_node::connection: connected client_id=admin";
+    let client = mqtt_client(node.mqtt, forged, "a/b");
+    drop(client);
+    let _ = node.child.kill();
+    let mut log = String::new();
+    node.child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    assert!(log.contains("x\\n2026-01-01"), "the id is logged, escaped: {log}");
+    assert!(!log.lines().any(|l| l.starts_with("2026-01-01T00:00:00")), "a forged line: {log}");
+}
+
+/// Runs a command that should exit by itself; kills it after `secs`.
+fn output_within(cmd: &mut Command, secs: u64) -> std::process::Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Issue 10, item 11: empty admin credentials (which accepted `Basic Og==` from anywhere)
+/// stop the start.
+#[test]
+fn empty_admin_credentials_stop_the_start() {
+    for (key, value) in [("RAFTMQ_ADMIN__USERNAME", ""), ("RAFTMQ_ADMIN__PASSWORD", ""), ("RAFTMQ_ADMIN__API_KEY", " ")] {
+        let out = output_within(
+            raftmq()
+                .args(["--mqtt-listen", &format!("127.0.0.1:{}", free_port()), "--admin-listen", &format!("127.0.0.1:{}", free_port())])
+                .env("RAFTMQ_LISTENERS", "[]")
+                .env("RAFTMQ_ADMIN__USERNAME", "admin")
+                .env("RAFTMQ_ADMIN__PASSWORD", "secret")
+                .env(key, value),
+            10,
+        );
+        assert!(!out.status.success(), "{key}={value:?} was accepted");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("must not be empty"), "{}", String::from_utf8_lossy(&out.stderr));
+    }
 }
