@@ -420,6 +420,12 @@ impl Broker {
         }
     }
 
+    /// How long an online client may take nothing from its queue before publishers stop
+    /// waiting for it: a quarter of `publish_backpressure_ms`, in microseconds.
+    pub fn stall_us(&self) -> u64 {
+        (self.config.mqtt.publish_backpressure_ms * 1000 / 4).max(5_000)
+    }
+
     /// The queue bounds of every session.
     pub fn queue_limits(&self) -> QueueLimits {
         let m = &self.config.mqtt;
@@ -702,11 +708,12 @@ impl Broker {
         let mut routed = Routed { matched: deliveries.len(), congested: None };
         let limits = self.queue_limits();
         let queue_qos0 = self.config.mqtt.queue_qos0;
+        let stall_us = self.stall_us();
         let mut durable = Vec::new();
         for (slot, item) in deliveries {
             let qos = item.qos;
             let copy = (qos != QoS::AtMostOnce).then(|| item.clone());
-            let Offered { offer, lost, congested } = slot.offer(item, limits, queue_qos0);
+            let Offered { offer, lost, congested } = slot.offer(item, limits, queue_qos0, stall_us);
             if congested && routed.congested.is_none() {
                 routed.congested = Some(Arc::clone(&slot));
             }
@@ -770,7 +777,7 @@ impl Broker {
         let slot = self.sessions.get(client_id).map(|s| Arc::clone(&s))?;
         let limits = QueueLimits { policy: raftmq_cluster::session::DropPolicy::DropNew, ..self.queue_limits() };
         let copy = (item.qos != QoS::AtMostOnce).then(|| item.clone());
-        match slot.offer(item, limits, self.config.mqtt.queue_qos0) {
+        match slot.offer(item, limits, self.config.mqtt.queue_qos0, self.stall_us()) {
             Offered { offer: Offer::Dropped, .. } | Offered { lost: 1.., .. } => None,
             Offered { offer: Offer::Online, .. } => Some(None),
             Offered { offer: Offer::Offline, .. } => Some(copy),

@@ -912,6 +912,7 @@ fn pump<S: AsyncRead + AsyncWrite + Unpin>(
         // Fenced off after a takeover that timed out.
         _ => return Some(reason::SESSION_TAKEN_OVER),
     }
+    let queued = inner.queue.len();
     while let Some(front) = inner.queue.front() {
         if front.qos != QoS::AtMostOnce && inner.inflight.len() >= window {
             break;
@@ -935,12 +936,18 @@ fn pump<S: AsyncRead + AsyncWrite + Unpin>(
             inner.inflight.insert(packet_id, InflightMessage { queued: item, stage: InflightStage::Published });
         }
     }
-    if inner.congested {
+    if inner.queue.len() < queued {
+        inner.progress_us = now_us;
+    }
+    if inner.congested || inner.stalled {
         let limits = broker.queue_limits();
         if inner.queue.len() <= limits.max_len / 4 && inner.queue_bytes <= limits.max_bytes / 4 {
-            inner.congested = false;
-            drop(inner);
-            slot.drained.notify_waiters();
+            // Caught up: a stalled client that drained is a draining one again.
+            inner.stalled = false;
+            if std::mem::take(&mut inner.congested) {
+                drop(inner);
+                slot.drained.notify_waiters();
+            }
         }
     }
     None
@@ -952,13 +959,24 @@ enum Event {
     Wake,
 }
 
-/// Waits until `slot`'s queue has drained to a quarter, at most `max`.
-async fn wait_drained(slot: Arc<SessionSlot>, max: Duration) {
-    let drained = slot.drained.notified();
-    tokio::pin!(drained);
-    drained.as_mut().enable();
-    if slot.is_congested() {
-        let _ = tokio::time::timeout(max, drained).await;
+/// Waits until `slot`'s queue has drained to a quarter, at most `max`, and only while it
+/// drains: a subscriber whose queue did not shrink over `slice` is marked
+/// stalled, and publishers stop waiting for it (its queue overflows and drops, counted)
+/// until it catches up. So a client that never reads cannot throttle anyone.
+async fn wait_drained(slot: Arc<SessionSlot>, max: Duration, slice: Duration) {
+    let started = Instant::now();
+    loop {
+        let drained = slot.drained.notified();
+        tokio::pin!(drained);
+        drained.as_mut().enable();
+        let Some(before) = slot.congested_backlog() else { return };
+        let left = max.saturating_sub(started.elapsed());
+        if left.is_zero() || tokio::time::timeout(slice.min(left), drained).await.is_ok() {
+            return;
+        }
+        if slot.mark_stalled_unless_shrunk(before) {
+            return;
+        }
     }
 }
 
@@ -1027,7 +1045,8 @@ async fn connected_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 // Backpressure: the acknowledgements so far go out, the rest of the burst
                 // and the socket wait until the subscriber catches up (bounded).
                 framed.flush().await?;
-                Box::pin(wait_drained(congested, Duration::from_millis(broker.config.mqtt.publish_backpressure_ms))).await;
+                let max = Duration::from_millis(broker.config.mqtt.publish_backpressure_ms);
+                Box::pin(wait_drained(congested, max, Duration::from_micros(broker.stall_us()))).await;
             }
             // A fair share: a publisher whose socket always has more to read yields to the
             // subscribers it feeds every so many packets instead of filling their queues
@@ -1331,7 +1350,7 @@ async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
     framed.send(&Packet::SubAck(SubAck { packet_id: s.packet_id, properties, codes }));
     let limits = broker.queue_limits();
     for item in retained {
-        broker.stats.drop(DropReason::QueueFull, slot.offer(item, limits, true).lost);
+        broker.stats.drop(DropReason::QueueFull, slot.offer(item, limits, true, broker.stall_us()).lost);
     }
     Ok(())
 }

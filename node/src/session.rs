@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use raftmq_cluster::message::QoS;
+use raftmq_cluster::message::{now_us, QoS};
 use raftmq_cluster::session::{
     push_bounded, InflightMessage, InflightStage, QueueLimits, QueuedMessage, SessionState, SubscriptionOptions, WillMessage,
 };
@@ -87,6 +87,13 @@ pub struct SlotInner {
     /// The queue went over half full while online: publishers feeding it wait on
     /// `drained` until it is down to a quarter.
     pub congested: bool,
+    /// The queue stopped shrinking while publishers waited for it: publishers no longer
+    /// wait for this client until its queue is down to a quarter again.
+    pub stalled: bool,
+    /// When the connection last took a message from the queue, or the queue last became
+    /// non-empty (µs since the Unix epoch): how the broker tells a draining client from a
+    /// stalled one.
+    pub progress_us: u64,
 }
 
 /// What became of a delivery offered to a slot.
@@ -272,7 +279,11 @@ impl SessionSlot {
 
     /// Offers a delivery under the queue limits. Returns where it went and how many
     /// messages were dropped (the offered one or older ones the drop policy evicted).
-    pub fn offer(&self, item: QueuedMessage, limits: QueueLimits, queue_qos0: bool) -> Offered {
+    ///
+    /// An online client counts as congested (the publisher should wait) only while its
+    /// queue is over half full and it took a message, or its queue filled, within the last
+    /// `stall_us` microseconds: a client that stopped reading cannot hold publishers back.
+    pub fn offer(&self, item: QueuedMessage, limits: QueueLimits, queue_qos0: bool, stall_us: u64) -> Offered {
         let dropped = Offered { offer: Offer::Dropped, lost: 1, congested: false };
         let mut inner = self.lock();
         if inner.removed {
@@ -290,7 +301,19 @@ impl SessionSlot {
         if !online {
             return Offered { offer: Offer::Offline, lost, congested: false };
         }
-        let congested = inner.queue.len() > limits.max_len / 2 || inner.queue_bytes > limits.max_bytes / 2;
+        if was_empty {
+            inner.progress_us = now_us();
+        }
+        let over_half = inner.queue.len() > limits.max_len / 2 || inner.queue_bytes > limits.max_bytes / 2;
+        let congested = over_half && !inner.stalled && {
+            if now_us().saturating_sub(inner.progress_us) >= stall_us {
+                // Nothing taken for a while: stalled, not draining.
+                inner.stalled = true;
+                false
+            } else {
+                true
+            }
+        };
         inner.congested |= congested;
         drop(inner);
         // Only the first message into an empty queue wakes the connection: while the queue
@@ -302,9 +325,29 @@ impl SessionSlot {
         Offered { offer: Offer::Online, lost, congested }
     }
 
-    /// Whether publishers should still hold back for this slot's client.
-    pub fn is_congested(&self) -> bool {
-        self.lock().congested
+    /// The queue length while publishers should still hold back for this slot's client;
+    /// `None` once they need not.
+    pub fn congested_backlog(&self) -> Option<usize> {
+        let inner = self.lock();
+        (inner.congested && !inner.stalled).then_some(inner.queue.len())
+    }
+
+    /// Marks the client stalled if its queue is no shorter than `before` (and still
+    /// congested), releasing every publisher waiting for it; returns whether the waiting
+    /// is over.
+    pub fn mark_stalled_unless_shrunk(&self, before: usize) -> bool {
+        let mut inner = self.lock();
+        if !inner.congested || inner.stalled {
+            return true;
+        }
+        if inner.queue.len() < before {
+            return false;
+        }
+        inner.stalled = true;
+        inner.congested = false;
+        drop(inner);
+        self.drained.notify_waiters();
+        true
     }
 
     /// The session as data, for the session store.
