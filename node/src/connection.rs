@@ -912,6 +912,31 @@ fn pump<S: AsyncRead + AsyncWrite + Unpin>(
         // Fenced off after a takeover that timed out.
         _ => return Some(reason::SESSION_TAKEN_OVER),
     }
+    // Retained messages for new subscriptions first, paced by the same window: at most a
+    // batch of them per pass (QoS 0 ones need no window), the rest after the write.
+    let mut batch = RETAINED_BATCH;
+    while let Some(front) = inner.retained.front() {
+        if batch == 0 {
+            slot.wake.notify_one();
+            break;
+        }
+        if front.qos != QoS::AtMostOnce && inner.inflight.len() >= window {
+            break;
+        }
+        let Some(item) = inner.retained.pop_front() else { break };
+        batch -= 1;
+        if item.qos == QoS::AtMostOnce {
+            encode_delivery(broker, client, framed, &item, 0, false, now_us);
+            continue;
+        }
+        let Some(packet_id) = inner.next_packet_id() else {
+            inner.retained.push_front(item);
+            break;
+        };
+        if encode_delivery(broker, client, framed, &item, packet_id, false, now_us) {
+            inner.inflight.insert(packet_id, InflightMessage { queued: item, stage: InflightStage::Published });
+        }
+    }
     let queued = inner.queue.len();
     while let Some(front) = inner.queue.front() {
         if front.qos != QoS::AtMostOnce && inner.inflight.len() >= window {
@@ -952,6 +977,10 @@ fn pump<S: AsyncRead + AsyncWrite + Unpin>(
     }
     None
 }
+
+/// Most retained messages one pass of [`pump`] writes: a subscription matching thousands
+/// goes out in socket-sized steps, not in one huge write buffer.
+const RETAINED_BATCH: usize = 256;
 
 /// One wake-up of the connection loop.
 enum Event {
@@ -1348,9 +1377,18 @@ async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let properties =
         if codes.iter().any(|c| *c >= 0x80) { client.problem("one or more subscriptions refused") } else { Properties::default() };
     framed.send(&Packet::SubAck(SubAck { packet_id: s.packet_id, properties, codes }));
-    let limits = broker.queue_limits();
-    for item in retained {
-        broker.stats.drop(DropReason::QueueFull, slot.offer(item, limits, true, broker.stall_us()).lost);
+    if !retained.is_empty() {
+        // Every matching retained message is delivered, paced by the client's inflight
+        // window, not pushed through the bounded session queue; the pending list is
+        // bounded by the retained store's own cap.
+        let cap = broker.config.retained.max_messages;
+        let mut inner = slot.lock();
+        let room = cap.saturating_sub(inner.retained.len());
+        let over = retained.len().saturating_sub(room);
+        inner.retained.extend(retained.into_iter().take(room));
+        drop(inner);
+        broker.stats.drop(DropReason::QueueFull, over as u64);
+        slot.wake.notify_one();
     }
     Ok(())
 }

@@ -70,6 +70,9 @@ pub struct SlotInner {
     pub subscriptions: HashMap<String, SubscriptionOptions>,
     /// Messages waiting for the inflight window or for the client to come back.
     pub queue: VecDeque<QueuedMessage>,
+    /// Retained messages for new subscriptions, sent before the queue within the same
+    /// window. Bounded by `retained.max_messages`; kept in the slot across a takeover.
+    pub retained: VecDeque<QueuedMessage>,
     /// Bytes in `queue`.
     pub queue_bytes: usize,
     /// Outbound messages sent and not fully acknowledged, in send order.

@@ -72,3 +72,39 @@ async fn retained_count_cap_refuses_new_topics_but_still_delivers() -> anyhow::R
     assert_eq!(b.server.broker.retained_count(), 1);
     Ok(())
 }
+
+/// Issue 10, item 7: a new subscription gets every matching retained message, however many
+/// more than the session queue holds (5,000 against a queue of 1,000), paced by the inflight
+/// window; none is dropped.
+#[tokio::test]
+async fn mqtt_3_3_1_9_every_retained_message_reaches_a_new_subscription_beyond_the_queue_length() -> anyhow::Result<()> {
+    use raftmq_node::codec::{Packet, PubKind, PubResponse};
+    let b = start_broker(|_| {}).await?;
+    let (mut publ, _) = Raw::connect(b.addr, Protocol::V311, "retainer", true).await?;
+    let mut bytes = bytes::BytesMut::new();
+    for n in 0..5000u32 {
+        let p = publish(&format!("r/{n}"), &n.to_be_bytes(), QoS::AtMostOnce, true, 0);
+        raftmq_node::codec::encode(&Packet::Publish(p), Protocol::V311, &mut bytes);
+    }
+    publ.send_bytes(&bytes).await?;
+    publ.ping().await?;
+    assert!(b.server.broker.retained_count() >= 5000, "plus the retained $SYS topics");
+    for qos in [QoS::AtLeastOnce, QoS::AtMostOnce] {
+        let (mut sub, _) = Raw::connect(b.addr, Protocol::V5, "everything", true).await?;
+        sub.subscribe(1, "r/#", qos).await?;
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < 5000 {
+            let p = sub.recv_publish().await?;
+            assert!(p.retain);
+            if p.qos == QoS::AtLeastOnce {
+                sub.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, p.packet_id, 0))).await?;
+            }
+            seen.insert(p.topic);
+        }
+        sub.expect_silence(std::time::Duration::from_millis(100)).await?;
+    }
+    let stats = &b.server.broker.stats;
+    let queue_full = stats.dropped_by_reason[raftmq_node::broker::DropReason::QueueFull as usize].load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(queue_full, 0, "before the fix, 4,000 were dropped as queue_full");
+    Ok(())
+}
