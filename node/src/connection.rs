@@ -36,6 +36,7 @@ use crate::verify_pool::Busy;
 use crate::session::{Ack, ConnInfo, SessionSlot};
 use crate::shared;
 use crate::sys::{self, ClientEvent};
+use crate::transport::ClientStream;
 
 /// Why a connection ended early.
 #[derive(Debug, thiserror::Error)]
@@ -326,7 +327,7 @@ struct Connection<S> {
 /// memory for the connection's whole life) holds the connected state and little else.
 pub fn serve<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr, cert_user: Option<String>) -> impl Future<Output = ()> + Send
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: ClientStream,
 {
     let handshake = Box::pin(handshake(broker, stream, peer, cert_user));
     async move {
@@ -341,7 +342,7 @@ where
 /// Reads CONNECT and answers it; `None` when the connection was refused or went away.
 async fn handshake<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr, cert_user: Option<String>) -> Option<Connection<S>>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: ClientStream,
 {
     let cfg = &broker.config.mqtt;
     let mut framed = Framed {
@@ -510,7 +511,7 @@ fn assign_client_id(node: &str) -> String {
 
 /// Checks a decoded CONNECT (client id, bans, authentication, will, keep alive), attaches
 /// the session and sends CONNACK.
-async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
+async fn accept<S: ClientStream>(
     broker: Arc<Broker>,
     mut framed: Framed<S>,
     connect: Box<Connect>,
@@ -738,6 +739,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
     framed.send(&Packet::ConnAck(connack));
     broker.stats.connect_result("success");
     framed.max_in = cfg.max_packet_size;
+    framed.stream.connect_accepted();
     let count = broker.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
     broker.stats.connections_max.fetch_max(count, Ordering::Relaxed);
     tracing::debug!(%peer, client_id = %Printable(&client_id), ?protocol, session_present, "connected");

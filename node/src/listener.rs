@@ -156,6 +156,12 @@ fn handshake_and_serve(
     })
 }
 
+/// The largest WebSocket message, and the MQTT bytes allowed before CONNECT.
+fn ws_limits(broker: &Broker) -> (usize, usize) {
+    let m = &broker.config.mqtt;
+    (m.max_packet_size + 16, m.max_connect_packet_size.min(m.max_packet_size))
+}
+
 fn handshake_timeout(broker: &Broker) -> Duration {
     Duration::from_secs(broker.config.mqtt.connect_timeout_secs)
 }
@@ -172,8 +178,8 @@ async fn serve_tls(broker: Arc<Broker>, stream: TcpStream, peer: std::net::Socke
 }
 
 async fn serve_ws(broker: Arc<Broker>, stream: TcpStream, peer: std::net::SocketAddr, config: &ListenerConfig) {
-    let max_message = broker.config.mqtt.max_packet_size + 16;
-    match tokio::time::timeout(handshake_timeout(&broker), transport::accept_websocket(stream, config, max_message)).await {
+    let (max_message, max_connect) = ws_limits(&broker);
+    match tokio::time::timeout(handshake_timeout(&broker), transport::accept_websocket(stream, config, max_message, max_connect)).await {
         Ok(Ok(ws)) => connection::serve(broker, ws, peer, None).await,
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "WebSocket handshake failed"),
         Err(_) => tracing::debug!(%peer, "WebSocket handshake timed out"),
@@ -181,7 +187,7 @@ async fn serve_ws(broker: Arc<Broker>, stream: TcpStream, peer: std::net::Socket
 }
 
 async fn serve_wss(broker: Arc<Broker>, stream: TcpStream, peer: std::net::SocketAddr, acceptor: &TlsAcceptor, config: &ListenerConfig) {
-    let max_message = broker.config.mqtt.max_packet_size + 16;
+    let (max_message, max_connect) = ws_limits(&broker);
     let handshake = async {
         let tls = acceptor.accept(stream).await?;
         let user = tls
@@ -190,7 +196,7 @@ async fn serve_wss(broker: Arc<Broker>, stream: TcpStream, peer: std::net::Socke
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(|c| transport::cert_username(c, config.peer_cert_as_username));
-        let ws = transport::accept_websocket(tls, config, max_message).await?;
+        let ws = transport::accept_websocket(tls, config, max_message, max_connect).await?;
         Ok::<_, std::io::Error>((ws, user))
     };
     match tokio::time::timeout(handshake_timeout(&broker), handshake).await {

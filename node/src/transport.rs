@@ -106,12 +106,103 @@ pub fn cert_username(cert: &CertificateDer<'_>, mode: PeerCertUsername) -> Optio
     .filter(|name| !name.is_empty() && !name.contains('\0'))
 }
 
+/// A client's byte stream. [`ClientStream::connect_accepted`] lifts the limits that apply
+/// only before CONNECT is accepted (the WebSocket transport's pre-CONNECT byte cap).
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// CONNECT was accepted: the client may now send packets up to the full size.
+    fn connect_accepted(&mut self) {}
+}
+
+impl ClientStream for tokio::net::TcpStream {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for tokio_rustls::server::TlsStream<S> {}
+impl ClientStream for tokio::io::DuplexStream {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for WsIo<PreConnectCap<S>> {
+    fn connect_accepted(&mut self) {
+        self.ws.get_mut().open();
+    }
+}
+
+/// Caps the raw bytes a WebSocket client may send before its CONNECT is accepted. The
+/// WebSocket layer assembles a whole message before MQTT sees any of it, so without this a
+/// client could make the broker buffer a message of the full packet size (1 MiB) per
+/// connection before authenticating. Like the TCP path's bounded read, the cap pauses
+/// reading (TCP pushes back on the client) rather than failing, so a client that sends
+/// packets right behind its CONNECT loses nothing; a CONNECT that does not fit never
+/// completes and the connect timeout closes the connection.
+pub struct PreConnectCap<S> {
+    inner: S,
+    /// Bytes still allowed; `None` once CONNECT was accepted.
+    left: Option<usize>,
+    /// The reader paused at the cap, woken by [`PreConnectCap::open`].
+    paused: Option<std::task::Waker>,
+}
+
+impl<S> PreConnectCap<S> {
+    /// Allows `budget` bytes (the upgrade request, frame headers and the CONNECT) until
+    /// [`PreConnectCap::open`].
+    pub fn new(inner: S, budget: usize) -> PreConnectCap<S> {
+        PreConnectCap { inner, left: Some(budget), paused: None }
+    }
+
+    /// Lifts the cap and resumes a paused reader.
+    pub fn open(&mut self) {
+        self.left = None;
+        if let Some(waker) = self.paused.take() {
+            waker.wake();
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for PreConnectCap<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let Some(left) = this.left else { return Pin::new(&mut this.inner).poll_read(cx, buf) };
+        if left == 0 {
+            this.paused = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        // Never more than the budget: read through a small buffer (only before CONNECT).
+        let mut chunk = [0u8; 4096];
+        let want = left.min(chunk.len()).min(buf.remaining());
+        let mut limited = ReadBuf::new(&mut chunk[..want]);
+        ready!(Pin::new(&mut this.inner).poll_read(cx, &mut limited))?;
+        let n = limited.filled().len();
+        buf.put_slice(limited.filled());
+        this.left = Some(left - n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for PreConnectCap<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Room for the HTTP upgrade request and the frame headers beside the CONNECT itself.
+const UPGRADE_ALLOWANCE: usize = 16 * 1024;
+
 /// Accepts the WebSocket upgrade of an MQTT-over-WebSocket connection: the configured path,
-/// the `mqtt` subprotocol echoed when offered, and the Origin allow-list (B33).
-pub async fn accept_websocket<S>(stream: S, listener: &ListenerConfig, max_message: usize) -> Result<WsIo<S>, io::Error>
+/// the `mqtt` subprotocol echoed when offered, and the Origin allow-list (B33). Until
+/// CONNECT is accepted the client may send no more than `max_connect` bytes of MQTT.
+pub async fn accept_websocket<S>(
+    stream: S,
+    listener: &ListenerConfig,
+    max_message: usize,
+    max_connect: usize,
+) -> Result<WsIo<PreConnectCap<S>>, io::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let stream = PreConnectCap::new(stream, max_connect.saturating_add(UPGRADE_ALLOWANCE));
     let path = listener.path.clone();
     let origins = listener.allowed_origins.clone();
     // The callback's signature, large error included, is tungstenite's `Callback` trait.

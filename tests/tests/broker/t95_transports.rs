@@ -145,3 +145,25 @@ async fn b35_unusable_certificate_stops_the_start() -> anyhow::Result<()> {
     assert!(start_broker(|c| c.listeners = vec![missing_ca]).await.is_err());
     Ok(())
 }
+
+/// Issue 10, item 8: the pre-CONNECT cap of the WebSocket transport pauses reading rather
+/// than failing, so a client that sends a large PUBLISH right behind its CONNECT (allowed
+/// before CONNACK) loses nothing.
+#[tokio::test]
+async fn websocket_client_may_send_a_large_publish_right_behind_connect() -> anyhow::Result<()> {
+    use raftmq_node::codec::Packet;
+    let b = start_broker(|c| c.listeners = vec![listener(ListenerKind::Ws, None)]).await?;
+    let addr = b.server.listener_addr(ListenerKind::Ws).ok_or_else(|| anyhow::anyhow!("no ws listener"))?;
+    let (mut sub, _) = Raw::connect(b.addr, Protocol::V5, "big-sub", true).await?;
+    sub.subscribe(1, "big/#", QoS::AtMostOnce).await?;
+    let (ws, _) = websocket(TcpStream::connect(addr).await?, &format!("ws://{addr}/mqtt"), None).await?;
+    let mut client = Raw::over(ws, Protocol::V5);
+    let payload = vec![7u8; 200 * 1024];
+    // Two WebSocket messages, the second sent without waiting for CONNACK. (One message
+    // holding both would be a message over the pre-CONNECT cap, which is refused.)
+    client.send(&Packet::Connect(Box::new(connect_packet(Protocol::V5, "pipelined", true)))).await?;
+    client.send(&Packet::Publish(publish("big/x", &payload, QoS::AtMostOnce, false, 0))).await?;
+    assert!(matches!(client.recv().await?, Packet::ConnAck(a) if a.code == 0));
+    assert_eq!(sub.recv_publish().await?.payload.len(), payload.len());
+    Ok(())
+}
