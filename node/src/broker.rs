@@ -248,6 +248,9 @@ pub struct Broker {
     routes: Arc<dyn RouteTable>,
     dispatcher: Dispatcher,
     next_conn_id: AtomicU64,
+    /// Connections handling packets they have read, right now (see
+    /// `connection::let_earlier_packets_land`).
+    pub handling: AtomicUsize,
     /// Counters.
     pub stats: Stats,
     /// Prometheus exposition of the counters.
@@ -308,6 +311,7 @@ impl Broker {
             store,
             routes,
             next_conn_id: AtomicU64::new(1),
+            handling: AtomicUsize::new(0),
             stats: Stats::default(),
             metrics: crate::metrics::Metrics::new(),
             shutdown: CancellationToken::new(),
@@ -695,7 +699,9 @@ impl Broker {
     pub async fn retain(&self, message: &Arc<Message>) -> Result<RetainOutcome, StoreError> {
         let outcome = self.retained.set(Arc::clone(message)).await?;
         if outcome == RetainOutcome::Refused {
-            tracing::warn!(topic = %Printable(&message.topic), "retained message refused by limits");
+            if let Some(suppressed) = self.log_limits.retained_refused.allow() {
+                tracing::warn!(topic = %Printable(&message.topic), suppressed, "retained message refused by limits");
+            }
         }
         Ok(outcome)
     }
@@ -758,6 +764,11 @@ impl Broker {
             self.store.append(durable, limits).await?;
         }
         Ok(routed)
+    }
+
+    /// Whether no subscription (plain or shared) matches `message` now.
+    pub fn matches_nothing(&self, message: &Arc<Message>) -> bool {
+        self.index.deliveries(message).is_empty() && self.index.shared_matches(message).is_empty()
     }
 
     fn member_load(&self, client_id: &str) -> MemberLoad {

@@ -15,8 +15,9 @@ use raftmq_cluster::message::QoS;
 use raftmq_node::codec::{Packet, Protocol, PubKind, PubResponse};
 use raftmq_tests::*;
 
-/// A publisher of QoS 1 messages one after another, and a healthy client that measures
-/// the round trip of its own QoS 1 messages through the broker and back.
+/// A publisher of QoS 1 messages one after another with a healthy consumer, and a healthy
+/// client that measures the round trip of its own QoS 1 messages through the broker and
+/// back.
 struct Workload {
     publisher: Raw,
     prober: Raw,
@@ -27,6 +28,10 @@ struct Workload {
 
 impl Workload {
     async fn connect(b: &TestBroker, tag: &str) -> anyhow::Result<Workload> {
+        // A healthy consumer of the publisher's messages, reading all the time.
+        let (mut consumer, _) = Raw::connect(b.addr, Protocol::V5, &format!("{tag}-consumer"), true).await?;
+        consumer.subscribe(1, "load/#", QoS::AtMostOnce).await?;
+        tokio::spawn(async move { while consumer.recv_publish().await.is_ok() {} });
         let (publisher, _) = Raw::connect(b.addr, Protocol::V5, &format!("{tag}-publisher"), true).await?;
         let (mut prober, _) = Raw::connect(b.addr, Protocol::V5, &format!("{tag}-prober"), true).await?;
         prober.subscribe(1, "echo/prober", QoS::AtLeastOnce).await?;

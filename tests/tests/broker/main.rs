@@ -6,6 +6,7 @@
 mod t10_connect;
 mod t12_protocol_gaps;
 mod t13_security;
+mod t14_ordering;
 mod t20_publish;
 mod t30_retained;
 mod t40_will;
