@@ -129,6 +129,19 @@ pub struct Stats {
     pub auth_failures: AtomicU64,
     /// PUBLISH and SUBSCRIBE requests refused by the ACL.
     pub acl_denied: AtomicU64,
+    /// Connections closed for bad input after CONNECT, by MQTT 5 reason code (index =
+    /// code - 0x80).
+    pub protocol_errors: ReasonCounters,
+}
+
+/// One counter per failure reason code (0x80-0xFF).
+#[derive(Debug)]
+pub struct ReasonCounters(pub [AtomicU64; 128]);
+
+impl Default for ReasonCounters {
+    fn default() -> Self {
+        ReasonCounters(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
 }
 
 impl Stats {
@@ -157,6 +170,13 @@ impl Stats {
     /// Messages and deliveries dropped, for every reason.
     pub fn messages_dropped(&self) -> u64 {
         Self::sum(&self.dropped_by_reason)
+    }
+
+    /// Counts a connection closed with reason `code` (0x80 and above).
+    pub fn protocol_error(&self, code: u8) {
+        if let Some(counter) = code.checked_sub(0x80).and_then(|i| self.protocol_errors.0.get(usize::from(i))) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Counts a CONNECT outcome (a label of [`CONNECT_RESULTS`]).

@@ -797,6 +797,10 @@ async fn close<S: AsyncRead + AsyncWrite + Unpin + Send>(conn: Connection<S>, re
         Err(e) => {
             tracing::debug!(%peer, client_id = %Printable(&client.client_id), error = %e, "connection closed with error");
             if !matches!(e, ConnectionError::Io(_) | ConnectionError::Timeout) {
+                broker.stats.protocol_error(e.reason_code());
+                if let Some(suppressed) = broker.log_limits.protocol_error.allow() {
+                    tracing::warn!(%peer, client_id = %Printable(&client.client_id), error = %e, suppressed, "connection closed for a protocol error");
+                }
                 // Answers to the valid packets before the bad one still go out.
                 if client.protocol.is_v5() {
                     let mut d = Disconnect::new(e.reason_code());

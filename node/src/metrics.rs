@@ -68,8 +68,12 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("raftmq_acl_checks_total", "ACL decisions, by result."),
     ("raftmq_wills_published_total", "Will messages published."),
     ("raftmq_takeovers_total", "Sessions taken over by a new connection."),
+    ("raftmq_protocol_errors_total", "Connections closed for bad input after CONNECT, by MQTT 5 reason code."),
     (LATENCY, "Time from receiving a PUBLISH to queueing it into a subscriber's socket buffer."),
 ];
+
+/// `reason` label values of `raftmq_protocol_errors_total`: "0x80" to "0xff".
+static REASON_LABELS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| (0x80..=0xffu8).map(|c| format!("{c:#04x}")).collect());
 
 /// Upper bounds of the delivery-latency buckets, in microseconds (50 us to 5 s).
 const LATENCY_BOUNDS_US: [u64; 15] =
@@ -210,6 +214,12 @@ impl Metrics {
         self.counter("raftmq_acl_checks_total", &[("result", "deny")]).absolute(load(&s.acl_denied));
         self.counter("raftmq_wills_published_total", &[]).absolute(load(&s.wills_published));
         self.counter("raftmq_takeovers_total", &[]).absolute(load(&s.takeovers));
+        for (i, counter) in s.protocol_errors.0.iter().enumerate() {
+            let n = load(counter);
+            if let (true, Some(label)) = (n > 0, REASON_LABELS.get(i)) {
+                self.counter("raftmq_protocol_errors_total", &[("reason", label.as_str())]).absolute(n);
+            }
+        }
         let mut text = self.handle.render();
         let help = FAMILIES.iter().find(|(name, _)| *name == LATENCY).map_or("", |(_, help)| help);
         self.latency.render(help, &mut text);

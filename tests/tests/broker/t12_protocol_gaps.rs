@@ -30,6 +30,9 @@ async fn mqtt_3_14_2_1_invalid_disconnect_reason_is_malformed_and_publishes_the_
     dying.send_bytes(&[0xe0, 0x01, 0x03]).await?;
     assert_eq!(disconnect_reason(dying.expect_closed(DEADLINE).await?), Some(reason::MALFORMED_PACKET));
     assert_eq!(watcher.recv_publish().await?.topic, "wills/dying");
+    // Counted by reason code.
+    let text = b.server.broker.metrics.render(&b.server.broker);
+    assert!(text.contains("raftmq_protocol_errors_total{reason=\"0x81\"} 1"), "{text}");
     Ok(())
 }
 
