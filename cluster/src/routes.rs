@@ -6,11 +6,11 @@
 //! peers, so [`LocalRoutes`] only keeps the local routes (for counting and for the snapshot
 //! a peer gets when it joins).
 
+use std::collections::HashSet;
 use std::sync::RwLock;
 
 use async_trait::async_trait;
 
-use crate::topic::TopicTrie;
 use crate::NodeId;
 
 /// Cluster-wide map of filter -> nodes.
@@ -29,8 +29,10 @@ pub trait RouteTable: Send + Sync + 'static {
 /// The route table of a node without peers.
 #[derive(Debug, Default)]
 pub struct LocalRoutes {
-    /// std `RwLock`: updates are rare and short.
-    local: RwLock<TopicTrie<(), ()>>,
+    /// The filters with local subscribers. A set, not a trie: nothing is matched against
+    /// local routes (the subscription index does that), and a set costs a fraction of the
+    /// memory per filter. std `RwLock`: updates are rare and short.
+    local: RwLock<HashSet<Box<str>>>,
 }
 
 impl LocalRoutes {
@@ -44,14 +46,13 @@ impl LocalRoutes {
 impl RouteTable for LocalRoutes {
     async fn add(&self, filter: &str) {
         if let Ok(mut t) = self.local.write() {
-            t.insert(filter, (), ());
+            t.insert(Box::from(filter));
         }
     }
 
     async fn remove(&self, filter: &str) {
         if let Ok(mut t) = self.local.write() {
-            t.remove(filter, &());
-            t.prune(filter);
+            t.remove(filter);
         }
     }
 
@@ -60,7 +61,7 @@ impl RouteTable for LocalRoutes {
     }
 
     fn count(&self) -> usize {
-        self.local.read().map(|t| t.filter_count()).unwrap_or(0)
+        self.local.read().map(|t| t.len()).unwrap_or(0)
     }
 }
 

@@ -3,7 +3,7 @@
 //! Architecture invariant: matching is iterative (an explicit stack), so a filter or topic
 //! with many levels cannot overflow the stack; the level count is capped at validation.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 
 /// Why a topic name or filter was refused.
@@ -91,25 +91,105 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// One level of the trie. Kept small because a subscription costs about one node: children
+/// in a B-tree (no allocation while empty, no hasher state, compact when large), and the
+/// values of the filters ending here in [`Values`].
 #[derive(Debug)]
 struct Node<K, V> {
-    children: HashMap<Box<str>, Node<K, V>>,
+    children: BTreeMap<Box<str>, Node<K, V>>,
     plus: Option<Box<Node<K, V>>>,
     /// Values of a filter ending in `#` at this node.
-    hash: HashMap<K, V>,
+    hash: Values<K, V>,
     /// Values of a filter ending exactly at this node.
-    values: HashMap<K, V>,
+    values: Values<K, V>,
 }
 
 impl<K, V> Default for Node<K, V> {
     fn default() -> Self {
-        Node { children: HashMap::new(), plus: None, hash: HashMap::new(), values: HashMap::new() }
+        Node { children: BTreeMap::new(), plus: None, hash: Values::default(), values: Values::default() }
     }
 }
 
 impl<K, V> Node<K, V> {
     fn is_empty(&self) -> bool {
         self.children.is_empty() && self.plus.is_none() && self.hash.is_empty() && self.values.is_empty()
+    }
+}
+
+/// Most values kept in an exactly sized slice before switching to a hash map.
+const SMALL_VALUES: usize = 16;
+
+/// The values of one filter: most filters have one subscriber, so a boxed slice of exactly
+/// that many entries (16 bytes and one small allocation), and a hash map once a filter has
+/// many (a topic thousands of clients subscribe to).
+#[derive(Debug)]
+enum Values<K, V> {
+    Small(Box<[(K, V)]>),
+    Large(Box<HashMap<K, V>>),
+}
+
+impl<K, V> Default for Values<K, V> {
+    fn default() -> Self {
+        Values::Small(Box::default())
+    }
+}
+
+impl<K, V> Values<K, V> {
+    fn is_empty(&self) -> bool {
+        match self {
+            Values::Small(entries) => entries.is_empty(),
+            Values::Large(map) => map.is_empty(),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> Values<K, V> {
+    fn insert(&mut self, key: K, value: V) -> Option<V> {
+        match self {
+            Values::Large(map) => map.insert(key, value),
+            Values::Small(entries) => {
+                if let Some((_, v)) = entries.iter_mut().find(|(k, _)| *k == key) {
+                    return Some(std::mem::replace(v, value));
+                }
+                if entries.len() < SMALL_VALUES {
+                    let mut grown = Vec::with_capacity(entries.len() + 1);
+                    grown.extend(entries.iter().cloned());
+                    grown.push((key, value));
+                    *entries = grown.into_boxed_slice();
+                } else {
+                    let mut map: HashMap<K, V> = entries.iter().cloned().collect();
+                    map.insert(key, value);
+                    *self = Values::Large(Box::new(map));
+                }
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &K) -> Option<V> {
+        match self {
+            Values::Large(map) => {
+                let removed = map.remove(key);
+                if map.len() < SMALL_VALUES / 2 {
+                    *self = Values::Small(map.drain().collect());
+                }
+                removed
+            }
+            Values::Small(entries) => {
+                let i = entries.iter().position(|(k, _)| k == key)?;
+                let mut rest: Vec<(K, V)> = entries.iter().cloned().collect();
+                let (_, removed) = rest.swap_remove(i);
+                *entries = rest.into_boxed_slice();
+                Some(removed)
+            }
+        }
+    }
+
+    fn for_each(&self, mut visit: impl FnMut(&K, &V)) {
+        match self {
+            Values::Small(entries) => entries.iter().for_each(|(k, v)| visit(k, v)),
+            Values::Large(map) => map.iter().for_each(|(k, v)| visit(k, v)),
+        }
     }
 }
 
@@ -151,7 +231,7 @@ impl<K: Eq + Hash + Clone, V: Clone> TopicTrie<K, V> {
                     break;
                 }
                 "+" => node = node.plus.get_or_insert_with(Box::default),
-                _ => node = node.children.entry(level.into()).or_default(),
+                _ => node = node.children.entry(Box::from(level)).or_default(),
             }
         }
         let slot = if in_hash { &mut node.hash } else { &mut node.values };
@@ -231,7 +311,8 @@ impl<K: Eq + Hash + Clone, V: Clone> TopicTrie<K, V> {
     pub fn for_each_value(&self, mut visit: impl FnMut(&K, &V)) {
         let mut stack = vec![&self.root];
         while let Some(node) = stack.pop() {
-            node.values.iter().chain(node.hash.iter()).for_each(|(k, v)| visit(k, v));
+            node.values.for_each(&mut visit);
+            node.hash.for_each(&mut visit);
             stack.extend(node.children.values());
             stack.extend(node.plus.as_deref());
         }
@@ -243,7 +324,7 @@ impl<K: Eq + Hash + Clone, V: Clone> TopicTrie<K, V> {
         let mut levels = filter.split('/').peekable();
         while let Some(level) = levels.next() {
             if level == "#" && levels.peek().is_none() {
-                node.hash.iter().for_each(|(k, v)| visit(k, v));
+                node.hash.for_each(&mut visit);
                 return;
             }
             let next = if level == "+" { node.plus.as_deref() } else { node.children.get(level) };
@@ -252,7 +333,7 @@ impl<K: Eq + Hash + Clone, V: Clone> TopicTrie<K, V> {
                 None => return,
             }
         }
-        node.values.iter().for_each(|(k, v)| visit(k, v));
+        node.values.for_each(&mut visit);
     }
 
     /// Calls `visit` for every (key, value) whose filter matches `topic`. A key subscribed
@@ -265,14 +346,10 @@ impl<K: Eq + Hash + Clone, V: Clone> TopicTrie<K, V> {
             let at_root = depth == 0;
             // `#` matches the parent level too ("a/#" matches "a").
             if !(at_root && dollar) {
-                for (k, v) in &node.hash {
-                    visit(k, v);
-                }
+                node.hash.for_each(&mut visit);
             }
             let Some(level) = levels.get(depth) else {
-                for (k, v) in &node.values {
-                    visit(k, v);
-                }
+                node.values.for_each(&mut visit);
                 continue;
             };
             if let Some(child) = node.children.get(*level) {
@@ -302,6 +379,31 @@ mod tests {
         }
         assert_eq!(validate_topic_name("a/+", 128), Err(TopicError::WildcardInName));
         assert_eq!(validate_topic_name(&"a/".repeat(200), 128), Err(TopicError::TooManyLevels(201)));
+    }
+
+    /// A filter's values move from the small slice to a map past [`SMALL_VALUES`] and back
+    /// when most leave; matching sees every value either way.
+    #[test]
+    fn many_values_on_one_filter_switch_representation_and_keep_every_value() {
+        let mut trie: TopicTrie<u32, u32> = TopicTrie::new();
+        for k in 0..40 {
+            let (previous, first) = trie.insert("a/+", k, k * 10);
+            assert_eq!((previous, first), (None, k == 0));
+        }
+        assert_eq!(trie.insert("a/+", 7, 1), (Some(70), false));
+        let mut seen = Vec::new();
+        trie.for_each_match("a/b", |k, _| seen.push(*k));
+        seen.sort_unstable();
+        assert_eq!(seen, (0..40).collect::<Vec<u32>>());
+        for k in 0..39 {
+            assert_eq!(trie.remove("a/+", &k).1, false);
+        }
+        let mut left = Vec::new();
+        trie.for_each_match("a/b", |k, v| left.push((*k, *v)));
+        assert_eq!(left, [(39, 390)]);
+        assert_eq!(trie.remove("a/+", &39), (Some(390), true));
+        trie.prune("a/+");
+        assert_eq!(trie.filter_count(), 0);
     }
 
     #[test]

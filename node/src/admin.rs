@@ -289,13 +289,13 @@ async fn list_subscriptions(State(state): State<AppState>, Query(q): Query<ListQ
         subs.sort_by(|a, b| a.0.cmp(b.0));
         for (filter, o) in subs {
             // `topic` selects the subscriptions that would receive a message on that topic.
-            let inner_filter = crate::shared::parse(filter).ok().flatten().map_or(filter.as_str(), |(_, f)| f);
+            let inner_filter = crate::shared::parse(filter).ok().flatten().map_or(&**filter, |(_, f)| f);
             if q.topic.as_ref().is_some_and(|t| !raftmq_cluster::topic::matches(inner_filter, t)) {
                 continue;
             }
             out.push(SubscriptionView {
                 client_id: slot.client_id.to_string(),
-                topic: filter.clone(),
+                topic: filter.to_string(),
                 qos: o.qos as u8,
                 no_local: o.no_local,
                 retain_as_published: o.retain_as_published,

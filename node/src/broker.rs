@@ -363,7 +363,7 @@ impl Broker {
             let (owner, filters) = {
                 let inner = slot.lock();
                 let Some(owner) = inner.owner.clone() else { continue };
-                (owner, inner.subscriptions.keys().cloned().collect::<Vec<String>>())
+                (owner, inner.subscriptions.keys().map(|f| f.to_string()).collect::<Vec<String>>())
             };
             if !security.authenticator.still_valid(&owner.identity) && slot.kick(crate::codec::reason::NOT_AUTHORIZED) {
                 kicked += 1;
@@ -591,7 +591,7 @@ impl Broker {
             let mut inner = slot.lock();
             inner.removed = true;
             inner.generation += 1;
-            let filters: Vec<String> = inner.subscriptions.drain().map(|(f, _)| f).collect();
+            let filters: Vec<String> = inner.subscriptions.drain().map(|(f, _)| f.into_string()).collect();
             (filters, inner.pending_will.take())
         };
         for filter in filters {
@@ -920,7 +920,7 @@ impl Broker {
     /// Adds or replaces a subscription of the session in `slot`. Returns whether it already
     /// existed (for Retain Handling 1).
     pub async fn subscribe(&self, slot: &Arc<SessionSlot>, filter: &str, options: SubscriptionOptions) -> Result<bool, StoreError> {
-        slot.lock().subscriptions.insert(filter.to_owned(), options);
+        slot.lock().subscriptions.insert(Box::from(filter), options);
         let existed = self.index_subscribe(slot, filter, options).await;
         self.save_if_persistent(slot).await?;
         Ok(existed)

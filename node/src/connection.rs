@@ -1417,7 +1417,7 @@ async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         let at_limit = {
             let inner = slot.lock();
-            !inner.subscriptions.contains_key(&filter) && inner.subscriptions.len() >= cfg.max_subscriptions
+            !inner.subscriptions.contains_key(filter.as_str()) && inner.subscriptions.len() >= cfg.max_subscriptions
         };
         if at_limit {
             codes.push(failure(reason::QUOTA_EXCEEDED));

@@ -67,7 +67,7 @@ pub struct SlotInner {
     /// Session expiry after disconnect, seconds.
     pub expiry_secs: u32,
     /// Subscriptions by filter.
-    pub subscriptions: HashMap<String, SubscriptionOptions>,
+    pub subscriptions: HashMap<Box<str>, SubscriptionOptions>,
     /// Messages waiting for the inflight window or for the client to come back.
     pub queue: VecDeque<QueuedMessage>,
     /// Retained messages for new subscriptions, sent before the queue within the same
@@ -358,7 +358,7 @@ impl SessionSlot {
         let inner = self.lock();
         SessionState {
             client_id: self.client_id.to_string(),
-            subscriptions: inner.subscriptions.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            subscriptions: inner.subscriptions.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             queue: inner.queue.clone(),
             inflight: inner.inflight.to_map(),
             awaiting_rel: inner.awaiting_rel.keys().copied().collect(),
@@ -375,7 +375,7 @@ impl SessionSlot {
         let mut inner = self.lock();
         inner.persistent = true;
         inner.expiry_secs = state.expiry_secs;
-        inner.subscriptions = state.subscriptions.into_iter().collect();
+        inner.subscriptions = state.subscriptions.into_iter().map(|(k, v)| (k.into_boxed_str(), v)).collect();
         inner.queue_bytes = state.queue.iter().map(|q| q.message.weight()).sum();
         inner.queue = state.queue;
         inner.last_packet_id = state.inflight.keys().next_back().copied().unwrap_or(0);

@@ -80,6 +80,10 @@ enum Scenario {
         /// Subscribe each client to its own topic.
         #[arg(long)]
         subscribe: bool,
+        /// Subscribe each client to this many distinct filters of its own (subscription
+        /// memory).
+        #[arg(long, default_value_t = 0)]
+        filters: usize,
         /// Seconds to hold the connections open after all connected.
         #[arg(long, default_value_t = 0)]
         hold: u64,
@@ -449,7 +453,7 @@ async fn paired(c: &Common, scenario: &'static str, pubs: Vec<String>, subs: Vec
     })
 }
 
-async fn conn_scenario(c: &Common, count: usize, concurrency: usize, subscribe: bool, hold: u64) -> anyhow::Result<Summary> {
+async fn conn_scenario(c: &Common, count: usize, concurrency: usize, subscribe: bool, filters: usize, hold: u64) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = Vec::with_capacity(count);
@@ -460,6 +464,9 @@ async fn conn_scenario(c: &Common, count: usize, concurrency: usize, subscribe: 
             let mut conn = Conn::open(&c, &format!("bench-conn-{i}")).await?;
             if subscribe {
                 conn.subscribe(&format!("bench/conn/{i}"), QoS::from_u8(c.qos).unwrap_or(QoS::AtMostOnce)).await?;
+            }
+            for f in 0..filters {
+                conn.subscribe(&format!("bench/filters/{i}/sensor-{f}/+"), QoS::from_u8(c.qos).unwrap_or(QoS::AtMostOnce)).await?;
             }
             drop(permit);
             anyhow::Ok(conn)
@@ -501,7 +508,9 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         clock_us();
         let summary = match cli.scenario {
-            Scenario::Conn { count, concurrency, subscribe, hold } => conn_scenario(&c, count, concurrency, subscribe, hold).await?,
+            Scenario::Conn { count, concurrency, subscribe, filters, hold } => {
+                conn_scenario(&c, count, concurrency, subscribe, filters, hold).await?
+            }
             Scenario::Pub { count, topic } => paired(&c, "pub", vec![topic; count], vec![]).await?,
             Scenario::Sub { count, topic } => paired(&c, "sub", vec![], vec![topic; count]).await?,
             Scenario::P2p { count } => {
