@@ -21,17 +21,17 @@ use raftmq_cluster::StoreError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acl::{Access, Subject};
 use crate::auth::AuthMethods;
 use crate::banned::{Bans, Flapping, LoginFailures};
-use crate::log_limit::LogLimits;
-use crate::verify_pool::VerifyPool;
-use crate::printable::Printable;
 use crate::config::Config;
+use crate::log_limit::LogLimits;
+use crate::printable::Printable;
 use crate::router::{SharedKey, SubscriptionIndex};
-use crate::acl::{Access, Subject};
 use crate::security::{Owner, Security, SecurityError};
 use crate::session::{ConnHandle, ConnInfo, Offer, Offered, SessionSlot};
 use crate::shared::{self, Dispatcher, MemberLoad};
+use crate::verify_pool::VerifyPool;
 
 /// Why a delivery or message was dropped (the `reason` label of
 /// `raftmq_messages_dropped_total`).
@@ -537,7 +537,13 @@ impl Broker {
             }
             {
                 let mut inner = slot.lock();
-                inner.conn = Some(ConnHandle { conn_id, info: info.clone(), kick: None, last_packet: std::time::Instant::now(), partial_since: None });
+                inner.conn = Some(ConnHandle {
+                    conn_id,
+                    info: info.clone(),
+                    kick: None,
+                    last_packet: std::time::Instant::now(),
+                    partial_since: None,
+                });
                 inner.generation += 1;
                 inner.persistent = expiry_secs > 0;
                 inner.expiry_secs = expiry_secs;

@@ -606,8 +606,7 @@ impl Config {
             }
             set_path(&mut root, &segments, value).map_err(|e| ConfigError::Invalid(format!("{key}: {e}")))?;
         }
-        let mut config: Config =
-            toml::Value::Table(root).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        let mut config: Config = toml::Value::Table(root).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
         config.validate()?;
         ignored.sort();
         config.ignored_env = ignored;

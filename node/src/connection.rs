@@ -28,15 +28,15 @@ use crate::codec::{
     self, connack_v3, reason, Auth, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Protocol, PubKind, PubResponse, Publish,
     PublishRef, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
+use crate::config::{DenyAction, RateAction};
 use crate::printable::{Printable, PrintableOpt};
 use crate::rate::RateLimiter;
-use crate::config::{DenyAction, RateAction};
 use crate::security::{Credentials, Identity, IdentitySource, Owner, Verdict};
-use crate::verify_pool::Busy;
 use crate::session::{Ack, ConnInfo, SessionSlot};
 use crate::shared;
 use crate::sys::{self, ClientEvent};
 use crate::transport::ClientStream;
+use crate::verify_pool::Busy;
 
 /// Why a connection ended early.
 #[derive(Debug, thiserror::Error)]
@@ -724,7 +724,8 @@ async fn accept<S: ClientStream>(
         Ok(a) => a,
         Err(AttachError::NotOwner) => {
             tracing::info!(%peer, client_id = %Printable(&client_id), username = %PrintableOpt(identity.username.as_deref()), "CONNECT refused: the session belongs to another user");
-            return refuse(&mut framed, protocol, reason::NOT_AUTHORIZED, connack_v3::NOT_AUTHORIZED, "session belongs to another user").await;
+            return refuse(&mut framed, protocol, reason::NOT_AUTHORIZED, connack_v3::NOT_AUTHORIZED, "session belongs to another user")
+                .await;
         }
         Err(AttachError::TooManySessions) => {
             if let Some(suppressed) = broker.log_limits.overload.allow() {
@@ -1474,7 +1475,7 @@ async fn handle_unsubscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
             Ok(None) => Some(filter.as_str()),
             Err(_) => None,
         };
-        if !inner.is_some_and(|f| topic::validate_topic_filter(f, max_levels).is_ok()) {
+        if inner.is_none_or(|f| topic::validate_topic_filter(f, max_levels).is_err()) {
             // [MQTT-4.7.3-1], [MQTT-4.8.2-2]: an empty or ill-formed filter. MQTT 3 has no
             // way to say so but closing.
             if !client.protocol.is_v5() {

@@ -12,9 +12,9 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::broker::Broker;
-use crate::rate::RateLimiter;
 use crate::config::ListenerConfig;
 use crate::connection;
+use crate::rate::RateLimiter;
 use crate::transport;
 
 /// What runs between TCP and MQTT on a listener.

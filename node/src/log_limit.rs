@@ -19,7 +19,12 @@ pub struct LogLimiter {
 impl LogLimiter {
     /// At most one line per `interval`.
     pub fn new(interval: Duration) -> LogLimiter {
-        LogLimiter { start: Instant::now(), interval_ms: interval.as_millis() as u64, last: AtomicU64::new(0), suppressed: AtomicU64::new(0) }
+        LogLimiter {
+            start: Instant::now(),
+            interval_ms: interval.as_millis() as u64,
+            last: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
     }
 
     /// `Some(n)` if a line may be written now, `n` being the lines suppressed since the

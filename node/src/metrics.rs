@@ -73,7 +73,8 @@ pub const FAMILIES: &[(&str, &str)] = &[
 ];
 
 /// `reason` label values of `raftmq_protocol_errors_total`: "0x80" to "0xff".
-static REASON_LABELS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| (0x80..=0xffu8).map(|c| format!("{c:#04x}")).collect());
+static REASON_LABELS: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(|| (0x80..=0xffu8).map(|c| format!("{c:#04x}")).collect());
 
 /// Upper bounds of the delivery-latency buckets, in microseconds (50 us to 5 s).
 const LATENCY_BOUNDS_US: [u64; 15] =

@@ -220,7 +220,9 @@ mod tests {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).ok();
         assert!(users.save(&file).is_ok());
         assert_eq!(std::fs::metadata(&file).map(|m| m.permissions().mode() & 0o777).ok(), Some(0o600));
-        let leftovers = std::fs::read_dir(&dir).map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).count()).unwrap_or(0);
+        let leftovers = std::fs::read_dir(&dir)
+            .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).count())
+            .unwrap_or(0);
         assert_eq!(leftovers, 1, "only the planted link remains");
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -254,7 +254,9 @@ impl SessionSlot {
             }
             match inner.conn.as_mut() {
                 // A packet started and never finished, even with keep alive 0.
-                Some(conn) if conn.kick.is_none() && conn.partial_since.is_some_and(|t| now.saturating_duration_since(t) >= packet_timeout) => {
+                Some(conn)
+                    if conn.kick.is_none() && conn.partial_since.is_some_and(|t| now.saturating_duration_since(t) >= packet_timeout) =>
+                {
                     conn.kick = Some(crate::codec::reason::KEEP_ALIVE_TIMEOUT);
                     true
                 }

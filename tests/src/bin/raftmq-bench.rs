@@ -453,7 +453,14 @@ async fn paired(c: &Common, scenario: &'static str, pubs: Vec<String>, subs: Vec
     })
 }
 
-async fn conn_scenario(c: &Common, count: usize, concurrency: usize, subscribe: bool, filters: usize, hold: u64) -> anyhow::Result<Summary> {
+async fn conn_scenario(
+    c: &Common,
+    count: usize,
+    concurrency: usize,
+    subscribe: bool,
+    filters: usize,
+    hold: u64,
+) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = Vec::with_capacity(count);

@@ -25,7 +25,13 @@ async fn mqtt_3_14_2_1_invalid_disconnect_reason_is_malformed_and_publishes_the_
     let (mut watcher, _) = Raw::connect(b.addr, Protocol::V5, "watcher", true).await?;
     watcher.subscribe(1, "wills/#", QoS::AtLeastOnce).await?;
     let mut c = connect_packet(Protocol::V5, "dying", true);
-    c.will = Some(LastWill { topic: "wills/dying".into(), payload: "gone".into(), qos: QoS::AtLeastOnce, retain: false, properties: Properties::default() });
+    c.will = Some(LastWill {
+        topic: "wills/dying".into(),
+        payload: "gone".into(),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Properties::default(),
+    });
     let (mut dying, _) = Raw::connect_with(b.addr, c).await?;
     dying.send_bytes(&[0xe0, 0x01, 0x03]).await?;
     assert_eq!(disconnect_reason(dying.expect_closed(DEADLINE).await?), Some(reason::MALFORMED_PACKET));
@@ -171,7 +177,13 @@ async fn mqtt_3_1_connack_has_no_session_present_and_needs_a_client_id() -> anyh
 async fn mqtt_4_7_3_1_empty_will_topic_on_3_1_1_closes_the_connection() -> anyhow::Result<()> {
     let b = start_broker(|_| {}).await?;
     let mut c = connect_packet(Protocol::V311, "will-less", true);
-    c.will = Some(LastWill { topic: String::new(), payload: "x".into(), qos: QoS::AtMostOnce, retain: false, properties: Properties::default() });
+    c.will = Some(LastWill {
+        topic: String::new(),
+        payload: "x".into(),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::default(),
+    });
     let mut raw = Raw::open(b.addr, Protocol::V311).await?;
     raw.send(&Packet::Connect(Box::new(c))).await?;
     assert_eq!(raw.recv_within(DEADLINE).await?, None);

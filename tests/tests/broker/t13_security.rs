@@ -55,9 +55,11 @@ async fn d01_a_session_is_bound_to_the_user_that_created_it() -> anyhow::Result<
     let (mut alice, _) = Raw::connect_with(b.addr, login(Protocol::V5, "alice-phone", false, Some("alice"), Some("wonderland"))).await?;
     alice.subscribe(1, "home/alice/#", QoS::AtLeastOnce).await?;
     // Online: bob is refused and alice keeps her connection.
-    for (protocol, clean, code) in
-        [(Protocol::V5, false, reason::NOT_AUTHORIZED), (Protocol::V5, true, reason::NOT_AUTHORIZED), (Protocol::V311, false, connack_v3::NOT_AUTHORIZED)]
-    {
+    for (protocol, clean, code) in [
+        (Protocol::V5, false, reason::NOT_AUTHORIZED),
+        (Protocol::V5, true, reason::NOT_AUTHORIZED),
+        (Protocol::V311, false, connack_v3::NOT_AUTHORIZED),
+    ] {
         let (_, ack) = Raw::connect_with(b.addr, login(protocol, "alice-phone", clean, Some("bob"), Some("builder"))).await?;
         assert_eq!((ack.code, ack.session_present), (code, false), "{protocol:?} clean {clean}");
     }

@@ -281,8 +281,11 @@ async fn jwt_es256_with_a_public_key_file() -> anyhow::Result<()> {
     .await?;
     let exp = raftmq_cluster::message::now_ms() / 1000 + 600;
     let signing = jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes())?;
-    let token =
-        jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256), &serde_json::json!({ "sub": "dev", "exp": exp }), &signing)?;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &serde_json::json!({ "sub": "dev", "exp": exp }),
+        &signing,
+    )?;
     let (_, ack) = Raw::connect_with(b.addr, with_login(Protocol::V5, "es", Some("dev"), Some(&token))).await?;
     assert_eq!(ack.code, 0);
     // An HS256 token is not accepted by an ES256 key.
