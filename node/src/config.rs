@@ -398,7 +398,7 @@ impl Default for AuthConfig {
             chain: Vec::new(),
             verify_workers: None,
             verify_queue: 64,
-            max_failures_per_address: 30,
+            max_failures_per_address: 60,
             max_failures_per_user: 10,
             failure_window_secs: 60,
             bind_session_to_user: true,

@@ -531,8 +531,7 @@ async fn accept<S: ClientStream>(
     let client_id = if connect.client_id.is_empty() {
         if protocol == Protocol::V31 || (!v5 && !connect.clean_start) {
             // MQTT 3.1 requires 1 to 23 characters; 3.1.1 allows an empty id only with a
-            // clean session [MQTT-3.1.3-8] (B7).
-            // B7: refuse and close.
+            // clean session [MQTT-3.1.3-8]: refuse and close (B7).
             return refuse(
                 &mut framed,
                 protocol,
@@ -595,9 +594,14 @@ async fn accept<S: ClientStream>(
         // Only password hashing is slow enough to need another thread: a small fixed
         // pool with a bounded queue, so a flood of logins cannot exhaust memory.
         let verdict = if security.authenticator.is_blocking() { Box::pin(broker.verify_pool.run(check)).await } else { Ok(check()) };
+        let presented = username.is_some() || connect.password.is_some();
         let failed = |broker: &Broker, why: &str| {
             broker.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-            broker.login_failures.record(username.as_deref(), peer.ip());
+            // Only credentials that were checked count toward the limits: a client without
+            // any costs no check and guesses nothing.
+            if presented {
+                broker.login_failures.record(username.as_deref(), peer.ip());
+            }
             if let Some(suppressed) = broker.log_limits.auth_failure.allow() {
                 tracing::info!(%peer, client_id = %Printable(&client_id), username = %PrintableOpt(username.as_deref()), suppressed, "authentication failed: {why}");
             }

@@ -303,3 +303,29 @@ fn empty_admin_credentials_stop_the_start() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("must not be empty"), "{}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// Issue 10, item 10: `raftmq passwd` neither follows a symlink planted at `FILE.tmp` nor
+/// inherits a world-readable mode from a file there.
+#[cfg(unix)]
+#[test]
+fn passwd_ignores_a_planted_temporary_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile_dir("passwd-planted");
+    let file = dir.join("passwd");
+    let victim = dir.join("victim");
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(dir.join("passwd.tmp"));
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("passwd.tmp")).unwrap();
+    let out = raftmq().arg("passwd").arg(&file).args(["alice", "--password", "x"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    std::fs::remove_file(dir.join("passwd.tmp")).unwrap();
+    std::fs::write(dir.join("passwd.tmp"), "").unwrap();
+    std::fs::set_permissions(dir.join("passwd.tmp"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = raftmq().arg("passwd").arg(&file).args(["bob", "--password", "y"]).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(std::fs::read_to_string(&file).unwrap().contains("bob:"));
+}

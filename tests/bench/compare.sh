@@ -67,17 +67,21 @@ run_scenarios() {
   bench --duration "$DURATION" latency --busy-poll > "$RAW/$b.latency.$rep"
   bench conn -c 5000 > "$RAW/$b.conn.$rep"
   stop_broker
-  for sub in idle sub; do
+  # Memory: idle connections, one subscription each, and subscriptions alone (200 clients
+  # with 1,000 distinct filters each; bytes per subscription).
+  for sub in idle sub filters; do
     start_broker "$b"
     sleep 0.5
     local before; before=$(rss_kb "$BROKER_PID")
-    local flag=""; [ "$sub" = sub ] && flag="--subscribe"
-    taskset -c 1 "$BENCH" --broker "127.0.0.1:$PORT" conn -c "$CLIENTS" $flag --hold 4 2> "$RAW/hold.log" >/dev/null &
+    local args=(-c "$CLIENTS") per="$CLIENTS"
+    [ "$sub" = sub ] && args+=(--subscribe)
+    [ "$sub" = filters ] && args=(-c 200 --concurrency 50 --filters 1000) && per=200000
+    taskset -c 1 "$BENCH" --broker "127.0.0.1:$PORT" conn "${args[@]}" --hold 4 2> "$RAW/hold.log" >/dev/null &
     local gen=$!
-    for _ in $(seq 600); do grep -q connected "$RAW/hold.log" 2>/dev/null && break; sleep 0.1; done
+    for _ in $(seq 1200); do grep -q connected "$RAW/hold.log" 2>/dev/null && break; sleep 0.1; done
     sleep 1
     local after; after=$(rss_kb "$BROKER_PID")
-    echo "{\"bytes_per_conn\": $(( (after - before) * 1024 / CLIENTS ))}" > "$RAW/$b.mem_$sub.$rep"
+    echo "{\"bytes_per_conn\": $(( (after - before) * 1024 / per ))}" > "$RAW/$b.mem_$sub.$rep"
     wait "$gen" || true
     stop_broker
   done
@@ -128,6 +132,7 @@ rows = [
   ("new connections/s (5,000 clients)", "conn", "conn_per_sec", None, "", ">= 10k"),
   (f"idle memory per connection ({int(clients):,} clients)", "mem_idle", "bytes_per_conn", None, "B", "<= 2 KB"),
   ("... with one subscription each", "mem_sub", "bytes_per_conn", None, "B", "<= 4 KB"),
+  ("memory per subscription (200 clients x 1,000 filters)", "mem_filters", "bytes_per_conn", None, "B", "<= 500 B"),
 ]
 table = ["| test | raftmq | Mosquitto | target |", "| --- | --- | --- | --- |"]
 for label, name, key, sub, unit, target in rows:

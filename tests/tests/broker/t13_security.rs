@@ -300,3 +300,32 @@ async fn session_count_is_capped() -> anyhow::Result<()> {
     assert_eq!(b.server.broker.session_count(), 3);
     Ok(())
 }
+
+/// Safe defaults: `mqtt.max_connection_rate` paces accepting on each listener (here 5 a
+/// second, a bucket of one second's worth): ten clients take about a second, none is lost.
+#[tokio::test]
+async fn connection_rate_is_paced_per_listener() -> anyhow::Result<()> {
+    let b = start_broker(|c| c.mqtt.max_connection_rate = 5).await?;
+    let started = Instant::now();
+    for n in 0..10 {
+        let (_, ack) = Raw::connect(b.addr, Protocol::V311, &format!("paced-{n}"), true).await?;
+        assert_eq!(ack.code, 0);
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(800), "ten connects in {took:?}");
+    Ok(())
+}
+
+/// Safe defaults: client ids up to 65,535 bytes are accepted, as in EMQX (some fleets use
+/// long ids; Mosquitto has no limit). Before: 256.
+#[tokio::test]
+async fn long_client_ids_are_accepted_by_default() -> anyhow::Result<()> {
+    let b = start_broker(|_| {}).await?;
+    let id = "d".repeat(60_000);
+    let (mut raw, ack) = Raw::connect(b.addr, Protocol::V5, &id, true).await?;
+    assert_eq!(ack.code, 0);
+    raw.ping().await?;
+    let (_, ack) = Raw::connect(b.addr, Protocol::V311, &"d".repeat(65_535), true).await?;
+    assert_eq!(ack.code, 0);
+    Ok(())
+}
