@@ -368,7 +368,7 @@ impl Broker {
             if !security.authenticator.still_valid(&owner.identity) && slot.kick(crate::codec::reason::NOT_AUTHORIZED) {
                 kicked += 1;
             }
-            let subject = Subject { client_id: &slot.client_id, identity: &owner.identity, peer: owner.peer };
+            let subject = Subject { client_id: &slot.client_id, identity: &owner.identity, peer: owner.peer.ip() };
             for filter in filters {
                 let topic_filter = match shared::parse(&filter) {
                     Ok(Some((_, inner))) => inner,

@@ -199,7 +199,7 @@ impl Default for MqttConfig {
         MqttConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             max_packet_size: 1024 * 1024,
-            max_connect_packet_size: 64 * 1024,
+            max_connect_packet_size: 128 * 1024,
             connect_timeout_secs: 10,
             max_keepalive: 0,
             keepalive_multiplier: 1.5,

@@ -263,10 +263,9 @@ struct Client {
     /// The next PUBLISH that matches nothing may yield once (see
     /// `let_earlier_packets_land`); set at each read.
     may_yield: bool,
-    /// Who the client authenticated as, for ACL checks.
-    identity: Identity,
-    /// Peer address, for ACL checks.
-    peer: SocketAddr,
+    /// Who the client authenticated as and its address, for ACL checks; shared with the
+    /// session slot, which records it as the session's owner.
+    owner: Arc<Owner>,
 }
 
 /// Topic aliases of one connection.
@@ -291,7 +290,7 @@ impl Client {
     /// Whether the ACL in force allows `access` to `topic`.
     fn allowed(&self, broker: &Broker, access: Access, topic: &str) -> bool {
         let security = broker.security();
-        let subject = Subject { client_id: &self.client_id, identity: &self.identity, peer: self.peer.ip() };
+        let subject = Subject { client_id: &self.client_id, identity: &self.owner.identity, peer: self.owner.peer.ip() };
         let ok = security.allows(&subject, access, topic);
         if ok {
             broker.stats.acl_allowed.fetch_add(1, Ordering::Relaxed);
@@ -722,8 +721,9 @@ async fn accept<S: ClientStream>(
         clean_start: connect.clean_start,
         connected_at_ms: now_ms(),
     };
-    let owner = Arc::new(Owner { identity: identity.clone(), peer: peer.ip() });
-    let attached = Box::pin(broker.attach(&client_id, conn_id, connect.clean_start, expiry, info, owner)).await;
+    let owner = Arc::new(Owner { identity, peer });
+    let attached = Box::pin(broker.attach(&client_id, conn_id, connect.clean_start, expiry, info, Arc::clone(&owner))).await;
+    let identity = &owner.identity;
     let Attached { slot, session_present } = match attached {
         Ok(a) => a,
         Err(AttachError::NotOwner) => {
@@ -774,8 +774,7 @@ async fn accept<S: ClientStream>(
         rate: (cfg.max_publish_rate > 0).then(|| Box::new(RateLimiter::new(cfg.max_publish_rate))),
         congested: None,
         may_yield: false,
-        identity,
-        peer,
+        owner,
     };
 
     // Resume: resend unacknowledged PUBLISH with DUP and PUBREL [MQTT-4.4.0-1].
@@ -790,7 +789,7 @@ async fn accept<S: ClientStream>(
 async fn close<S: AsyncRead + AsyncWrite + Unpin + Send>(conn: Connection<S>, result: Result<EndKind, ConnectionError>) {
     let Connection { mut framed, mut client, slot } = conn;
     let broker = Arc::clone(&framed.broker);
-    let peer = client.peer;
+    let peer = client.owner.peer;
     let why = match &result {
         Ok(EndKind::Normal) => "normal".to_owned(),
         Ok(EndKind::PublishWill) => "closed without a normal DISCONNECT".to_owned(),
@@ -821,7 +820,7 @@ async fn close<S: AsyncRead + AsyncWrite + Unpin + Send>(conn: Connection<S>, re
     broker.stats.connections.fetch_sub(1, Ordering::Relaxed);
     let will = client.will.take().map(|w| *w);
     Box::pin(broker.detach(&slot, client.conn_id, end, will)).await;
-    let event = ClientEvent::Disconnected { username: client.identity.username.as_deref(), reason: &why };
+    let event = ClientEvent::Disconnected { username: client.owner.identity.username.as_deref(), reason: &why };
     Box::pin(sys::client_event(&broker, &client.client_id, event)).await;
     tracing::debug!(%peer, client_id = %Printable(&client.client_id), ?end, "disconnected");
 }
@@ -929,27 +928,32 @@ fn pump<S: AsyncRead + AsyncWrite + Unpin>(
     }
     // Retained messages for new subscriptions first, paced by the same window: at most a
     // batch of them per pass (QoS 0 ones need no window), the rest after the write.
-    let mut batch = RETAINED_BATCH;
-    while let Some(front) = inner.retained.front() {
-        if batch == 0 {
-            slot.wake.notify_one();
-            break;
+    if let Some(mut retained) = inner.retained.take() {
+        let mut batch = RETAINED_BATCH;
+        while let Some(front) = retained.front() {
+            if batch == 0 {
+                slot.wake.notify_one();
+                break;
+            }
+            if front.qos != QoS::AtMostOnce && inner.inflight.len() >= window {
+                break;
+            }
+            let Some(item) = retained.pop_front() else { break };
+            batch -= 1;
+            if item.qos == QoS::AtMostOnce {
+                encode_delivery(broker, client, framed, &item, 0, false, now_us);
+                continue;
+            }
+            let Some(packet_id) = inner.next_packet_id() else {
+                retained.push_front(item);
+                break;
+            };
+            if encode_delivery(broker, client, framed, &item, packet_id, false, now_us) {
+                inner.inflight.insert(packet_id, InflightMessage { queued: item, stage: InflightStage::Published });
+            }
         }
-        if front.qos != QoS::AtMostOnce && inner.inflight.len() >= window {
-            break;
-        }
-        let Some(item) = inner.retained.pop_front() else { break };
-        batch -= 1;
-        if item.qos == QoS::AtMostOnce {
-            encode_delivery(broker, client, framed, &item, 0, false, now_us);
-            continue;
-        }
-        let Some(packet_id) = inner.next_packet_id() else {
-            inner.retained.push_front(item);
-            break;
-        };
-        if encode_delivery(broker, client, framed, &item, packet_id, false, now_us) {
-            inner.inflight.insert(packet_id, InflightMessage { queued: item, stage: InflightStage::Published });
+        if !retained.is_empty() {
+            inner.retained = Some(retained);
         }
     }
     let queued = inner.queue.len();
@@ -1454,9 +1458,10 @@ async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
         // bounded by the retained store's own cap.
         let cap = broker.config.retained.max_messages;
         let mut inner = slot.lock();
-        let room = cap.saturating_sub(inner.retained.len());
+        let pending = inner.retained.get_or_insert_default();
+        let room = cap.saturating_sub(pending.len());
         let over = retained.len().saturating_sub(room);
-        inner.retained.extend(retained.into_iter().take(room));
+        pending.extend(retained.into_iter().take(room));
         drop(inner);
         broker.stats.drop(DropReason::QueueFull, over as u64);
         slot.wake.notify_one();

@@ -95,7 +95,7 @@ pub struct Owner {
     /// The authenticated identity.
     pub identity: Identity,
     /// The client's address when it attached (for ACL rules by address).
-    pub peer: IpAddr,
+    pub peer: std::net::SocketAddr,
 }
 
 /// The authentication decision.

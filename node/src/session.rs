@@ -72,7 +72,8 @@ pub struct SlotInner {
     pub queue: VecDeque<QueuedMessage>,
     /// Retained messages for new subscriptions, sent before the queue within the same
     /// window. Bounded by `retained.max_messages`; kept in the slot across a takeover.
-    pub retained: VecDeque<QueuedMessage>,
+    /// Boxed: most slots never hold any, and an idle slot should stay small.
+    pub retained: Option<Box<VecDeque<QueuedMessage>>>,
     /// Bytes in `queue`.
     pub queue_bytes: usize,
     /// Outbound messages sent and not fully acknowledged, in send order.

@@ -78,7 +78,7 @@ pub async fn publish(broker: &Broker, topic: String, payload: Bytes, retain: boo
 /// Escapes a client id for use as one topic level: `/`, `+`, `#` and `%` are
 /// percent-encoded, so no client id can add levels or wildcards.
 pub fn topic_level(client_id: &str) -> String {
-    let mut out = String::with_capacity(client_id.len());
+    let mut out = String::with_capacity(client_id.len().min(MAX_ID_LEVEL));
     for c in client_id.chars() {
         match c {
             '/' => out.push_str("%2F"),
@@ -88,8 +88,26 @@ pub fn topic_level(client_id: &str) -> String {
             c => out.push(c),
         }
     }
+    if out.len() > MAX_ID_LEVEL {
+        // A topic is at most 65,535 bytes, and client ids may be as long (escaping makes
+        // them longer): keep the start and tell ids apart by a hash of the whole id. The
+        // event's payload carries the full id.
+        let mut cut = MAX_ID_LEVEL - 17;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in client_id.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        out.push_str(&format!("~{h:016x}"));
+    }
     out
 }
+
+/// Longest client-id level in a `$SYS` topic.
+const MAX_ID_LEVEL: usize = 1024;
 
 /// What happened to a client, for its `$SYS` event.
 #[derive(Debug)]

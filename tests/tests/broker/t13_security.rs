@@ -321,10 +321,17 @@ async fn connection_rate_is_paced_per_listener() -> anyhow::Result<()> {
 #[tokio::test]
 async fn long_client_ids_are_accepted_by_default() -> anyhow::Result<()> {
     let b = start_broker(|_| {}).await?;
-    let id = "d".repeat(60_000);
+    let (mut watcher, _) = Raw::connect(b.addr, Protocol::V5, "watcher", true).await?;
+    watcher.subscribe(1, "$SYS/brokers/+/clients/+/connected", QoS::AtMostOnce).await?;
+    let id = "d/".repeat(30_000);
     let (mut raw, ack) = Raw::connect(b.addr, Protocol::V5, &id, true).await?;
     assert_eq!(ack.code, 0);
     raw.ping().await?;
+    // Its connected event has a topic that is still a valid MQTT string (the escaped id
+    // alone would be 90,000 bytes), and the full id in its payload.
+    let event = watcher.recv_publish().await?;
+    assert!(event.topic.len() < 2048, "{} bytes", event.topic.len());
+    assert!(String::from_utf8_lossy(&event.payload).contains(&id));
     let (_, ack) = Raw::connect(b.addr, Protocol::V311, &"d".repeat(65_535), true).await?;
     assert_eq!(ack.code, 0);
     Ok(())
