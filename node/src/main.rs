@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use raftmq_node::config::Config;
-use raftmq_node::passwd::{hash_password, PasswordFile};
+use raftmq_node::security::passwd::{hash_password, PasswordFile};
 use raftmq_node::server::Server;
 
 /// raftmq: a clustered MQTT broker.

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::auth::AuthMethods;
 use crate::broker::Broker;
 use crate::config::{Config, ListenerKind};
-use crate::listener::{self, Limits, Transport};
+use crate::net::listener::{self, Limits, Transport};
+use crate::net::transport::{self as tls, TlsSetupError};
+use crate::security::enhanced::AuthMethods;
 use crate::security::SecurityError;
-use crate::transport::{self as tls, TlsSetupError};
 
 /// A failure to start.
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +119,7 @@ impl Server {
             tracing::info!(%addr, "admin HTTP listener started");
             tokio::spawn(crate::admin::serve(Arc::clone(&broker), socket, Arc::clone(&log_control)));
         }
-        crate::sys::spawn(Arc::clone(&broker));
+        crate::telemetry::sys::spawn(Arc::clone(&broker));
         spawn_flapping_sweeper(&broker);
         spawn_session_sweeper(&broker);
         tracing::info!(node = %broker.config.node_name, %mqtt_addr, "raftmq listening");

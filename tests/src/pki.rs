@@ -91,7 +91,11 @@ impl TestPki {
 
 /// WebSocket upgrade over `stream` to `url`, offering the `mqtt` subprotocol and the given
 /// Origin; returns the byte stream and the subprotocol the server chose.
-pub async fn websocket<S>(stream: S, url: &str, origin: Option<&str>) -> anyhow::Result<(raftmq_node::transport::WsIo<S>, Option<String>)>
+pub async fn websocket<S>(
+    stream: S,
+    url: &str,
+    origin: Option<&str>,
+) -> anyhow::Result<(raftmq_node::net::transport::WsIo<S>, Option<String>)>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -102,5 +106,5 @@ where
     }
     let (ws, response) = tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(request, stream)).await??;
     let proto = response.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    Ok((raftmq_node::transport::WsIo::new(ws), proto))
+    Ok((raftmq_node::net::transport::WsIo::new(ws), proto))
 }

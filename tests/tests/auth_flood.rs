@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use raftmq_node::codec::{reason, Protocol};
-use raftmq_node::passwd::{hash_password, PasswordFile};
+use raftmq_node::security::passwd::{hash_password, PasswordFile};
 use raftmq_tests::*;
 
 fn rss_bytes() -> u64 {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use raftmq_cluster::message::QoS;
 use raftmq_node::codec::{connack_v3, reason, Connect, Packet, Protocol};
 use raftmq_node::config::{FlappingConfig, JwtConfig};
-use raftmq_node::passwd::{hash_password, PasswordFile};
+use raftmq_node::security::passwd::{hash_password, PasswordFile};
 use raftmq_tests::*;
 
 struct Files {

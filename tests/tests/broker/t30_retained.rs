@@ -105,7 +105,7 @@ async fn mqtt_3_3_1_9_every_retained_message_reaches_a_new_subscription_beyond_t
     }
     let stats = &b.server.broker.stats;
     let queue_full =
-        stats.dropped_by_reason[raftmq_node::broker::DropReason::QueueFull as usize].load(std::sync::atomic::Ordering::Relaxed);
+        stats.dropped_by_reason[raftmq_node::telemetry::stats::DropReason::QueueFull as usize].load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(queue_full, 0, "before the fix, 4,000 were dropped as queue_full");
     Ok(())
 }

@@ -66,7 +66,7 @@ async fn mosquitto_clients_over_tls_with_cafile_and_password() -> anyhow::Result
         return Ok(());
     }
     use raftmq_node::config::{ListenerConfig, ListenerKind};
-    use raftmq_node::passwd::{hash_password, PasswordFile};
+    use raftmq_node::security::passwd::{hash_password, PasswordFile};
     let pki = raftmq_tests::pki::TestPki::generate("c")?;
     let dir = tempfile::tempdir()?;
     let passwd = dir.path().join("passwd");

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use raftmq_cluster::message::QoS;
 use raftmq_cluster::session::SubscriptionOptions;
 use raftmq_node::codec::{reason, Packet, Properties, Protocol, PubKind, PubResponse};
-use raftmq_node::shared::Strategy;
+use raftmq_node::routing::shared::Strategy;
 use raftmq_tests::*;
 
 /// Counts how many of `total` messages each member receives.

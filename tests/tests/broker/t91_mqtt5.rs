@@ -7,9 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use raftmq_cluster::message::QoS;
-use raftmq_node::auth::{AuthMethods, AuthStep, EnhancedAuth};
 use raftmq_node::codec::{reason, Auth, Packet, Properties, Protocol};
 use raftmq_node::config::Config;
+use raftmq_node::security::enhanced::{AuthMethods, AuthStep, EnhancedAuth};
 use raftmq_node::server::Server;
 use raftmq_tests::*;
 

@@ -7,7 +7,7 @@ use raftmq_cluster::message::QoS;
 use raftmq_cluster::session::SubscriptionOptions;
 use raftmq_node::codec::{connack_v3, reason, Connect, LastWill, Properties, Protocol};
 use raftmq_node::config::{BanConfig, FlappingConfig, JwtConfig};
-use raftmq_node::passwd::{hash_password, PasswordFile};
+use raftmq_node::security::passwd::{hash_password, PasswordFile};
 use raftmq_tests::*;
 
 struct Files {

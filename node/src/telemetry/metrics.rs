@@ -16,7 +16,8 @@ use std::time::Instant;
 use metrics::{Counter, Gauge, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use crate::broker::{Broker, DropReason, CONNECT_RESULTS};
+use crate::broker::Broker;
+use crate::telemetry::stats::{DropReason, CONNECT_RESULTS};
 
 const LATENCY: &str = "raftmq_delivery_latency_seconds";
 

@@ -258,7 +258,7 @@ impl Default for RetainedConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct SharedConfig {
     /// How a group picks the member for each message.
-    pub strategy: crate::shared::Strategy,
+    pub strategy: crate::routing::shared::Strategy,
 }
 
 /// Transport of a listener.

@@ -20,23 +20,24 @@ use raftmq_cluster::session::{InflightMessage, InflightStage, QueuedMessage, Wil
 use raftmq_cluster::topic::{self, TopicError};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::acl::{Access, Subject};
-use crate::auth::AuthStep;
-use crate::banned::BanTarget;
-use crate::broker::{AttachError, Attached, Broker, DropReason, EndKind};
+use crate::broker::{AttachError, Attached, Broker, EndKind};
 use crate::codec::{
     self, connack_v3, reason, Auth, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Protocol, PubKind, PubResponse, Publish,
     PublishRef, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::config::{DenyAction, RateAction};
-use crate::printable::{Printable, PrintableOpt};
-use crate::rate::RateLimiter;
+use crate::net::rate::RateLimiter;
+use crate::net::transport::ClientStream;
+use crate::routing::shared;
+use crate::security::acl::{Access, Subject};
+use crate::security::bans::BanTarget;
+use crate::security::enhanced::AuthStep;
+use crate::security::verify_pool::Busy;
 use crate::security::{Credentials, Identity, IdentitySource, Owner, Verdict};
 use crate::session::{Ack, ConnInfo, SessionSlot};
-use crate::shared;
-use crate::sys::{self, ClientEvent};
-use crate::transport::ClientStream;
-use crate::verify_pool::Busy;
+use crate::telemetry::printable::{Printable, PrintableOpt};
+use crate::telemetry::stats::DropReason;
+use crate::telemetry::sys::{self, ClientEvent};
 
 /// Why a connection ended early.
 #[derive(Debug, thiserror::Error)]
@@ -1539,7 +1540,7 @@ mod tests {
     /// The per-connection task is the dominant per-client memory cost; keep it small.
     #[tokio::test]
     async fn connection_task_future_is_small() -> Result<(), crate::security::SecurityError> {
-        let broker = Broker::new(crate::config::Config::default(), crate::auth::AuthMethods::default())?;
+        let broker = Broker::new(crate::config::Config::default(), crate::security::enhanced::AuthMethods::default())?;
         let (stream, _other) = tokio::io::duplex(64);
         let fut = serve(broker, stream, SocketAddr::from(([127, 0, 0, 1], 1)), None);
         let size = std::mem::size_of_val(&fut);

@@ -1,113 +1,15 @@
-//! Who may connect: the authenticator chain (password file, JWT, anonymous access) and the
-//! ACL, bundled so a SIGHUP can replace them together. A reload that fails keeps the
-//! previous settings (fail closed, CVE-2017-7652).
+//! The authenticator chain: password file, JWT (the user name from a claim), anonymous
+//! access.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
-use crate::acl::{Access, Acl, Subject};
+use super::passwd::PasswordFile;
+use super::{Credentials, Identity, IdentitySource, SecurityError, Verdict};
 use crate::config::{AuthSource, Config, JwtAlgorithm, JwtConfig};
-use crate::passwd::PasswordFile;
-use crate::printable::Printable;
-
-/// A security file or setting that cannot be used; the broker refuses to start with it.
-#[derive(Debug, thiserror::Error)]
-pub enum SecurityError {
-    /// A file could not be read.
-    #[error("cannot read {file}: {source}")]
-    Read {
-        /// File.
-        file: String,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A line of a file is invalid.
-    #[error("{file}:{line}: {reason}")]
-    File {
-        /// File.
-        file: String,
-        /// 1-based line number.
-        line: usize,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A setting is invalid.
-    #[error("{0}")]
-    Invalid(String),
-    /// Password hashing failed.
-    #[error("password hashing: {0}")]
-    Hash(String),
-}
-
-/// What a connecting client presents.
-#[derive(Debug, Clone, Copy)]
-pub struct Credentials<'a> {
-    /// Client identifier.
-    pub client_id: &'a str,
-    /// User name from CONNECT (or from the client certificate).
-    pub username: Option<&'a str>,
-    /// Password from CONNECT.
-    pub password: Option<&'a [u8]>,
-    /// The user name was taken from a verified client certificate.
-    pub certificate_verified: bool,
-    /// Peer address.
-    pub peer: IpAddr,
-}
-
-/// Which authenticator vouched for an identity (a reload re-checks password users).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum IdentitySource {
-    /// No credentials, accepted by `allow_anonymous`.
-    #[default]
-    Anonymous,
-    /// No authenticator configured: the user name was taken unchecked.
-    Unchecked,
-    /// The password file.
-    Password,
-    /// A JSON Web Token (the user name is its configured claim).
-    Jwt,
-    /// A verified client certificate.
-    Certificate,
-    /// An MQTT 5 enhanced authentication method.
-    Enhanced,
-}
-
-/// Who a client turned out to be: what ACL rules are matched against, and who owns the
-/// sessions it creates.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Identity {
-    /// How it was established.
-    pub source: IdentitySource,
-    /// User name, if any.
-    pub username: Option<String>,
-    /// String claims of a JWT, for `%{claim}` ACL placeholders (a B-tree: no allocation
-    /// and a small footprint for the many clients without claims).
-    pub claims: std::collections::BTreeMap<String, String>,
-}
-
-/// Who attaches to a session: the owner a new session records.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Owner {
-    /// The authenticated identity.
-    pub identity: Identity,
-    /// The client's address when it attached (for ACL rules by address).
-    pub peer: std::net::SocketAddr,
-}
-
-/// The authentication decision.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Connect as this identity.
-    Accept(Identity),
-    /// Credentials were given and are wrong (CONNACK 0x86 / 0x04).
-    BadCredentials,
-    /// No acceptable credentials (CONNACK 0x87 / 0x05).
-    NotAuthorized,
-}
+use crate::telemetry::printable::Printable;
 
 enum Outcome {
     Accept(Identity),
@@ -287,53 +189,5 @@ impl Authenticator {
             IdentitySource::Unchecked => self.passwords.is_none() && self.jwt.is_none() && self.allow_anonymous,
             IdentitySource::Jwt | IdentitySource::Certificate | IdentitySource::Enhanced => true,
         }
-    }
-}
-
-/// Authentication and authorization in force; replaced whole on reload.
-#[derive(Debug)]
-pub struct Security {
-    /// The authenticator chain.
-    pub authenticator: Authenticator,
-    /// The ACL, if a file is configured.
-    pub acl: Option<Acl>,
-    /// Addresses trusted by the default policy (`acl.trusted_networks`).
-    trusted: Vec<ipnet::IpNet>,
-}
-
-impl Security {
-    /// Loads every security file named in `config`.
-    pub fn load(config: &Config) -> Result<Security, SecurityError> {
-        let authenticator = Authenticator::from_config(config)?;
-        let acl = match &config.acl.file {
-            Some(path) => Some(Acl::load(path, config.acl.no_match.unwrap_or(crate::config::AclDecision::Deny))?),
-            None => None,
-        };
-        let trusted = config
-            .acl
-            .trusted_networks
-            .iter()
-            .map(|n| {
-                n.parse::<ipnet::IpNet>()
-                    .or_else(|_| n.parse::<IpAddr>().map(ipnet::IpNet::from))
-                    .map_err(|_| SecurityError::Invalid(format!("acl.trusted_networks: {n:?} is not an address or network")))
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Security { authenticator, acl, trusted })
-    }
-
-    /// Whether `subject` may perform `access` on `topic`: the ACL when a file is
-    /// configured, else the default policy. The default policy (EMQX's) keeps `$SYS/#`
-    /// (client events carry every client's address and user name) and a bare `#` from
-    /// clients that are both unauthenticated and outside `acl.trusted_networks`.
-    pub fn allows(&self, subject: &Subject<'_>, access: Access, topic: &str) -> bool {
-        if let Some(acl) = &self.acl {
-            return acl.allows(subject, access, topic);
-        }
-        if access == Access::Publish || !(topic == "#" || topic.starts_with("$SYS")) {
-            return true;
-        }
-        let anonymous = matches!(subject.identity.source, IdentitySource::Anonymous | IdentitySource::Unchecked);
-        !anonymous || self.trusted.iter().any(|net| net.contains(&subject.peer))
     }
 }

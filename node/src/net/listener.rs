@@ -14,8 +14,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::broker::Broker;
 use crate::config::ListenerConfig;
 use crate::connection;
-use crate::rate::RateLimiter;
-use crate::transport;
+use crate::net::rate::RateLimiter;
+use crate::net::transport;
 
 /// What runs between TCP and MQTT on a listener.
 pub enum Transport {
