@@ -13,9 +13,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use raftmq_cluster::message::{now_us, QoS};
-use raftmq_cluster::session::{
-    push_bounded, InflightStage, QueueLimits, QueuedMessage, SessionState, SubscriptionOptions, WillMessage,
-};
+use raftmq_cluster::session::{push_bounded, InflightStage, QueueLimits, QueuedMessage, SessionState, SubscriptionOptions, WillMessage};
 use tokio::sync::Notify;
 
 mod inflight;
