@@ -169,3 +169,20 @@ pub struct SessionSummary {
     /// Inflight messages.
     pub inflight: usize,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_reasons_index_their_counters_in_label_order() {
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i, "{reason:?}");
+        }
+        let stats = Stats::default();
+        stats.drop(DropReason::Expired, 2);
+        stats.drop(DropReason::NotQueued, 1);
+        assert_eq!(stats.messages_dropped(), 3);
+        assert_eq!(stats.dropped_by_reason[DropReason::Expired as usize].load(Ordering::Relaxed), 2);
+    }
+}

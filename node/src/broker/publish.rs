@@ -1,0 +1,203 @@
+//! The one publish path: retain, route to matching sessions and shared groups, wills.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use raftmq_cluster::message::{now_us, Message, QoS};
+use raftmq_cluster::retained::{RetainOutcome, RetainedStore};
+use raftmq_cluster::routes::RouteTable;
+use raftmq_cluster::session::{InflightStage, QueueLimits, QueuedMessage, SessionStore};
+use raftmq_cluster::StoreError;
+
+use super::{Broker, Routed};
+use crate::routing::shared::MemberLoad;
+use crate::session::{Offer, Offered, SessionSlot};
+use crate::telemetry::printable::Printable;
+use crate::telemetry::stats::DropReason;
+
+impl Broker {
+    /// Publishes a will message as if its client had published it.
+    pub async fn publish_will_now(&self, message: Message) {
+        self.stats.wills_published.fetch_add(1, Ordering::Relaxed);
+        let mut message = message;
+        message.received_at_us = now_us();
+        if let Err(e) = self.publish(&Arc::new(message)).await {
+            tracing::warn!(error = %e, "failed to publish will message");
+        }
+    }
+
+    /// Publishes a message: stores it as the topic's retained message when its RETAIN flag
+    /// is set, then routes it. Resolves once durable; says where it went (see
+    /// [`Broker::route`]). Every publisher (clients, wills, `$SYS`, the admin API)
+    /// goes through here.
+    pub async fn publish(&self, message: &Arc<Message>) -> Result<Routed, StoreError> {
+        if message.retain {
+            self.retain(message).await?;
+        }
+        self.route(message).await
+    }
+
+    /// Stores or deletes a retained message.
+    pub async fn retain(&self, message: &Arc<Message>) -> Result<RetainOutcome, StoreError> {
+        let outcome = self.retained.set(Arc::clone(message)).await?;
+        if outcome == RetainOutcome::Refused {
+            if let Some(suppressed) = self.log_limits.retained_refused.allow() {
+                tracing::warn!(topic = %Printable(&message.topic), suppressed, "retained message refused by limits");
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Routes a message to every matching session. Resolves once every persistent
+    /// subscriber's copy is durable. Says how many sessions and groups matched, and names a
+    /// subscriber whose queue is filling up, so a publishing client can be held back.
+    pub async fn route(&self, message: &Arc<Message>) -> Result<Routed, StoreError> {
+        let deliveries = self.index.deliveries(message);
+        let mut routed = Routed { matched: deliveries.len(), congested: None };
+        let limits = self.queue_limits();
+        let queue_qos0 = self.config.mqtt.queue_qos0;
+        let stall_us = self.stall_us();
+        let mut durable = Vec::new();
+        for (slot, item) in deliveries {
+            let qos = item.qos;
+            let copy = (qos != QoS::AtMostOnce).then(|| item.clone());
+            let Offered { offer, lost, congested } = slot.offer(item, limits, queue_qos0, stall_us);
+            if congested && routed.congested.is_none() {
+                routed.congested = Some(Arc::clone(&slot));
+            }
+            let reason = if offer == Offer::Dropped { DropReason::NotQueued } else { DropReason::QueueFull };
+            if lost > 0 {
+                tracing::debug!(client_id = %Printable(&slot.client_id), reason = reason.label(), dropped = lost, topic = %Printable(&message.topic), "message dropped");
+            }
+            self.stats.drop(reason, lost);
+            if let (Offer::Offline, Some(copy)) = (offer, copy) {
+                durable.push((slot.client_id.to_string(), copy));
+            }
+        }
+        let shared_groups = self.index.shared_matches(message);
+        routed.matched += shared_groups.len();
+        for (target, members) in shared_groups {
+            let ids: Vec<Arc<str>> = members.iter().map(|(c, _)| Arc::clone(c)).collect();
+            let pick = |client: &Arc<str>| members.iter().find(|(c, _)| c == client).map(|(_, o)| *o);
+            let order = self.dispatcher.order(&target, &ids, message, |c| self.member_load(c));
+            let mut delivered = false;
+            for client in order {
+                let Some(opts) = pick(&client) else { continue };
+                let item = QueuedMessage {
+                    message: Arc::clone(message),
+                    qos: opts.qos.min(message.qos),
+                    retain: opts.retain_as_published && message.retain,
+                    subscription_ids: opts.subscription_identifier.into_iter().collect(),
+                    shared: Some(Arc::clone(&target)),
+                };
+                if let Some(durable_copy) = self.offer_shared(&client, item) {
+                    delivered = true;
+                    if let Some(copy) = durable_copy {
+                        durable.push((client.to_string(), copy));
+                    }
+                    break;
+                }
+            }
+            if !delivered {
+                self.stats.drop(DropReason::QueueFull, 1);
+            }
+        }
+        if !durable.is_empty() {
+            self.store.append(durable, limits).await?;
+        }
+        Ok(routed)
+    }
+
+    /// Whether no subscription (plain or shared) matches `message` now.
+    pub fn matches_nothing(&self, message: &Arc<Message>) -> bool {
+        self.index.deliveries(message).is_empty() && self.index.shared_matches(message).is_empty()
+    }
+
+    pub(super) fn member_load(&self, client_id: &str) -> MemberLoad {
+        match self.sessions.get(client_id) {
+            Some(slot) => {
+                let inner = slot.lock();
+                MemberLoad { online: inner.conn.is_some(), pending: inner.inflight.len() + inner.queue.len() }
+            }
+            None => MemberLoad { online: false, pending: usize::MAX },
+        }
+    }
+
+    /// Offers a shared delivery to one member without evicting anything: a full member
+    /// refuses, so the next member gets a chance. `None` if refused; `Some(copy)` with the
+    /// copy to make durable when the member is offline.
+    pub(super) fn offer_shared(&self, client_id: &Arc<str>, item: QueuedMessage) -> Option<Option<QueuedMessage>> {
+        let slot = self.sessions.get(client_id).map(|s| Arc::clone(&s))?;
+        let limits = QueueLimits { policy: raftmq_cluster::session::DropPolicy::DropNew, ..self.queue_limits() };
+        let copy = (item.qos != QoS::AtMostOnce).then(|| item.clone());
+        match slot.offer(item, limits, self.config.mqtt.queue_qos0, self.stall_us()) {
+            Offered { offer: Offer::Dropped, .. } | Offered { lost: 1.., .. } => None,
+            Offered { offer: Offer::Online, .. } => Some(None),
+            Offered { offer: Offer::Offline, .. } => Some(copy),
+        }
+    }
+
+    /// Hands the shared deliveries a leaving member still holds (queued, or sent and not
+    /// yet acknowledged) to the other members of their groups, so none is lost with it.
+    /// What no other member takes stays with a persistent session, or is dropped.
+    pub(super) async fn redispatch_shared(&self, slot: &Arc<SessionSlot>, keep_leftovers: bool) {
+        let items: Vec<QueuedMessage> = {
+            let mut inner = slot.lock();
+            let mut taken: Vec<QueuedMessage> = Vec::new();
+            let ids: Vec<u16> = inner
+                .inflight
+                .iter()
+                .filter(|(_, m)| m.queued.shared.is_some() && m.stage == InflightStage::Published)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                if let Some(m) = inner.inflight.remove(&id) {
+                    taken.push(m.queued);
+                }
+            }
+            let (shared_items, rest): (Vec<QueuedMessage>, Vec<QueuedMessage>) = inner.queue.drain(..).partition(|q| q.shared.is_some());
+            inner.queue = rest.into();
+            inner.queue_bytes = inner.queue.iter().map(|q| q.message.weight()).sum();
+            taken.extend(shared_items);
+            taken
+        };
+        if items.is_empty() {
+            return;
+        }
+        let mut durable = Vec::new();
+        let mut leftovers = Vec::new();
+        for item in items {
+            let Some(target) = item.shared.clone() else { continue };
+            let others: Vec<Arc<str>> =
+                self.index.shared_members(&target).into_iter().map(|(c, _)| c).filter(|c| *c != slot.client_id).collect();
+            let order = self.dispatcher.order(&target, &others, &item.message, |c| self.member_load(c));
+            let mut placed = false;
+            for client in order {
+                if let Some(copy) = self.offer_shared(&client, item.clone()) {
+                    if let Some(copy) = copy {
+                        durable.push((client.to_string(), copy));
+                    }
+                    placed = true;
+                    break;
+                }
+            }
+            if !placed {
+                leftovers.push(item);
+            }
+        }
+        if keep_leftovers {
+            let mut inner = slot.lock();
+            for item in leftovers {
+                inner.queue_bytes += item.message.weight();
+                inner.queue.push_back(item);
+            }
+        } else {
+            self.stats.drop(DropReason::QueueFull, leftovers.len() as u64);
+        }
+        if !durable.is_empty() {
+            if let Err(e) = self.store.append(durable, self.queue_limits()).await {
+                tracing::warn!(error = %e, "failed to persist redispatched shared messages");
+            }
+        }
+    }
+}
