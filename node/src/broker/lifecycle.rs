@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use raftmq_cluster::message::now_ms;
-use raftmq_cluster::routes::RouteTable;
-use raftmq_cluster::session::{SessionStore, WillMessage};
+use raftmq_cluster::session::WillMessage;
 use raftmq_cluster::StoreError;
 
 use super::{AttachError, Attached, Broker, EndKind};

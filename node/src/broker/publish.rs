@@ -4,9 +4,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use raftmq_cluster::message::{now_us, Message, QoS};
-use raftmq_cluster::retained::{RetainOutcome, RetainedStore};
-use raftmq_cluster::routes::RouteTable;
-use raftmq_cluster::session::{InflightStage, QueueLimits, QueuedMessage, SessionStore};
+use raftmq_cluster::retained::RetainOutcome;
+use raftmq_cluster::session::{InflightStage, QueueLimits, QueuedMessage};
 use raftmq_cluster::StoreError;
 
 use super::{Broker, Routed};

@@ -2,8 +2,6 @@
 
 use std::sync::Arc;
 
-use raftmq_cluster::session::SessionStore;
-
 use super::Broker;
 use crate::routing::shared::{self};
 use crate::security::acl::{Access, Subject};

@@ -2,8 +2,7 @@
 
 use std::sync::Arc;
 
-use raftmq_cluster::routes::RouteTable;
-use raftmq_cluster::session::{SessionStore, ShareTarget, SubscriptionOptions};
+use raftmq_cluster::session::{ShareTarget, SubscriptionOptions};
 use raftmq_cluster::StoreError;
 
 use super::Broker;
