@@ -24,11 +24,12 @@ use crate::routing::index::SubscriptionIndex;
 use crate::routing::shared::Dispatcher;
 use crate::security::bans::{Bans, Flapping, LoginFailures};
 use crate::security::enhanced::AuthMethods;
+use crate::security::policy::Security;
 use crate::security::verify_pool::VerifyPool;
-use crate::security::{Security, SecurityError};
+use crate::security::SecurityError;
 use crate::session::SessionSlot;
 use crate::telemetry::log_limit::LogLimits;
-use crate::telemetry::stats::{SessionSummary, Stats};
+use crate::telemetry::stats::{Gauges, SessionSummary, Stats};
 
 mod lifecycle;
 mod publish;
@@ -212,6 +213,19 @@ impl Broker {
     /// Number of distinct shared subscriptions.
     pub fn shared_subscription_count(&self) -> usize {
         self.index.shared_count()
+    }
+
+    /// The Prometheus text exposition of this broker's counters and gauges.
+    pub fn render_metrics(&self) -> String {
+        let gauges = Gauges {
+            sessions: self.session_summary(),
+            subscriptions: self.subscription_filter_count(),
+            shared_subscriptions: self.shared_subscription_count(),
+            routes: self.route_count(),
+            retained_messages: self.retained_count(),
+            retained_bytes: self.retained_bytes(),
+        };
+        self.metrics.render(&self.stats, &gauges)
     }
 
     /// Sessions, persistent sessions, queued and inflight messages, summed over all slots.

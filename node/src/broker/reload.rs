@@ -5,7 +5,8 @@ use std::sync::Arc;
 use super::Broker;
 use crate::routing::shared::{self};
 use crate::security::acl::{Access, Subject};
-use crate::security::{Security, SecurityError};
+use crate::security::policy::Security;
+use crate::security::SecurityError;
 use crate::telemetry::printable::Printable;
 
 impl Broker {

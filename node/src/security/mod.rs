@@ -15,9 +15,6 @@ pub mod verify_pool;
 
 use std::net::IpAddr;
 
-pub use authn::Authenticator;
-pub use policy::Security;
-
 /// A security file or setting that cannot be used; the broker refuses to start with it.
 #[derive(Debug, thiserror::Error)]
 pub enum SecurityError {

@@ -3,7 +3,7 @@
 //!
 //! Each broker owns its recorder instead of installing a process-global one, so several
 //! brokers in one process (the test suite) keep separate numbers. The hot path counts with
-//! plain atomics in [`Stats`](crate::broker::Stats); a scrape copies them into the recorder
+//! plain atomics in [`Stats`](crate::telemetry::stats::Stats); a scrape copies them into the recorder
 //! and renders. Only the delivery-latency histogram is recorded as it happens, into fixed
 //! buckets of atomics (the exporter's own histograms keep every sample until the next
 //! scrape, which without a scraper is unbounded memory). Labels stay
@@ -16,8 +16,7 @@ use std::time::Instant;
 use metrics::{Counter, Gauge, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use crate::broker::Broker;
-use crate::telemetry::stats::{DropReason, CONNECT_RESULTS};
+use crate::telemetry::stats::{DropReason, Gauges, Stats, CONNECT_RESULTS};
 
 const LATENCY: &str = "raftmq_delivery_latency_seconds";
 
@@ -176,25 +175,25 @@ impl Metrics {
         self.recorder.register_counter(&key(name, labels), &META)
     }
 
-    /// Copies the broker's counters into the recorder and renders the text exposition.
-    pub fn render(&self, broker: &Broker) -> String {
-        let s = &broker.stats;
+    /// Copies the broker's counters and gauges into the recorder and renders the text
+    /// exposition.
+    pub fn render(&self, s: &Stats, g: &Gauges) -> String {
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let loadz = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as f64;
         self.gauge("raftmq_build_info", &[("version", env!("CARGO_PKG_VERSION"))]).set(1.0);
         self.gauge("raftmq_uptime_seconds", &[]).set(self.started.elapsed().as_secs_f64());
         self.gauge("raftmq_connections", &[]).set(loadz(&s.connections));
         self.gauge("raftmq_connections_max", &[]).set(loadz(&s.connections_max));
-        let sessions = broker.session_summary();
+        let sessions = &g.sessions;
         self.gauge("raftmq_sessions", &[]).set(sessions.sessions as f64);
         self.gauge("raftmq_sessions_persistent", &[]).set(sessions.persistent as f64);
         self.gauge("raftmq_queued_messages", &[]).set(sessions.queued as f64);
         self.gauge("raftmq_inflight_messages", &[]).set(sessions.inflight as f64);
-        self.gauge("raftmq_subscriptions", &[]).set(broker.subscription_filter_count() as f64);
-        self.gauge("raftmq_subscriptions_shared", &[]).set(broker.shared_subscription_count() as f64);
-        self.gauge("raftmq_routes", &[]).set(broker.route_count() as f64);
-        self.gauge("raftmq_retained_messages", &[]).set(broker.retained_count() as f64);
-        self.gauge("raftmq_retained_bytes", &[]).set(broker.retained_bytes() as f64);
+        self.gauge("raftmq_subscriptions", &[]).set(g.subscriptions as f64);
+        self.gauge("raftmq_subscriptions_shared", &[]).set(g.shared_subscriptions as f64);
+        self.gauge("raftmq_routes", &[]).set(g.routes as f64);
+        self.gauge("raftmq_retained_messages", &[]).set(g.retained_messages as f64);
+        self.gauge("raftmq_retained_bytes", &[]).set(g.retained_bytes as f64);
         for (i, qos) in ["0", "1", "2"].iter().enumerate() {
             self.counter("raftmq_messages_received_total", &[("qos", qos)]).absolute(load(&s.received_by_qos[i]));
             self.counter("raftmq_messages_sent_total", &[("qos", qos)]).absolute(load(&s.sent_by_qos[i]));

@@ -157,6 +157,23 @@ impl Stats {
     }
 }
 
+/// What the broker holds right now, for the metrics exposition (gauges, read when scraped).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Sessions and what they hold.
+    pub sessions: SessionSummary,
+    /// Distinct subscribed filters.
+    pub subscriptions: usize,
+    /// Distinct shared subscriptions.
+    pub shared_subscriptions: usize,
+    /// Routes.
+    pub routes: usize,
+    /// Retained messages.
+    pub retained_messages: usize,
+    /// Bytes held by retained messages.
+    pub retained_bytes: usize,
+}
+
 /// Totals over every session, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SessionSummary {

@@ -37,7 +37,7 @@ async fn mqtt_3_14_2_1_invalid_disconnect_reason_is_malformed_and_publishes_the_
     assert_eq!(disconnect_reason(dying.expect_closed(DEADLINE).await?), Some(reason::MALFORMED_PACKET));
     assert_eq!(watcher.recv_publish().await?.topic, "wills/dying");
     // Counted by reason code.
-    let text = b.server.broker.metrics.render(&b.server.broker);
+    let text = b.server.broker.render_metrics();
     assert!(text.contains("raftmq_protocol_errors_total{reason=\"0x81\"} 1"), "{text}");
     Ok(())
 }
