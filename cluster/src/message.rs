@@ -86,6 +86,18 @@ pub fn now_us() -> u64 {
 }
 
 impl Message {
+    /// A message received now, without application properties; every publisher (a client's
+    /// PUBLISH, a will, `$SYS`, the admin API) builds its message here.
+    pub fn new(topic: String, payload: Bytes, qos: QoS, retain: bool, publisher: String) -> Message {
+        Message { topic, payload, qos, retain, properties: MessageProperties::default(), received_at_us: now_us(), publisher }
+    }
+
+    /// The same message with these application properties.
+    pub fn with_properties(mut self, properties: MessageProperties) -> Message {
+        self.properties = properties;
+        self
+    }
+
     /// Size in bytes counted against queue and retained byte caps.
     pub fn weight(&self) -> usize {
         self.topic.len() + self.payload.len() + 64

@@ -17,7 +17,7 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use base64::Engine;
 use bytes::Bytes;
-use raftmq_cluster::message::{now_ms, now_us, Message, MessageProperties, QoS};
+use raftmq_cluster::message::{now_ms, Message, QoS};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -359,15 +359,7 @@ async fn delete_retained(State(state): State<AppState>, Path(topic): Path<String
     if state.broker.retained_matching(&topic).is_empty() {
         return error(StatusCode::NOT_FOUND, "no retained message");
     }
-    let empty = Arc::new(Message {
-        topic,
-        payload: Bytes::new(),
-        qos: QoS::AtMostOnce,
-        retain: true,
-        properties: MessageProperties::default(),
-        received_at_us: now_us(),
-        publisher: String::new(),
-    });
+    let empty = Arc::new(Message::new(topic, Bytes::new(), QoS::AtMostOnce, true, String::new()));
     match state.broker.retain(&empty).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
@@ -438,15 +430,7 @@ async fn publish(State(state): State<AppState>, Json(req): Json<PublishRequest>)
     if payload.len() > broker.config.mqtt.max_packet_size {
         return error(StatusCode::PAYLOAD_TOO_LARGE, "payload larger than mqtt.max_packet_size");
     }
-    let message = Arc::new(Message {
-        topic: req.topic,
-        payload,
-        qos,
-        retain: req.retain,
-        properties: MessageProperties::default(),
-        received_at_us: now_us(),
-        publisher: String::new(),
-    });
+    let message = Arc::new(Message::new(req.topic, payload, qos, req.retain, String::new()));
     match broker.publish(&message).await {
         Ok(routed) => Json(json!({ "matched": routed.matched })).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),

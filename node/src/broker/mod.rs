@@ -274,13 +274,9 @@ impl Broker {
         self.sessions.get(client_id).map(|s| Arc::clone(&s))
     }
 
-    /// Retained messages matching `filter` (the admin API's listing).
+    /// Retained messages matching `filter`: for a new subscription and the admin API's
+    /// listing alike.
     pub fn retained_matching(&self, filter: &str) -> Vec<Arc<Message>> {
-        self.retained.matching(filter, now_ms())
-    }
-
-    /// Retained messages matching `filter`, for a new subscription.
-    pub fn retained_for(&self, filter: &str) -> Vec<Arc<Message>> {
         self.retained.matching(filter, now_ms())
     }
 

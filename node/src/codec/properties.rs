@@ -2,6 +2,7 @@
 //! packet type allows. Unknown, misplaced or duplicated properties are refused.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use raftmq_cluster::message::MessageProperties;
 
 use super::wire::{
     read_binary, read_string, read_u16, read_u32, read_u8, read_varint, varint_len, write_binary, write_string, write_varint,
@@ -143,6 +144,31 @@ fn read_flag(buf: &mut Bytes) -> Result<u8, DecodeError> {
         return Err(DecodeError::ProtocolError("property value must be 0 or 1"));
     }
     Ok(v)
+}
+
+impl Properties {
+    /// The application properties a PUBLISH (or a will) carries to its subscribers, the
+    /// one mapping from the wire to [`MessageProperties`].
+    pub fn application(&self) -> MessageProperties {
+        MessageProperties {
+            payload_format_indicator: self.payload_format_indicator,
+            message_expiry_interval: self.message_expiry_interval,
+            content_type: self.content_type.clone(),
+            response_topic: self.response_topic.clone(),
+            correlation_data: self.correlation_data.clone(),
+            user_properties: self.user_properties.clone(),
+        }
+    }
+
+    /// Sets the application properties of an outgoing PUBLISH, the one mapping back to the
+    /// wire (Message Expiry Interval is the time left, set by the caller).
+    pub fn set_application(&mut self, p: &MessageProperties) {
+        self.payload_format_indicator = p.payload_format_indicator;
+        self.content_type.clone_from(&p.content_type);
+        self.response_topic.clone_from(&p.response_topic);
+        self.correlation_data.clone_from(&p.correlation_data);
+        self.user_properties.clone_from(&p.user_properties);
+    }
 }
 
 impl Properties {

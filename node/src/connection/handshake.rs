@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use raftmq_cluster::message::{now_ms, Message, MessageProperties};
+use raftmq_cluster::message::{now_ms, Message};
 use raftmq_cluster::session::WillMessage;
 use raftmq_cluster::topic::{self};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -23,6 +23,7 @@ use crate::security::verify_pool::Busy;
 use crate::security::{Credentials, Identity, IdentitySource, Owner, Verdict};
 use crate::session::ConnInfo;
 use crate::telemetry::printable::{Printable, PrintableOpt};
+use crate::telemetry::stats::ConnectResult;
 use crate::telemetry::sys::{self, ClientEvent};
 
 use super::client::Client;
@@ -61,13 +62,13 @@ where
                 (Protocol::V311, connack_v3::UNACCEPTABLE_PROTOCOL_VERSION)
             };
             framed.protocol = Some(protocol);
-            broker.stats.connect_result("unsupported_protocol");
+            broker.stats.connect_result(ConnectResult::UnsupportedProtocol);
             framed.send(&Packet::ConnAck(ConnAck { code, ..ConnAck::default() }));
             let _ = framed.flush().await;
             return None;
         }
         Ok(Err(e)) => {
-            broker.stats.connect_result("malformed");
+            broker.stats.connect_result(ConnectResult::Malformed);
             tracing::debug!(%peer, error = %e, "bad first packet");
             return None;
         }
@@ -91,21 +92,7 @@ pub(super) async fn refuse<S: AsyncRead + AsyncWrite + Unpin, T>(
     why: &str,
 ) -> Option<T> {
     tracing::debug!(reason = why, "CONNECT refused");
-    let result = match v5_code {
-        reason::BAD_USER_NAME_OR_PASSWORD => "bad_credentials",
-        reason::NOT_AUTHORIZED => "not_authorized",
-        reason::BANNED => "banned",
-        reason::CLIENT_IDENTIFIER_NOT_VALID => "client_id_rejected",
-        reason::BAD_AUTHENTICATION_METHOD => "bad_auth_method",
-        reason::TOPIC_NAME_INVALID | reason::RETAIN_NOT_SUPPORTED => "invalid_will",
-        reason::SERVER_UNAVAILABLE => "server_unavailable",
-        reason::SERVER_BUSY => "server_busy",
-        reason::CONNECTION_RATE_EXCEEDED => "too_many_failures",
-        reason::QUOTA_EXCEEDED => "too_many_sessions",
-        0 => "keep_alive_rejected",
-        _ => "not_authorized",
-    };
-    framed.broker.stats.connect_result(result);
+    framed.broker.stats.connect_result(ConnectResult::of_refusal(v5_code));
     let mut ack = ConnAck { code: if protocol.is_v5() { v5_code } else { v3_code }, ..ConnAck::default() };
     if protocol.is_v5() {
         ack.properties.reason_string = Some(why.to_owned());
@@ -164,28 +151,11 @@ pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
 pub(super) fn will_message(client_id: &str, connect: &Connect) -> Option<WillMessage> {
     let w = connect.will.as_ref()?;
     Some(WillMessage {
-        message: Message {
-            topic: w.topic.clone(),
-            payload: w.payload.clone(),
-            qos: w.qos,
-            retain: w.retain,
-            properties: message_properties(&w.properties),
-            received_at_us: 0,
-            publisher: client_id.to_owned(),
-        },
+        // Its receive time is set when it is published.
+        message: Message::new(w.topic.clone(), w.payload.clone(), w.qos, w.retain, client_id.to_owned())
+            .with_properties(w.properties.application()),
         delay_secs: w.properties.will_delay_interval.unwrap_or(0),
     })
-}
-
-pub(super) fn message_properties(p: &Properties) -> MessageProperties {
-    MessageProperties {
-        payload_format_indicator: p.payload_format_indicator,
-        message_expiry_interval: p.message_expiry_interval,
-        content_type: p.content_type.clone(),
-        response_topic: p.response_topic.clone(),
-        correlation_data: p.correlation_data.clone(),
-        user_properties: p.user_properties.clone(),
-    }
 }
 
 pub(super) static AUTO_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -330,7 +300,7 @@ pub(super) async fn accept<S: ClientStream>(
     if let Some(w) = &connect.will {
         if !v5 && w.topic.is_empty() {
             // [MQTT-4.7.3-1]: a protocol violation, which MQTT 3 answers by closing.
-            broker.stats.connect_result("malformed");
+            broker.stats.connect_result(ConnectResult::Malformed);
             tracing::debug!(%peer, "empty will topic");
             return None;
         }
@@ -397,7 +367,7 @@ pub(super) async fn accept<S: ClientStream>(
     let mut probe = BytesMut::new();
     codec::encode(&Packet::ConnAck(connack.clone()), protocol, &mut probe);
     if probe.len() > framed.max_out {
-        broker.stats.connect_result("malformed");
+        broker.stats.connect_result(ConnectResult::Malformed);
         tracing::debug!(%peer, max = framed.max_out, "CONNACK does not fit the client's maximum packet size");
         return None;
     }
@@ -434,7 +404,7 @@ pub(super) async fn accept<S: ClientStream>(
     };
     connack.session_present = session_present;
     framed.send(&Packet::ConnAck(connack));
-    broker.stats.connect_result("success");
+    broker.stats.connect_result(ConnectResult::Success);
     framed.max_in = cfg.max_packet_size;
     framed.stream.connect_accepted();
     let count = broker.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;

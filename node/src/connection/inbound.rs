@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use raftmq_cluster::message::{now_us, Message, QoS};
+use raftmq_cluster::message::{Message, QoS};
 use raftmq_cluster::session::{InflightStage, QueuedMessage};
 use raftmq_cluster::topic::{self, TopicError};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -22,7 +22,7 @@ use crate::telemetry::stats::DropReason;
 
 use super::client::Client;
 use super::framed::Framed;
-use super::handshake::{authenticate, message_properties};
+use super::handshake::authenticate;
 use super::{violation, ConnectionError, Handled};
 
 /// Longest a PUBLISH that matches nothing waits for other connections' packets.
@@ -262,15 +262,8 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         return Err(violation(reason::PAYLOAD_FORMAT_INVALID, "payload is not UTF-8"));
     }
-    let message = Arc::new(Message {
-        topic: p.topic,
-        payload: p.payload,
-        qos: p.qos,
-        retain: p.retain,
-        properties: message_properties(&p.properties),
-        received_at_us: now_us(),
-        publisher: client.client_id.to_string(),
-    });
+    let properties = p.properties.application();
+    let message = Arc::new(Message::new(p.topic, p.payload, p.qos, p.retain, client.client_id.to_string()).with_properties(properties));
     if std::mem::take(&mut client.may_yield) {
         Box::pin(let_earlier_packets_land(broker, &message)).await;
     }
@@ -339,7 +332,7 @@ pub(super) async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
         // unless Retain Handling says otherwise [MQTT-3.3.1-9..11]. Never on a shared
         // subscription [MQTT-4.8.2-..]: the group would get one copy per member.
         if !is_shared && (opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed)) {
-            for m in broker.retained_for(&filter) {
+            for m in broker.retained_matching(&filter) {
                 retained.push(QueuedMessage {
                     qos: m.qos.min(opts.qos),
                     retain: true,

@@ -53,13 +53,8 @@ pub(super) fn encode_delivery<S: AsyncRead + AsyncWrite + Unpin>(
     let mut topic = m.topic.as_str();
     let mut new_alias = None;
     if client.protocol.is_v5() {
-        let mp = &m.properties;
-        props.payload_format_indicator = mp.payload_format_indicator;
+        props.set_application(&m.properties);
         props.message_expiry_interval = m.remaining_expiry(now_us / 1000);
-        props.content_type.clone_from(&mp.content_type);
-        props.response_topic.clone_from(&mp.response_topic);
-        props.correlation_data.clone_from(&mp.correlation_data);
-        props.user_properties.clone_from(&mp.user_properties);
         props.subscription_identifiers.clone_from(&item.subscription_ids);
         let defined = client.aliases.as_ref().map_or(0, |a| a.outbound.len());
         if let Some(alias) = client.aliases.as_ref().and_then(|a| a.outbound.get(&m.topic)) {

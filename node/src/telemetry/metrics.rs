@@ -16,7 +16,7 @@ use std::time::Instant;
 use metrics::{Counter, Gauge, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use crate::telemetry::stats::{DropReason, Gauges, Stats, CONNECT_RESULTS};
+use crate::telemetry::stats::{ConnectResult, DropReason, Gauges, Stats};
 
 const LATENCY: &str = "raftmq_delivery_latency_seconds";
 
@@ -207,8 +207,8 @@ impl Metrics {
             self.counter("raftmq_packets_received_total", &[("type", name)]).absolute(load(&s.packets_received[i]));
             self.counter("raftmq_packets_sent_total", &[("type", name)]).absolute(load(&s.packets_sent[i]));
         }
-        for (i, result) in CONNECT_RESULTS.iter().enumerate() {
-            self.counter("raftmq_connects_total", &[("result", result)]).absolute(load(&s.connects[i]));
+        for (i, result) in ConnectResult::ALL.iter().enumerate() {
+            self.counter("raftmq_connects_total", &[("result", result.label())]).absolute(load(&s.connects[i]));
         }
         self.counter("raftmq_authentication_failures_total", &[]).absolute(load(&s.auth_failures));
         self.counter("raftmq_acl_checks_total", &[("result", "allow")]).absolute(load(&s.acl_allowed));

@@ -47,23 +47,98 @@ impl DropReason {
     }
 }
 
-/// Outcome of a CONNECT (the `result` label of `raftmq_connects_total`).
-pub const CONNECT_RESULTS: [&str; 14] = [
-    "success",
-    "bad_credentials",
-    "not_authorized",
-    "banned",
-    "client_id_rejected",
-    "unsupported_protocol",
-    "bad_auth_method",
-    "keep_alive_rejected",
-    "invalid_will",
-    "server_unavailable",
-    "malformed",
-    "server_busy",
-    "too_many_failures",
-    "too_many_sessions",
-];
+/// Outcome of a CONNECT (the `result` label of `raftmq_connects_total`): one table from
+/// variant to label, and from a refusal's MQTT 5 reason code to its outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum ConnectResult {
+    /// Accepted.
+    Success,
+    /// Wrong credentials (0x86).
+    BadCredentials,
+    /// Not authorized (0x87), or a refusal with no outcome of its own.
+    NotAuthorized,
+    /// Banned (0x8A).
+    Banned,
+    /// Client identifier not valid (0x85).
+    ClientIdRejected,
+    /// Unsupported protocol version (0x84 / 0x01).
+    UnsupportedProtocol,
+    /// Bad authentication method (0x8C).
+    BadAuthMethod,
+    /// Keep alive above the maximum (MQTT 3).
+    KeepAliveRejected,
+    /// Will topic invalid or retain not supported (0x90, 0x9A).
+    InvalidWill,
+    /// Session store unavailable (0x88).
+    ServerUnavailable,
+    /// No valid CONNECT, or one that breaks a rule closing without CONNACK.
+    Malformed,
+    /// Password checks saturated (0x89).
+    ServerBusy,
+    /// The failed-login limit (0x9F).
+    TooManyFailures,
+    /// `mqtt.max_sessions` reached (0x97).
+    TooManySessions,
+}
+
+impl ConnectResult {
+    /// Every outcome, in label order (the order of the discriminants).
+    pub const ALL: [ConnectResult; 14] = [
+        ConnectResult::Success,
+        ConnectResult::BadCredentials,
+        ConnectResult::NotAuthorized,
+        ConnectResult::Banned,
+        ConnectResult::ClientIdRejected,
+        ConnectResult::UnsupportedProtocol,
+        ConnectResult::BadAuthMethod,
+        ConnectResult::KeepAliveRejected,
+        ConnectResult::InvalidWill,
+        ConnectResult::ServerUnavailable,
+        ConnectResult::Malformed,
+        ConnectResult::ServerBusy,
+        ConnectResult::TooManyFailures,
+        ConnectResult::TooManySessions,
+    ];
+
+    /// Metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            ConnectResult::Success => "success",
+            ConnectResult::BadCredentials => "bad_credentials",
+            ConnectResult::NotAuthorized => "not_authorized",
+            ConnectResult::Banned => "banned",
+            ConnectResult::ClientIdRejected => "client_id_rejected",
+            ConnectResult::UnsupportedProtocol => "unsupported_protocol",
+            ConnectResult::BadAuthMethod => "bad_auth_method",
+            ConnectResult::KeepAliveRejected => "keep_alive_rejected",
+            ConnectResult::InvalidWill => "invalid_will",
+            ConnectResult::ServerUnavailable => "server_unavailable",
+            ConnectResult::Malformed => "malformed",
+            ConnectResult::ServerBusy => "server_busy",
+            ConnectResult::TooManyFailures => "too_many_failures",
+            ConnectResult::TooManySessions => "too_many_sessions",
+        }
+    }
+
+    /// The outcome of a CONNACK refusal with MQTT 5 reason `code` (0: the MQTT 3-only
+    /// keep-alive refusal).
+    pub fn of_refusal(code: u8) -> ConnectResult {
+        match code {
+            0x86 => ConnectResult::BadCredentials,
+            0x8A => ConnectResult::Banned,
+            0x85 => ConnectResult::ClientIdRejected,
+            0x8C => ConnectResult::BadAuthMethod,
+            0x90 | 0x9A => ConnectResult::InvalidWill,
+            0x88 => ConnectResult::ServerUnavailable,
+            0x89 => ConnectResult::ServerBusy,
+            0x9F => ConnectResult::TooManyFailures,
+            0x97 => ConnectResult::TooManySessions,
+            0 => ConnectResult::KeepAliveRejected,
+            _ => ConnectResult::NotAuthorized,
+        }
+    }
+}
 
 /// Counters exposed to tests, `$SYS` and metrics. Plain atomics on the hot path; the
 /// metrics exporter reads them at scrape time.
@@ -79,8 +154,8 @@ pub struct Stats {
     pub packets_received: [AtomicU64; 16],
     /// Packets sent, by packet type.
     pub packets_sent: [AtomicU64; 16],
-    /// CONNECT outcomes (index = position in [`CONNECT_RESULTS`]).
-    pub connects: [AtomicU64; CONNECT_RESULTS.len()],
+    /// CONNECT outcomes (index = [`ConnectResult`] discriminant).
+    pub connects: [AtomicU64; ConnectResult::ALL.len()],
     /// ACL checks that allowed.
     pub acl_allowed: AtomicU64,
     /// Connections with an accepted CONNECT.
@@ -149,11 +224,9 @@ impl Stats {
         }
     }
 
-    /// Counts a CONNECT outcome (a label of [`CONNECT_RESULTS`]).
-    pub fn connect_result(&self, result: &str) {
-        if let Some(i) = CONNECT_RESULTS.iter().position(|r| *r == result) {
-            self.connects[i].fetch_add(1, Ordering::Relaxed);
-        }
+    /// Counts a CONNECT outcome.
+    pub fn connect_result(&self, result: ConnectResult) {
+        self.connects[result as usize].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -190,6 +263,13 @@ pub struct SessionSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connect_results_index_their_counters_in_label_order() {
+        for (i, result) in ConnectResult::ALL.iter().enumerate() {
+            assert_eq!(*result as usize, i, "{result:?}");
+        }
+    }
 
     #[test]
     fn drop_reasons_index_their_counters_in_label_order() {

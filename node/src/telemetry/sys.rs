@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use raftmq_cluster::message::{now_ms, now_us, Message, MessageProperties, QoS};
+use raftmq_cluster::message::{now_ms, Message, QoS};
 
 use crate::broker::Broker;
 
@@ -61,15 +61,7 @@ async fn publish_all(broker: &Broker, started: Instant) {
 
 /// Publishes a broker-originated message (QoS 0).
 pub async fn publish(broker: &Broker, topic: String, payload: Bytes, retain: bool) {
-    let message = Arc::new(Message {
-        topic,
-        payload,
-        qos: QoS::AtMostOnce,
-        retain,
-        properties: MessageProperties::default(),
-        received_at_us: now_us(),
-        publisher: String::new(),
-    });
+    let message = Arc::new(Message::new(topic, payload, QoS::AtMostOnce, retain, String::new()));
     if let Err(e) = broker.publish(&message).await {
         tracing::warn!(error = %e, "failed to publish $SYS message");
     }
