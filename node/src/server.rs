@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Stores};
 use crate::config::{Config, ListenerKind};
 use crate::net::listener::{self, Limits, Transport};
 use crate::net::transport::{self as tls, TlsSetupError};
@@ -85,6 +85,13 @@ impl Server {
 
     /// Like [`Server::start`], with enhanced authentication methods registered.
     pub async fn start_with_auth(config: Config, auth: AuthMethods) -> Result<Server, StartError> {
+        let stores = Stores::memory(&config);
+        Server::start_with(config, auth, stores).await
+    }
+
+    /// Like [`Server::start`], over the given stores and route table (the cluster's, or a
+    /// test's) and with enhanced authentication methods registered.
+    pub async fn start_with(config: Config, auth: AuthMethods, stores: Stores) -> Result<Server, StartError> {
         // Everything that can be refused is checked before any port is opened.
         let mut transports = Vec::new();
         for l in &config.listeners {
@@ -104,7 +111,7 @@ impl Server {
         for addr in addrs {
             bound.push(bind(addr, backlog).await?);
         }
-        let broker = Broker::new(config, auth)?;
+        let broker = Broker::with_stores(config, auth, stores)?;
         let limits = Limits::new(&broker);
         tokio::spawn(listener::run(Arc::clone(&broker), tcp, Arc::new(Transport::Tcp), Arc::clone(&limits)));
         let mut listeners = Vec::new();

@@ -123,25 +123,47 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-impl Broker {
-    /// A single-node broker with in-memory stores. Fails if a security file is unusable.
-    pub fn new(config: Config, auth: AuthMethods) -> Result<Arc<Broker>, SecurityError> {
+/// The shared state a broker works on: retained messages, persistent sessions and routes.
+/// A single node uses the in-memory ones ([`Stores::memory`]); the cluster plugs in its
+/// replicated store and gossiped route table through [`Server::start_with`](crate::server::Server::start_with).
+#[derive(Clone)]
+pub struct Stores {
+    /// Retained messages.
+    pub retained: Arc<dyn RetainedStore>,
+    /// Persistent sessions.
+    pub sessions: Arc<dyn SessionStore>,
+    /// Routes (which nodes want which filters).
+    pub routes: Arc<dyn RouteTable>,
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stores").field("sessions", &self.sessions.len()).field("routes", &self.routes.count()).finish()
+    }
+}
+
+impl Stores {
+    /// In-memory stores with the limits of `config`: the state of a node without peers.
+    pub fn memory(config: &Config) -> Stores {
         let retained = Arc::new(MemoryRetainedStore::new(RetainedLimits {
             max_messages: if config.retained.enabled { config.retained.max_messages } else { 0 },
             max_bytes: config.retained.max_bytes,
             max_payload: config.retained.max_payload,
         }));
-        Broker::with_stores(config, auth, retained, Arc::new(MemorySessionStore::new()), Arc::new(LocalRoutes::new()))
+        Stores { retained, sessions: Arc::new(MemorySessionStore::new()), routes: Arc::new(LocalRoutes::new()) }
+    }
+}
+
+impl Broker {
+    /// A single-node broker with in-memory stores. Fails if a security file is unusable.
+    pub fn new(config: Config, auth: AuthMethods) -> Result<Arc<Broker>, SecurityError> {
+        let stores = Stores::memory(&config);
+        Broker::with_stores(config, auth, stores)
     }
 
     /// A broker over the given stores (the cluster plugs its replicated stores in here).
-    pub fn with_stores(
-        config: Config,
-        auth: AuthMethods,
-        retained: Arc<dyn RetainedStore>,
-        store: Arc<dyn SessionStore>,
-        routes: Arc<dyn RouteTable>,
-    ) -> Result<Arc<Broker>, SecurityError> {
+    pub fn with_stores(config: Config, auth: AuthMethods, stores: Stores) -> Result<Arc<Broker>, SecurityError> {
+        let Stores { retained, sessions: store, routes } = stores;
         let dispatcher = Dispatcher::new(config.shared.strategy);
         let security = std::sync::RwLock::new(Arc::new(Security::load(&config)?));
         let bans = Bans::from_config(&config.bans)?;

@@ -207,3 +207,33 @@ async fn without_backpressure_a_full_queue_drops_and_the_publisher_goes_on() -> 
     assert!((3..=4).contains(&dropped), "{dropped} dropped");
     Ok(())
 }
+
+/// Issue 11, item 8: the server runs over injected stores (the cluster's replicated ones,
+/// or a test's). A session found in the injected session store is resumed with its
+/// subscriptions.
+#[tokio::test]
+async fn server_runs_over_injected_stores() -> anyhow::Result<()> {
+    use raftmq_cluster::session::{MemorySessionStore, SessionState, SessionStore, SubscriptionOptions};
+    let mut config = raftmq_node::config::Config::default();
+    config.mqtt.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    config.listeners.clear();
+    config.admin.enabled = false;
+    let mut stores = raftmq_node::broker::Stores::memory(&config);
+    let sessions = std::sync::Arc::new(MemorySessionStore::new());
+    let opts = SubscriptionOptions { qos: QoS::AtLeastOnce, ..SubscriptionOptions::default() };
+    let state = SessionState {
+        client_id: "from-elsewhere".into(),
+        subscriptions: [("moved/#".to_string(), opts)].into_iter().collect(),
+        expiry_secs: 300,
+        ..SessionState::default()
+    };
+    sessions.save(state).await?;
+    stores.sessions = sessions;
+    let server = raftmq_node::server::Server::start_with(config, Default::default(), stores).await?;
+    let (mut resumed, ack) = Raw::connect(server.mqtt_addr, Protocol::V5, "from-elsewhere", false).await?;
+    assert!(ack.session_present && ack.code == 0);
+    let (mut publ, _) = Raw::connect(server.mqtt_addr, Protocol::V5, "p", true).await?;
+    publ.publish("moved/x", b"here", QoS::AtLeastOnce, false, 1).await?;
+    assert_eq!(&resumed.recv_publish().await?.payload[..], b"here");
+    Ok(())
+}
