@@ -20,7 +20,9 @@ pub mod topic;
 /// Identifier of a node in the cluster.
 pub type NodeId = u64;
 
-/// A failed store operation.
+/// A failed store operation. Each kind tells the broker what to tell the client: a write
+/// that did not happen is refused (CONNACK 0x88 / 0x89, PUBACK / PUBREC 0x80), never
+/// acknowledged.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A lock was poisoned by a panicking writer; the store refuses further use.
@@ -29,4 +31,32 @@ pub enum StoreError {
     /// The store could not make the write durable.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// This node cannot write now: it is not the leader and knows none to forward to.
+    #[error("not the leader")]
+    NotLeader,
+    /// The write carried an older epoch than the session's: another node owns it now.
+    #[error("fenced: the session is owned elsewhere")]
+    Fenced,
+    /// The write did not complete in time (it may still complete).
+    #[error("store timed out")]
+    Timeout,
+}
+
+impl StoreError {
+    /// The `reason` label of `raftmq_store_errors_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            StoreError::Poisoned => "poisoned",
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::NotLeader => "not_leader",
+            StoreError::Fenced => "fenced",
+            StoreError::Timeout => "timeout",
+        }
+    }
+
+    /// Whether trying again soon may succeed (the client is told the server is busy rather
+    /// than unavailable).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::NotLeader | StoreError::Timeout)
+    }
 }

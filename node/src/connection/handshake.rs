@@ -397,9 +397,14 @@ pub(super) async fn accept<S: ClientStream>(
             return refuse(&mut framed, protocol, reason::QUOTA_EXCEEDED, connack_v3::SERVER_UNAVAILABLE, "too many sessions").await;
         }
         Err(AttachError::Store(e)) => {
-            tracing::warn!(%peer, error = %e, "session store unavailable");
-            return refuse(&mut framed, protocol, reason::SERVER_UNAVAILABLE, connack_v3::SERVER_UNAVAILABLE, "session store unavailable")
-                .await;
+            broker.stats.store_error(&e);
+            if let Some(suppressed) = broker.log_limits.overload.allow() {
+                tracing::warn!(%peer, error = %e, suppressed, "CONNECT refused: session store");
+            }
+            // A store that may answer in a moment (no leader yet, a timeout) is busy; one
+            // that cannot is unavailable. MQTT 3 has one code for both.
+            let code = if e.is_transient() { reason::SERVER_BUSY } else { reason::SERVER_UNAVAILABLE };
+            return refuse(&mut framed, protocol, code, connack_v3::SERVER_UNAVAILABLE, "session store unavailable").await;
         }
     };
     connack.session_present = session_present;

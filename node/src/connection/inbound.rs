@@ -18,6 +18,7 @@ use crate::config::{DenyAction, RateAction};
 use crate::routing::shared;
 use crate::security::acl::Access;
 use crate::session::{Ack, SessionSlot};
+use crate::telemetry::printable::Printable;
 use crate::telemetry::stats::DropReason;
 
 use super::client::Client;
@@ -267,7 +268,23 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if std::mem::take(&mut client.may_yield) {
         Box::pin(let_earlier_packets_land(broker, &message)).await;
     }
-    let routed = broker.publish(&message).await?;
+    let routed = match broker.publish(&message).await {
+        Ok(routed) => routed,
+        Err(e) => {
+            // Not stored, so never acknowledged as if it were: MQTT 5 gets 0x80 and may
+            // retry; MQTT 3 has no way to say no but closing.
+            broker.stats.store_error(&e);
+            tracing::debug!(client_id = %Printable(&client.client_id), error = %e, "publish not stored");
+            match ack_kind {
+                Some(kind) if v5 => {
+                    framed.send(&client.ack(kind, p.packet_id, reason::UNSPECIFIED_ERROR, "message could not be stored"));
+                    return Ok(());
+                }
+                Some(_) => return Err(e.into()),
+                None => return Ok(()),
+            }
+        }
+    };
     let matched = routed.matched;
     if routed.congested.is_some() && cfg.publish_backpressure_ms > 0 {
         client.congested = routed.congested;
@@ -326,7 +343,15 @@ pub(super) async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
             codes.push(failure(reason::QUOTA_EXCEEDED));
             continue;
         }
-        let existed = broker.subscribe(slot, &filter, opts).await?;
+        let existed = match broker.subscribe(slot, &filter, opts).await {
+            Ok(existed) => existed,
+            Err(e) => {
+                // The subscription was not stored: refused, the connection goes on.
+                broker.stats.store_error(&e);
+                codes.push(failure(reason::UNSPECIFIED_ERROR));
+                continue;
+            }
+        };
         codes.push(opts.qos as u8);
         // Retained messages for a new subscription; a repeated SUBSCRIBE counts as new
         // unless Retain Handling says otherwise [MQTT-3.3.1-9..11]. Never on a shared
@@ -387,7 +412,18 @@ pub(super) async fn handle_unsubscribe<S: AsyncRead + AsyncWrite + Unpin + Send>
             codes.push(reason::TOPIC_FILTER_INVALID);
             continue;
         }
-        let existed = broker.unsubscribe(slot, &filter).await?;
+        let existed = match broker.unsubscribe(slot, &filter).await {
+            Ok(existed) => existed,
+            Err(e) if client.protocol.is_v5() => {
+                broker.stats.store_error(&e);
+                codes.push(reason::UNSPECIFIED_ERROR);
+                continue;
+            }
+            Err(e) => {
+                broker.stats.store_error(&e);
+                return Err(e.into());
+            }
+        };
         codes.push(if existed { reason::SUCCESS } else { reason::NO_SUBSCRIPTION_EXISTED });
     }
     if !client.protocol.is_v5() {

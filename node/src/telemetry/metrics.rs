@@ -16,7 +16,7 @@ use std::time::Instant;
 use metrics::{Counter, Gauge, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use crate::telemetry::stats::{ConnectResult, DropReason, Gauges, Stats};
+use crate::telemetry::stats::{ConnectResult, DropReason, Gauges, Stats, STORE_ERRORS};
 
 const LATENCY: &str = "raftmq_delivery_latency_seconds";
 
@@ -69,6 +69,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("raftmq_wills_published_total", "Will messages published."),
     ("raftmq_takeovers_total", "Sessions taken over by a new connection."),
     ("raftmq_protocol_errors_total", "Connections closed for bad input after CONNECT, by MQTT 5 reason code."),
+    ("raftmq_store_errors_total", "Store operations that failed, by kind; the client was refused, never acknowledged."),
     (LATENCY, "Time from receiving a PUBLISH to queueing it into a subscriber's socket buffer."),
 ];
 
@@ -215,6 +216,9 @@ impl Metrics {
         self.counter("raftmq_acl_checks_total", &[("result", "deny")]).absolute(load(&s.acl_denied));
         self.counter("raftmq_wills_published_total", &[]).absolute(load(&s.wills_published));
         self.counter("raftmq_takeovers_total", &[]).absolute(load(&s.takeovers));
+        for (i, reason) in STORE_ERRORS.iter().enumerate() {
+            self.counter("raftmq_store_errors_total", &[("reason", reason)]).absolute(load(&s.store_errors[i]));
+        }
         for (i, counter) in s.protocol_errors.0.iter().enumerate() {
             let n = load(counter);
             if let (true, Some(label)) = (n > 0, REASON_LABELS.get(i)) {

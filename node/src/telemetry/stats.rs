@@ -3,6 +3,8 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use raftmq_cluster::StoreError;
+
 /// Why a delivery or message was dropped (the `reason` label of
 /// `raftmq_messages_dropped_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,7 +179,12 @@ pub struct Stats {
     /// Connections closed for bad input after CONNECT, by MQTT 5 reason code (index =
     /// code - 0x80).
     pub protocol_errors: ReasonCounters,
+    /// Store operations that failed, by [`STORE_ERRORS`] label.
+    pub store_errors: [AtomicU64; STORE_ERRORS.len()],
 }
+
+/// The `reason` labels of `raftmq_store_errors_total` ([`StoreError::label`]).
+pub const STORE_ERRORS: [&str; 5] = ["poisoned", "unavailable", "not_leader", "fenced", "timeout"];
 
 /// One counter per failure reason code (0x80-0xFF).
 #[derive(Debug)]
@@ -215,6 +222,13 @@ impl Stats {
     /// Messages and deliveries dropped, for every reason.
     pub fn messages_dropped(&self) -> u64 {
         Self::sum(&self.dropped_by_reason)
+    }
+
+    /// Counts a failed store operation.
+    pub fn store_error(&self, e: &StoreError) {
+        if let Some(i) = STORE_ERRORS.iter().position(|l| *l == e.label()) {
+            self.store_errors[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Counts a connection closed with reason `code` (0x80 and above).

@@ -237,3 +237,78 @@ async fn server_runs_over_injected_stores() -> anyhow::Result<()> {
     assert_eq!(&resumed.recv_publish().await?.payload[..], b"here");
     Ok(())
 }
+
+/// A session store whose writes fail as a replicated store's do without a leader: saves
+/// when `refuse_saves` is set, appends always.
+struct LeaderlessStore {
+    inner: raftmq_cluster::session::MemorySessionStore,
+    refuse_saves: bool,
+}
+
+#[async_trait::async_trait]
+impl raftmq_cluster::session::SessionStore for LeaderlessStore {
+    async fn load(&self, id: &str) -> Result<Option<raftmq_cluster::session::SessionState>, raftmq_cluster::StoreError> {
+        self.inner.load(id).await
+    }
+    async fn save(&self, state: raftmq_cluster::session::SessionState) -> Result<(), raftmq_cluster::StoreError> {
+        if self.refuse_saves {
+            return Err(raftmq_cluster::StoreError::NotLeader);
+        }
+        self.inner.save(state).await
+    }
+    async fn append(
+        &self,
+        _: Vec<(String, raftmq_cluster::session::QueuedMessage)>,
+        _: raftmq_cluster::session::QueueLimits,
+    ) -> Result<u64, raftmq_cluster::StoreError> {
+        Err(raftmq_cluster::StoreError::NotLeader)
+    }
+    async fn remove(&self, id: &str) -> Result<Option<raftmq_cluster::session::SessionState>, raftmq_cluster::StoreError> {
+        self.inner.remove(id).await
+    }
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+}
+
+async fn over_leaderless_store(refuse_saves: bool) -> anyhow::Result<raftmq_node::server::Server> {
+    let mut config = raftmq_node::config::Config::default();
+    config.mqtt.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    config.listeners.clear();
+    config.admin.enabled = false;
+    let mut stores = raftmq_node::broker::Stores::memory(&config);
+    stores.sessions = std::sync::Arc::new(LeaderlessStore { inner: Default::default(), refuse_saves });
+    Ok(raftmq_node::server::Server::start_with(config, Default::default(), stores).await?)
+}
+
+/// Issue 11, item 7: a store error is something a client sees, not a closed connection: a
+/// persistent CONNECT gets 0x89 (MQTT 3: 0x03), and a QoS 1 PUBLISH that could not be
+/// stored for an offline persistent subscriber gets PUBACK 0x80 on MQTT 5 (the connection
+/// goes on) and a close on MQTT 3; every error is counted.
+#[tokio::test]
+async fn store_errors_are_refusals_the_client_sees() -> anyhow::Result<()> {
+    use raftmq_node::codec::connack_v3;
+    let server = over_leaderless_store(true).await?;
+    let (_, ack) = Raw::connect(server.mqtt_addr, Protocol::V5, "durable", false).await?;
+    assert_eq!(ack.code, reason::SERVER_BUSY);
+    let (_, ack) = Raw::connect(server.mqtt_addr, Protocol::V311, "durable-3", false).await?;
+    assert_eq!(ack.code, connack_v3::SERVER_UNAVAILABLE);
+    let (_, ack) = Raw::connect(server.mqtt_addr, Protocol::V5, "clean", true).await?;
+    assert_eq!(ack.code, 0, "a clean session needs no store");
+
+    let server = over_leaderless_store(false).await?;
+    let addr = server.mqtt_addr;
+    let (mut sub, _) = Raw::connect(addr, Protocol::V5, "away", false).await?;
+    sub.subscribe(1, "cmd/#", QoS::AtLeastOnce).await?;
+    sub.send(&Packet::Disconnect(Disconnect::new(0))).await?;
+    sub.expect_closed(DEADLINE).await?;
+    let (mut v5, _) = Raw::connect(addr, Protocol::V5, "p5", true).await?;
+    assert_eq!(v5.publish("cmd/x", b"x", QoS::AtLeastOnce, false, 1).await?, reason::UNSPECIFIED_ERROR);
+    v5.ping().await?;
+    let (mut v3, _) = Raw::connect(addr, Protocol::V311, "p3", true).await?;
+    v3.send(&Packet::Publish(publish("cmd/x", b"x", QoS::AtLeastOnce, false, 1))).await?;
+    assert_eq!(v3.expect_closed(DEADLINE).await?, None);
+    let text = server.broker.render_metrics();
+    assert!(text.contains("raftmq_store_errors_total{reason=\"not_leader\"} 2"), "{text}");
+    Ok(())
+}
