@@ -1,38 +1,106 @@
 //! The route table: which nodes have subscribers for which filters.
 //!
-//! API boundary: the broker reports the first subscriber of a filter on this node
-//! ([`RouteTable::add`]) and the last one leaving ([`RouteTable::remove`]), and asks which
-//! other nodes want a topic ([`RouteTable::remote_nodes`]). On a single node there are no
-//! peers, so [`LocalRoutes`] only keeps the local routes (for counting and for the snapshot
-//! a peer gets when it joins).
+//! API boundary: the node's subscription index decides every change of this node's routes
+//! under its own lock and numbers it (a per-node sequence); the broker hands the changes to
+//! [`RouteTable::apply`], which applies them in sequence order even when they arrive out of
+//! order, so a concurrent last-unsubscribe and first-subscribe of one filter cannot end in
+//! the wrong state. The same ordered stream is what peers receive (issue 12). A route is a
+//! parsed (share group, filter); a shared route carries how many members of its group this
+//! node has. [`RouteTable::remote_matches`] answers which other nodes, and which shared
+//! groups without a local member, want a topic: nothing, on a node without peers.
 
-use std::collections::HashSet;
-use std::sync::RwLock;
-
-use async_trait::async_trait;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use crate::NodeId;
 
-/// Cluster-wide map of filter -> nodes.
-#[async_trait]
-pub trait RouteTable: Send + Sync + 'static {
-    /// This node has its first subscriber on `filter`.
-    async fn add(&self, filter: &str);
-    /// This node's last subscriber on `filter` has gone.
-    async fn remove(&self, filter: &str);
-    /// Other nodes with at least one subscription matching `topic`.
-    fn remote_nodes(&self, topic: &str) -> Vec<NodeId>;
-    /// Number of routes this node holds (local and remote).
-    fn count(&self) -> usize;
+/// A filter a node has subscribers for: plain, or for one shared group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
+    /// The share group (`$share/{group}/...`), `None` for a plain subscription.
+    pub group: Option<Arc<str>>,
+    /// The topic filter (without any `$share/{group}/` prefix).
+    pub filter: Arc<str>,
 }
 
-/// The route table of a node without peers.
+/// A change of this node's routes, numbered in the order the index decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteChange {
+    /// Per-node sequence number, from 1, without gaps.
+    pub seq: u64,
+    /// The route.
+    pub route: Route,
+    /// Local subscribers now: for a shared route the group's members on this node, for a
+    /// plain one 1; 0 withdraws the route.
+    pub members: u32,
+}
+
+/// What other nodes want of a topic.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteMatch {
+    /// Nodes with at least one plain subscription matching the topic.
+    pub nodes: Vec<NodeId>,
+    /// Shared groups matching the topic that have members elsewhere but none here.
+    pub groups: Vec<Route>,
+}
+
+/// Cluster-wide map of routes -> nodes.
+pub trait RouteTable: Send + Sync + 'static {
+    /// Applies a change of this node's routes (in `seq` order, whatever the arrival order).
+    /// Not async: it is called right after the index decided the change, with no await in
+    /// between that a cancelled task could stop at, so no sequence number is ever lost.
+    /// (A cluster table queues the change for its peers here and lets the broker wait for
+    /// their acknowledgement separately.)
+    fn apply(&self, change: RouteChange);
+    /// What other nodes want of `topic`.
+    fn remote_matches(&self, topic: &str) -> RemoteMatch;
+    /// Number of routes this node holds (local and remote).
+    fn count(&self) -> usize;
+    /// The last change applied: what a peer's snapshot is consistent with.
+    fn applied_seq(&self) -> u64;
+}
+
+/// The route table of a node without peers: its own routes, kept in sequence order.
 #[derive(Debug, Default)]
 pub struct LocalRoutes {
-    /// The filters with local subscribers. A set, not a trie: nothing is matched against
-    /// local routes (the subscription index does that), and a set costs a fraction of the
-    /// memory per filter. std `RwLock`: updates are rare and short.
-    local: RwLock<HashSet<Box<str>>>,
+    state: Mutex<LocalState>,
+}
+
+#[derive(Debug, Default)]
+struct LocalState {
+    /// Plain filters with local subscribers. Sets of boxed strings, not tries: nothing is
+    /// matched against local routes (the subscription index does that), and a set costs a
+    /// fraction of the memory per filter.
+    plain: HashSet<Box<str>>,
+    /// Shared routes and their member counts on this node.
+    shared: HashMap<(Box<str>, Box<str>), u32>,
+    /// Last sequence number applied.
+    applied: u64,
+    /// Changes that arrived ahead of their turn.
+    early: BTreeMap<u64, RouteChange>,
+}
+
+impl LocalState {
+    fn apply_one(&mut self, change: RouteChange) {
+        let RouteChange { seq, route, members } = change;
+        match route.group {
+            None if members > 0 => {
+                self.plain.insert(Box::from(&*route.filter));
+            }
+            None => {
+                self.plain.remove(&*route.filter);
+            }
+            Some(group) => {
+                let key = (Box::from(&*group), Box::from(&*route.filter));
+                if members > 0 {
+                    self.shared.insert(key, members);
+                } else {
+                    self.shared.remove(&key);
+                }
+            }
+        }
+        self.applied = seq;
+    }
 }
 
 impl LocalRoutes {
@@ -40,28 +108,42 @@ impl LocalRoutes {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Members of a shared group on this node (0 without a route).
+    pub fn shared_members(&self, group: &str, filter: &str) -> u32 {
+        self.state.lock().map(|s| s.shared.get(&(Box::from(group), Box::from(filter))).copied().unwrap_or(0)).unwrap_or(0)
+    }
+
+    /// Whether a plain route exists for `filter`.
+    pub fn has_plain(&self, filter: &str) -> bool {
+        self.state.lock().map(|s| s.plain.contains(filter)).unwrap_or(false)
+    }
 }
 
-#[async_trait]
 impl RouteTable for LocalRoutes {
-    async fn add(&self, filter: &str) {
-        if let Ok(mut t) = self.local.write() {
-            t.insert(Box::from(filter));
+    fn apply(&self, change: RouteChange) {
+        let Ok(mut state) = self.state.lock() else { return };
+        if change.seq <= state.applied {
+            return;
+        }
+        state.early.insert(change.seq, change);
+        loop {
+            let next = state.applied + 1;
+            let Some(change) = state.early.remove(&next) else { break };
+            state.apply_one(change);
         }
     }
 
-    async fn remove(&self, filter: &str) {
-        if let Ok(mut t) = self.local.write() {
-            t.remove(filter);
-        }
-    }
-
-    fn remote_nodes(&self, _topic: &str) -> Vec<NodeId> {
-        Vec::new()
+    fn remote_matches(&self, _topic: &str) -> RemoteMatch {
+        RemoteMatch::default()
     }
 
     fn count(&self) -> usize {
-        self.local.read().map(|t| t.len()).unwrap_or(0)
+        self.state.lock().map(|s| s.plain.len() + s.shared.len()).unwrap_or(0)
+    }
+
+    fn applied_seq(&self) -> u64 {
+        self.state.lock().map(|s| s.applied).unwrap_or(0)
     }
 }
 
@@ -69,15 +151,26 @@ impl RouteTable for LocalRoutes {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn local_routes_count_filters() {
+    fn change(seq: u64, group: Option<&str>, filter: &str, members: u32) -> RouteChange {
+        RouteChange { seq, route: Route { group: group.map(Arc::from), filter: Arc::from(filter) }, members }
+    }
+
+    #[test]
+    fn changes_apply_in_sequence_order_whatever_the_arrival_order() {
         let r = LocalRoutes::new();
-        r.add("a/+").await;
-        r.add("a/+").await;
-        r.add("b").await;
-        assert_eq!(r.count(), 2);
-        r.remove("a/+").await;
-        assert_eq!(r.count(), 1);
-        assert!(r.remote_nodes("b").is_empty());
+        // The last unsubscribe (2) arrives before the first subscribe (1): the route must
+        // end withdrawn, then come back with 3.
+        r.apply(change(2, None, "a/+", 0));
+        assert_eq!((r.count(), r.applied_seq()), (0, 0), "2 waits for 1");
+        r.apply(change(1, None, "a/+", 1));
+        assert_eq!((r.has_plain("a/+"), r.applied_seq()), (false, 2));
+        r.apply(change(4, Some("g"), "b/#", 2));
+        r.apply(change(3, Some("g"), "b/#", 1));
+        assert_eq!(r.shared_members("g", "b/#"), 2);
+        r.apply(change(3, Some("g"), "b/#", 7));
+        assert_eq!(r.shared_members("g", "b/#"), 2, "a change already applied is ignored");
+        r.apply(change(5, Some("g"), "b/#", 0));
+        assert_eq!((r.count(), r.applied_seq()), (0, 5));
+        assert_eq!(r.remote_matches("a/b"), RemoteMatch::default());
     }
 }

@@ -89,7 +89,7 @@ impl Broker {
                 session_present = true;
             } else if let Some(state) = stored {
                 for (filter, opts) in &state.subscriptions {
-                    self.index_subscribe(&slot, filter, *opts).await;
+                    self.index_subscribe(&slot, filter, *opts);
                 }
                 slot.restore(state);
                 session_present = true;
@@ -160,7 +160,7 @@ impl Broker {
             (filters, inner.pending_will.take())
         };
         for filter in filters {
-            self.index_unsubscribe(slot, &filter).await;
+            self.index_unsubscribe(slot, &filter);
         }
         self.sessions.remove_if(&slot.client_id, |_, s| Arc::ptr_eq(s, slot));
         self.store.remove(&slot.client_id).await?;

@@ -21,30 +21,33 @@ impl Broker {
         }
     }
 
-    pub(super) async fn index_subscribe(&self, slot: &Arc<SessionSlot>, filter: &str, options: SubscriptionOptions) -> bool {
-        let (existed, new_route) = match Self::shared_key(&slot.client_id, filter) {
+    /// Adds a subscription to the index and hands the route change it decided (numbered
+    /// under the index lock) straight to the route table, with no await in between.
+    pub(super) fn index_subscribe(&self, slot: &Arc<SessionSlot>, filter: &str, options: SubscriptionOptions) -> bool {
+        let (existed, change) = match Self::shared_key(&slot.client_id, filter) {
             Some(key) => self.index.subscribe_shared(key, options),
             None => self.index.subscribe(slot, filter, options),
         };
-        if new_route {
-            self.routes.add(filter).await;
+        if let Some(change) = change {
+            self.routes.apply(change);
         }
         existed
     }
 
-    pub(super) async fn index_unsubscribe(&self, slot: &Arc<SessionSlot>, filter: &str) -> bool {
-        let (existed, route_gone) = match Self::shared_key(&slot.client_id, filter) {
+    /// Removes a subscription from the index, and its route change from the route table.
+    pub(super) fn index_unsubscribe(&self, slot: &Arc<SessionSlot>, filter: &str) -> bool {
+        let (existed, change) = match Self::shared_key(&slot.client_id, filter) {
             Some(key) => {
                 let result = self.index.unsubscribe_shared(&key);
-                if result.1 {
+                if result.1.as_ref().is_some_and(|c| c.members == 0) {
                     self.dispatcher.forget(&key.target);
                 }
                 result
             }
             None => self.index.unsubscribe(slot, filter),
         };
-        if route_gone {
-            self.routes.remove(filter).await;
+        if let Some(change) = change {
+            self.routes.apply(change);
         }
         existed
     }
@@ -53,7 +56,7 @@ impl Broker {
     /// existed (for Retain Handling 1).
     pub async fn subscribe(&self, slot: &Arc<SessionSlot>, filter: &str, options: SubscriptionOptions) -> Result<bool, StoreError> {
         slot.lock().subscriptions.insert(Box::from(filter), options);
-        let existed = self.index_subscribe(slot, filter, options).await;
+        let existed = self.index_subscribe(slot, filter, options);
         self.save_if_persistent(slot).await?;
         Ok(existed)
     }
@@ -61,7 +64,7 @@ impl Broker {
     /// Removes a subscription. Returns whether it existed.
     pub async fn unsubscribe(&self, slot: &Arc<SessionSlot>, filter: &str) -> Result<bool, StoreError> {
         slot.lock().subscriptions.remove(filter);
-        let existed = self.index_unsubscribe(slot, filter).await;
+        let existed = self.index_unsubscribe(slot, filter);
         self.save_if_persistent(slot).await?;
         Ok(existed)
     }
@@ -70,6 +73,51 @@ impl Broker {
         if slot.lock().persistent {
             self.store.save(slot.snapshot()).await?;
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// Issue 11, item 4: route changes are numbered under the index lock and applied in that
+    /// order, so racing last-unsubscribes and first-subscribes of one filter (plain and
+    /// shared) always leave the route table agreeing with the index.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn route_table_agrees_with_the_index_under_concurrent_subscribe_and_unsubscribe() -> Result<(), crate::security::SecurityError> {
+        let broker = Broker::new(Config::default(), Default::default())?;
+        let mut tasks = Vec::new();
+        for n in 0..8 {
+            let broker = Arc::clone(&broker);
+            tasks.push(tokio::spawn(async move {
+                let slot = Arc::new(SessionSlot::new(Arc::from(format!("c{n}"))));
+                for round in 0..300 {
+                    let filter = if round % 2 == 0 { "race/+" } else { "$share/g/race/#" };
+                    let _ = broker.subscribe(&slot, filter, SubscriptionOptions::default()).await;
+                    tokio::task::yield_now().await;
+                    let _ = broker.unsubscribe(&slot, filter).await;
+                }
+                // Half the clients keep a subscription of each kind.
+                if n % 2 == 0 {
+                    let _ = broker.subscribe(&slot, "race/+", SubscriptionOptions::default()).await;
+                    let _ = broker.subscribe(&slot, "$share/g/race/#", SubscriptionOptions::default()).await;
+                }
+                slot
+            }));
+        }
+        let mut slots = Vec::new();
+        for t in tasks {
+            slots.push(t.await.map_err(|e| crate::security::SecurityError::Invalid(e.to_string()))?);
+        }
+        assert_eq!(broker.subscription_filter_count(), 2);
+        assert_eq!(broker.route_count(), 2, "one plain route and one shared group");
+        for slot in &slots {
+            let _ = broker.unsubscribe(slot, "race/+").await;
+            let _ = broker.unsubscribe(slot, "$share/g/race/#").await;
+        }
+        assert_eq!((broker.subscription_filter_count(), broker.route_count()), (0, 0));
         Ok(())
     }
 }

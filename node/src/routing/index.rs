@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use raftmq_cluster::message::Message;
+use raftmq_cluster::routes::{Route, RouteChange};
 use raftmq_cluster::session::{QueuedMessage, ShareTarget, SubscriptionOptions};
 use raftmq_cluster::topic::TopicTrie;
 
@@ -55,54 +56,71 @@ pub struct SubscriptionIndex {
     shared: RwLock<TopicTrie<SharedKey, SubscriptionOptions>>,
     /// Number of shared subscription memberships, so routing skips the shared trie when 0.
     shared_members: std::sync::atomic::AtomicUsize,
+    /// Sequence number of the last route change decided (under the trie's write lock).
+    route_seq: std::sync::atomic::AtomicU64,
 }
 
 impl SubscriptionIndex {
-    /// Adds or replaces a subscription. Returns whether the client already had this filter
-    /// and whether the filter is new on this node (a route to announce).
-    pub fn subscribe(&self, slot: &Arc<SessionSlot>, filter: &str, options: SubscriptionOptions) -> (bool, bool) {
-        let mut trie = self.trie.write().unwrap_or_else(|p| p.into_inner());
-        let (previous, new_route) = trie.insert(filter, Subscriber(Arc::clone(slot)), options);
-        (previous.is_some(), new_route)
+    /// The next route change, numbered. Called with the write lock of the trie it concerns
+    /// held, so changes of one route are numbered in the order they happened.
+    fn route_change(&self, group: Option<&Arc<str>>, filter: &str, members: u32) -> RouteChange {
+        let seq = self.route_seq.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+        RouteChange { seq, route: Route { group: group.cloned(), filter: Arc::from(filter) }, members }
     }
 
-    /// Removes a subscription. Returns whether it existed and whether the filter has no
-    /// subscribers left on this node (a route to withdraw).
-    pub fn unsubscribe(&self, slot: &Arc<SessionSlot>, filter: &str) -> (bool, bool) {
+    /// Adds or replaces a subscription. Returns whether the client already had this filter,
+    /// and the route change if the filter is new on this node.
+    pub fn subscribe(&self, slot: &Arc<SessionSlot>, filter: &str, options: SubscriptionOptions) -> (bool, Option<RouteChange>) {
+        let mut trie = self.trie.write().unwrap_or_else(|p| p.into_inner());
+        let (previous, new_route) = trie.insert(filter, Subscriber(Arc::clone(slot)), options);
+        (previous.is_some(), new_route.then(|| self.route_change(None, filter, 1)))
+    }
+
+    /// Removes a subscription. Returns whether it existed, and the route change if the filter
+    /// has no subscribers left on this node.
+    pub fn unsubscribe(&self, slot: &Arc<SessionSlot>, filter: &str) -> (bool, Option<RouteChange>) {
         let mut trie = self.trie.write().unwrap_or_else(|p| p.into_inner());
         let (removed, route_gone) = trie.remove(filter, &Subscriber(Arc::clone(slot)));
         if route_gone {
             trie.prune(filter);
         }
-        (removed.is_some(), route_gone)
+        (removed.is_some(), route_gone.then(|| self.route_change(None, filter, 0)))
     }
 
-    /// Adds or replaces a shared subscription; returns (existed, first member of the group).
-    pub fn subscribe_shared(&self, key: SharedKey, options: SubscriptionOptions) -> (bool, bool) {
+    /// Adds or replaces a shared subscription. Returns whether the member existed, and the
+    /// route change (the group's member count here) if it joined.
+    pub fn subscribe_shared(&self, key: SharedKey, options: SubscriptionOptions) -> (bool, Option<RouteChange>) {
         let mut trie = self.shared.write().unwrap_or_else(|p| p.into_inner());
         let filter = Arc::clone(&key.target.filter);
         let (previous, _) = trie.insert(&filter, key.clone(), options);
-        if previous.is_none() {
-            self.shared_members.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if previous.is_some() {
+            return (true, None);
         }
-        let mut members = 0;
-        trie.for_each_filter_value(&filter, |k, _| members += usize::from(k.target == key.target));
-        (previous.is_some(), previous.is_none() && members == 1)
+        self.shared_members.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let members = Self::members_of(&trie, &key.target);
+        (false, Some(self.route_change(Some(&key.target.group), &filter, members)))
     }
 
-    /// Removes a shared subscription; returns (existed, last member of the group gone).
-    pub fn unsubscribe_shared(&self, key: &SharedKey) -> (bool, bool) {
+    /// Removes a shared subscription. Returns whether it existed, and the route change (the
+    /// members left here; 0 withdraws the group's route) if it did.
+    pub fn unsubscribe_shared(&self, key: &SharedKey) -> (bool, Option<RouteChange>) {
         let mut trie = self.shared.write().unwrap_or_else(|p| p.into_inner());
         let (removed, filter_empty) = trie.remove(&key.target.filter, key);
-        if removed.is_some() {
-            self.shared_members.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        let mut members = 0;
-        trie.for_each_filter_value(&key.target.filter, |k, _| members += usize::from(k.target == key.target));
         if filter_empty {
             trie.prune(&key.target.filter);
         }
-        (removed.is_some(), removed.is_some() && members == 0)
+        if removed.is_none() {
+            return (false, None);
+        }
+        self.shared_members.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let members = Self::members_of(&trie, &key.target);
+        (true, Some(self.route_change(Some(&key.target.group), &key.target.filter, members)))
+    }
+
+    fn members_of(trie: &TopicTrie<SharedKey, SubscriptionOptions>, target: &ShareTarget) -> u32 {
+        let mut members = 0u32;
+        trie.for_each_filter_value(&target.filter, |k, _| members += u32::from(*k.target == *target));
+        members
     }
 
     /// Every shared subscription matching the message, with its members.
