@@ -12,7 +12,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use crate::NodeId;
+use async_trait::async_trait;
+
+use crate::message::Message;
+use crate::{NodeId, StoreError};
 
 /// A filter a node has subscribers for: plain, or for one shared group.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -45,6 +48,7 @@ pub struct RemoteMatch {
 }
 
 /// Cluster-wide map of routes -> nodes.
+#[async_trait]
 pub trait RouteTable: Send + Sync + 'static {
     /// Applies a change of this node's routes (in `seq` order, whatever the arrival order).
     /// Not async: it is called right after the index decided the change, with no await in
@@ -54,6 +58,9 @@ pub trait RouteTable: Send + Sync + 'static {
     fn apply(&self, change: RouteChange);
     /// What other nodes want of `topic`.
     fn remote_matches(&self, topic: &str) -> RemoteMatch;
+    /// Sends `message` to the nodes and groups of `targets` (once per node, however many
+    /// subscribers it has there); resolves when the peers have taken it.
+    async fn forward(&self, message: Arc<Message>, targets: RemoteMatch) -> Result<(), StoreError>;
     /// Number of routes this node holds (local and remote).
     fn count(&self) -> usize;
     /// The last change applied: what a peer's snapshot is consistent with.
@@ -120,6 +127,7 @@ impl LocalRoutes {
     }
 }
 
+#[async_trait]
 impl RouteTable for LocalRoutes {
     fn apply(&self, change: RouteChange) {
         let Ok(mut state) = self.state.lock() else { return };
@@ -136,6 +144,14 @@ impl RouteTable for LocalRoutes {
 
     fn remote_matches(&self, _topic: &str) -> RemoteMatch {
         RemoteMatch::default()
+    }
+
+    async fn forward(&self, _message: Arc<Message>, targets: RemoteMatch) -> Result<(), StoreError> {
+        // A node without peers has no remote targets to send to.
+        if targets.nodes.is_empty() && targets.groups.is_empty() {
+            return Ok(());
+        }
+        Err(StoreError::Unavailable("no peers to forward to".into()))
     }
 
     fn count(&self) -> usize {

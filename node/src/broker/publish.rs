@@ -26,13 +26,33 @@ impl Broker {
     }
 
     /// Publishes a message: stores it as the topic's retained message when its RETAIN flag
-    /// is set, then routes it. Resolves once durable; says where it went (see
-    /// [`Broker::route`]). Every publisher (clients, wills, `$SYS`, the admin API)
-    /// goes through here.
+    /// is set, routes it to this node's sessions ([`Broker::route`]) and forwards it to the
+    /// other nodes that want it ([`Broker::forward`]). Resolves once durable; says where it
+    /// went, remote targets included. Every publisher on this node (clients, wills, `$SYS`,
+    /// the admin API) goes through here.
     pub async fn publish(&self, message: &Arc<Message>) -> Result<Routed, StoreError> {
         if message.retain {
             self.retain(message).await?;
         }
+        let mut routed = self.route(message).await?;
+        routed.matched += self.forward(message).await?;
+        Ok(routed)
+    }
+
+    /// Sends a message to the other nodes with matching routes (once per node) and returns
+    /// how many nodes and groups there were: none on a node without peers.
+    pub async fn forward(&self, message: &Arc<Message>) -> Result<usize, StoreError> {
+        let targets = self.routes.remote_matches(&message.topic);
+        let count = targets.nodes.len() + targets.groups.len();
+        if count > 0 {
+            self.routes.forward(Arc::clone(message), targets).await?;
+        }
+        Ok(count)
+    }
+
+    /// Delivers a message another node forwarded here: to this node's sessions only. It is
+    /// not retained again (its publisher's node did that) and never forwarded again.
+    pub async fn deliver_forwarded(&self, message: &Arc<Message>) -> Result<Routed, StoreError> {
         self.route(message).await
     }
 

@@ -109,3 +109,20 @@ async fn mqtt_3_3_1_9_every_retained_message_reaches_a_new_subscription_beyond_t
     assert_eq!(queue_full, 0, "before the fix, 4,000 were dropped as queue_full");
     Ok(())
 }
+
+/// Issue 11, item 5: a message another node forwarded is delivered to this node's
+/// subscribers but not retained here again (its publisher's node retained it) and not
+/// forwarded again.
+#[tokio::test]
+async fn forwarded_messages_are_delivered_but_not_retained_again() -> anyhow::Result<()> {
+    let b = start_broker(|_| {}).await?;
+    let (mut sub, _) = Raw::connect(b.addr, Protocol::V5, "here", true).await?;
+    sub.subscribe(1, "fwd/#", QoS::AtMostOnce).await?;
+    let before = b.server.broker.retained_count();
+    let message = raftmq_cluster::message::Message::new("fwd/x".into(), "from a peer".into(), QoS::AtMostOnce, true, "elsewhere".into());
+    let routed = b.server.broker.deliver_forwarded(&std::sync::Arc::new(message)).await?;
+    assert_eq!(routed.matched, 1);
+    assert_eq!(&sub.recv_publish().await?.payload[..], b"from a peer");
+    assert_eq!(b.server.broker.retained_count(), before);
+    Ok(())
+}
