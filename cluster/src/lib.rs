@@ -5,13 +5,15 @@
 //!
 //! - [`session::SessionStore`]: persistent sessions (subscriptions, queues, inflight, wills);
 //! - [`retained::RetainedStore`]: retained messages;
-//! - [`routes::RouteTable`]: which nodes want which topics.
+//! - [`routes::RouteTable`]: which nodes want which topics;
+//! - [`registry::ClientRegistry`]: which node owns each client id, under which epoch.
 //!
 //! Each has an in-memory implementation for a single node. Writes resolve only when durable,
 //! so the Raft-replicated implementations plug in without touching the broker.
 
 pub mod convert;
 pub mod message;
+pub mod registry;
 pub mod retained;
 pub mod routes;
 pub mod session;

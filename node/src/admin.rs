@@ -199,12 +199,14 @@ struct SessionView {
 fn view(slot: &crate::session::SessionSlot) -> SessionView {
     let inner = slot.lock();
     let info = inner.conn.as_ref().map(|c| c.info.clone());
+    // The owner is the identity and address of the connection attached now.
+    let owner = inner.owner.as_ref().filter(|_| info.is_some());
     SessionView {
         client_id: slot.client_id.to_string(),
         connected: info.is_some(),
-        username: info.as_ref().and_then(|i| i.username.clone()),
-        ip_address: info.as_ref().and_then(|i| i.peer).map(|p| p.ip().to_string()),
-        port: info.as_ref().and_then(|i| i.peer).map(|p| p.port()),
+        username: owner.and_then(|o| o.identity.username.clone()),
+        ip_address: owner.map(|o| o.peer.ip().to_string()),
+        port: owner.map(|o| o.peer.port()),
         proto_ver: info.as_ref().map(|i| i.protocol),
         keepalive: info.as_ref().map(|i| i.keep_alive),
         clean_start: info.as_ref().map(|i| i.clean_start),

@@ -94,8 +94,12 @@ impl Broker {
                 slot.restore(state);
                 session_present = true;
             }
+            // This node owns the client id from now on, under a new epoch: whatever an
+            // earlier owner still has pending for it (expiry, a delayed will) is void.
+            let epoch = self.registry.claim(client_id, self.node_id).await?;
             {
                 let mut inner = slot.lock();
+                inner.epoch = epoch;
                 inner.conn = Some(ConnHandle {
                     conn_id,
                     info: info.clone(),
@@ -150,20 +154,31 @@ impl Broker {
         }
     }
 
-    /// Ends a session: subscriptions, queue, store entry; publishes a pending will.
+    /// Ends a session: subscriptions, queue, store entry; publishes a pending will. The
+    /// stored session, the registry entry and the will are only touched while this node's
+    /// epoch is still current: a session claimed elsewhere since is not this node's to
+    /// remove, and its will is not this node's to publish (only the local slot goes).
     pub(super) async fn discard(&self, slot: &Arc<SessionSlot>) -> Result<(), StoreError> {
-        let (filters, will) = {
+        let (filters, will, epoch) = {
             let mut inner = slot.lock();
             inner.removed = true;
             inner.generation += 1;
             let filters: Vec<String> = inner.subscriptions.drain().map(|(f, _)| f.into_string()).collect();
-            (filters, inner.pending_will.take())
+            (filters, inner.pending_will.take(), inner.epoch)
         };
         for filter in filters {
             self.index_unsubscribe(slot, &filter);
         }
         self.sessions.remove_if(&slot.client_id, |_, s| Arc::ptr_eq(s, slot));
+        let ours = epoch == 0 || self.registry.is_current(&slot.client_id, epoch);
+        if !ours {
+            tracing::debug!(client_id = %Printable(&slot.client_id), epoch, "session claimed elsewhere: only the local copy is dropped");
+            return Ok(());
+        }
         self.store.remove(&slot.client_id).await?;
+        if epoch != 0 {
+            self.registry.release(&slot.client_id, epoch).await?;
+        }
         if let Some(will) = will {
             self.publish_will_now(will.message).await;
         }
@@ -231,6 +246,10 @@ impl Broker {
             let will = {
                 let mut inner = slot.lock();
                 if inner.generation != generation {
+                    return;
+                }
+                // Claimed by another node since: its owner decides about the will now.
+                if !broker.registry.is_current(&slot.client_id, inner.epoch) {
                     return;
                 }
                 inner.pending_will.take()

@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use raftmq_cluster::message::{now_ms, Message};
+use raftmq_cluster::registry::{ClientRegistry, MemoryRegistry};
 use raftmq_cluster::retained::{MemoryRetainedStore, RetainedLimits, RetainedStore};
 use raftmq_cluster::routes::{LocalRoutes, RouteTable};
 use raftmq_cluster::session::{MemorySessionStore, QueueLimits, SessionStore};
+use raftmq_cluster::NodeId;
 use raftmq_cluster::StoreError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -102,6 +104,9 @@ pub struct Broker {
     retained: Arc<dyn RetainedStore>,
     store: Arc<dyn SessionStore>,
     routes: Arc<dyn RouteTable>,
+    registry: Arc<dyn ClientRegistry>,
+    /// This node's id in the registry (a hash of `node_name`).
+    node_id: NodeId,
     dispatcher: Dispatcher,
     next_conn_id: AtomicU64,
     /// Connections handling packets they have read, right now (see
@@ -123,7 +128,13 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-/// The shared state a broker works on: retained messages, persistent sessions and routes.
+/// A node's id in the registry: a stable hash (FNV-1a) of its name.
+fn node_id(name: &str) -> NodeId {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The shared state a broker works on: retained messages, persistent sessions, routes and
+/// the client registry.
 /// A single node uses the in-memory ones ([`Stores::memory`]); the cluster plugs in its
 /// replicated store and gossiped route table through [`Server::start_with`](crate::server::Server::start_with).
 #[derive(Clone)]
@@ -134,6 +145,8 @@ pub struct Stores {
     pub sessions: Arc<dyn SessionStore>,
     /// Routes (which nodes want which filters).
     pub routes: Arc<dyn RouteTable>,
+    /// Which node owns each client id, under which epoch.
+    pub registry: Arc<dyn ClientRegistry>,
 }
 
 impl std::fmt::Debug for Stores {
@@ -150,7 +163,12 @@ impl Stores {
             max_bytes: config.retained.max_bytes,
             max_payload: config.retained.max_payload,
         }));
-        Stores { retained, sessions: Arc::new(MemorySessionStore::new()), routes: Arc::new(LocalRoutes::new()) }
+        Stores {
+            retained,
+            sessions: Arc::new(MemorySessionStore::new()),
+            routes: Arc::new(LocalRoutes::new()),
+            registry: Arc::new(MemoryRegistry::new()),
+        }
     }
 }
 
@@ -163,7 +181,8 @@ impl Broker {
 
     /// A broker over the given stores (the cluster plugs its replicated stores in here).
     pub fn with_stores(config: Config, auth: AuthMethods, stores: Stores) -> Result<Arc<Broker>, SecurityError> {
-        let Stores { retained, sessions: store, routes } = stores;
+        let Stores { retained, sessions: store, routes, registry } = stores;
+        let node_id = node_id(&config.node_name);
         let dispatcher = Dispatcher::new(config.shared.strategy);
         let security = std::sync::RwLock::new(Arc::new(Security::load(&config)?));
         let bans = Bans::from_config(&config.bans)?;
@@ -188,6 +207,8 @@ impl Broker {
             retained,
             store,
             routes,
+            registry,
+            node_id,
             next_conn_id: AtomicU64::new(1),
             handling: AtomicUsize::new(0),
             stats: Stats::default(),

@@ -372,14 +372,7 @@ pub(super) async fn accept<S: ClientStream>(
         return None;
     }
     let conn_id = broker.next_conn_id();
-    let info = ConnInfo {
-        peer: Some(peer),
-        username: identity.username.clone(),
-        protocol: protocol.level(),
-        keep_alive,
-        clean_start: connect.clean_start,
-        connected_at_ms: now_ms(),
-    };
+    let info = ConnInfo { protocol: protocol.level(), keep_alive, clean_start: connect.clean_start, connected_at_ms: now_ms() };
     let owner = Arc::new(Owner { identity, peer });
     let attached = Box::pin(broker.attach(&client_id, conn_id, connect.clean_start, expiry, info, Arc::clone(&owner))).await;
     let identity = &owner.identity;

@@ -19,13 +19,10 @@ use tokio::sync::Notify;
 mod inflight;
 pub use inflight::{Ack, Inflight};
 
-/// What the admin API shows about a live connection.
+/// What the admin API shows about a live connection (who it is and from where is the
+/// slot's `owner`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConnInfo {
-    /// Peer address.
-    pub peer: Option<std::net::SocketAddr>,
-    /// Authenticated user name.
-    pub username: Option<String>,
     /// Protocol level (3, 4, 5).
     pub protocol: u8,
     /// Keep alive in force, seconds.
@@ -59,6 +56,8 @@ pub struct ConnHandle {
 pub struct SlotInner {
     /// Attached connection, `None` while offline.
     pub conn: Option<ConnHandle>,
+    /// This node's claim on the client id (see `ClientRegistry`); 0 before the first.
+    pub epoch: raftmq_cluster::registry::Epoch,
     /// The identity that created the session: only it may resume the session.
     pub owner: Option<Arc<crate::security::Owner>>,
     /// Bumped at every attach and detach; timers compare it to know they are stale.

@@ -312,3 +312,44 @@ async fn store_errors_are_refusals_the_client_sees() -> anyhow::Result<()> {
     assert!(text.contains("raftmq_store_errors_total{reason=\"not_leader\"} 2"), "{text}");
     Ok(())
 }
+
+/// Issue 11, item 6: an old owner's session-expiry timer cannot remove a session claimed
+/// since under a newer epoch. Two brokers share one session store and one client registry
+/// (as nodes of a cluster will): the client leaves node A with a one-second expiry and
+/// resumes on node B; when A's timer fires, A drops only its own copy.
+#[tokio::test]
+async fn an_old_owners_expiry_timer_cannot_remove_a_session_claimed_elsewhere() -> anyhow::Result<()> {
+    let base = |name: &str| {
+        let mut config = raftmq_node::config::Config { node_name: name.into(), ..Default::default() };
+        config.mqtt.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        config.listeners.clear();
+        config.admin.enabled = false;
+        config
+    };
+    let (config_a, config_b) = (base("node-a"), base("node-b"));
+    let stores = raftmq_node::broker::Stores::memory(&config_a);
+    let sessions = std::sync::Arc::clone(&stores.sessions);
+    let a = raftmq_node::server::Server::start_with(config_a, Default::default(), stores.clone()).await?;
+    let b = raftmq_node::server::Server::start_with(config_b, Default::default(), stores).await?;
+
+    let mut c = connect_packet(Protocol::V5, "roamer", false);
+    c.properties.session_expiry_interval = Some(1);
+    let (mut on_a, _) = Raw::connect_with(a.mqtt_addr, c.clone()).await?;
+    on_a.subscribe(1, "roam/#", QoS::AtLeastOnce).await?;
+    on_a.send(&Packet::Disconnect(Disconnect::new(0))).await?;
+    on_a.expect_closed(DEADLINE).await?;
+    c.properties.session_expiry_interval = Some(300);
+    let (_on_b, ack) = Raw::connect_with(b.mqtt_addr, c).await?;
+    assert!(ack.session_present, "B resumed the session from the shared store");
+    // A's expiry timer fires after a second: A forgets its local copy ...
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while a.broker.slot("roamer").is_some() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "A never expired its copy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ... and the session B owns is still stored, with its subscription.
+    let stored = sessions.load("roamer").await?;
+    assert!(stored.is_some_and(|s| s.subscriptions.contains_key("roam/#")), "A removed B's session");
+    assert!(b.broker.slot("roamer").is_some());
+    Ok(())
+}
