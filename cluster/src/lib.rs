@@ -3,7 +3,8 @@
 //! This crate speaks of topics, messages, sessions and routes, never of MQTT packets. The
 //! broker (`raftmq-node`) owns the wire protocol and calls in here through three seams:
 //!
-//! - [`session::SessionStore`]: persistent sessions (subscriptions, queues, inflight, wills);
+//! - [`session::SessionStore`]: persistent sessions (subscriptions, queues, inflight, wills),
+//!   changed by the commands of [`session_ops`], applied by one pure function;
 //! - [`retained::RetainedStore`]: retained messages;
 //! - [`routes::RouteTable`]: which nodes want which topics;
 //! - [`registry::ClientRegistry`]: which node owns each client id, under which epoch.
@@ -17,6 +18,7 @@ pub mod registry;
 pub mod retained;
 pub mod routes;
 pub mod session;
+pub mod session_ops;
 pub mod topic;
 
 /// Identifier of a node in the cluster.

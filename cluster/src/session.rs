@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 
 use crate::message::{Message, QoS};
+use crate::session_ops::{Applied, OpError, SessionCommand};
 use crate::StoreError;
 
 /// What to drop when a session queue is full.
@@ -114,6 +115,8 @@ pub struct SessionState {
     /// User name of the identity that created the session (`None`: anonymous); only that
     /// identity may resume it.
     pub owner: Option<String>,
+    /// Epoch of the owning node's claim; commands of older epochs are refused.
+    pub epoch: crate::registry::Epoch,
 }
 
 /// Bounds applied by the store to a session queue.
@@ -139,6 +142,10 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn append(&self, batch: Vec<(String, QueuedMessage)>, limits: QueueLimits) -> Result<u64, StoreError>;
     /// Removes a session; returns its last state.
     async fn remove(&self, client_id: &str) -> Result<Option<SessionState>, StoreError>;
+    /// Applies session commands in order (one write for the batch) with
+    /// [`crate::session_ops::apply`]; each gets its own outcome (a fenced or orphaned command
+    /// is refused, the others apply).
+    async fn apply(&self, batch: Vec<SessionCommand>) -> Result<Vec<Result<Applied, OpError>>, StoreError>;
     /// Number of stored sessions.
     fn len(&self) -> usize;
     /// True when no session is stored.
@@ -217,6 +224,21 @@ impl SessionStore for MemorySessionStore {
             }
         }
         Ok(dropped)
+    }
+
+    async fn apply(&self, batch: Vec<SessionCommand>) -> Result<Vec<Result<Applied, OpError>>, StoreError> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for cmd in batch {
+            let (mut state, mut bytes) = match self.sessions.remove(&cmd.client_id) {
+                Some((_, (state, bytes))) => (Some(state), bytes),
+                None => (None, 0),
+            };
+            outcomes.push(crate::session_ops::apply(&mut state, &mut bytes, &cmd));
+            if let Some(state) = state {
+                self.sessions.insert(cmd.client_id, (state, bytes));
+            }
+        }
+        Ok(outcomes)
     }
 
     async fn remove(&self, client_id: &str) -> Result<Option<SessionState>, StoreError> {

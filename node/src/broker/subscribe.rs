@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use raftmq_cluster::session::{ShareTarget, SubscriptionOptions};
+use raftmq_cluster::session_ops::{OpError, SessionCommand, SessionOp};
 use raftmq_cluster::StoreError;
 
 use super::Broker;
@@ -53,11 +54,12 @@ impl Broker {
     }
 
     /// Adds or replaces a subscription of the session in `slot`. Returns whether it already
-    /// existed (for Retain Handling 1).
+    /// existed (for Retain Handling 1). A persistent session's store gets the change as one
+    /// operation, not a rewrite of the whole session.
     pub async fn subscribe(&self, slot: &Arc<SessionSlot>, filter: &str, options: SubscriptionOptions) -> Result<bool, StoreError> {
         slot.lock().subscriptions.insert(Box::from(filter), options);
         let existed = self.index_subscribe(slot, filter, options);
-        self.save_if_persistent(slot).await?;
+        self.store_op(slot, SessionOp::Subscribe { filter: filter.to_owned(), options }).await?;
         Ok(existed)
     }
 
@@ -65,15 +67,26 @@ impl Broker {
     pub async fn unsubscribe(&self, slot: &Arc<SessionSlot>, filter: &str) -> Result<bool, StoreError> {
         slot.lock().subscriptions.remove(filter);
         let existed = self.index_unsubscribe(slot, filter);
-        self.save_if_persistent(slot).await?;
+        self.store_op(slot, SessionOp::Unsubscribe { filter: filter.to_owned() }).await?;
         Ok(existed)
     }
 
-    pub(super) async fn save_if_persistent(&self, slot: &Arc<SessionSlot>) -> Result<(), StoreError> {
-        if slot.lock().persistent {
-            self.store.save(slot.snapshot()).await?;
+    /// Hands a persistent session's change to the store, under the slot's epoch. A fenced
+    /// command (the session was claimed elsewhere) is a store error the client sees.
+    pub(super) async fn store_op(&self, slot: &Arc<SessionSlot>, op: SessionOp) -> Result<(), StoreError> {
+        let (persistent, epoch) = {
+            let inner = slot.lock();
+            (inner.persistent, inner.epoch)
+        };
+        if !persistent {
+            return Ok(());
         }
-        Ok(())
+        let cmd = SessionCommand { client_id: slot.client_id.to_string(), epoch, op };
+        match self.store.apply(vec![cmd]).await?.pop() {
+            Some(Err(OpError::Fenced { .. })) => Err(StoreError::Fenced),
+            // A session the store no longer has (removed meanwhile) takes nothing.
+            _ => Ok(()),
+        }
     }
 }
 

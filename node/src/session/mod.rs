@@ -289,6 +289,7 @@ impl SessionSlot {
             will: inner.pending_will.as_deref().cloned(),
             disconnected_at_ms: 0,
             owner: inner.owner.as_ref().and_then(|o| o.identity.username.clone()),
+            epoch: inner.epoch,
         }
     }
 

@@ -266,6 +266,15 @@ impl raftmq_cluster::session::SessionStore for LeaderlessStore {
     async fn remove(&self, id: &str) -> Result<Option<raftmq_cluster::session::SessionState>, raftmq_cluster::StoreError> {
         self.inner.remove(id).await
     }
+    async fn apply(
+        &self,
+        batch: Vec<raftmq_cluster::session_ops::SessionCommand>,
+    ) -> Result<Vec<Result<raftmq_cluster::session_ops::Applied, raftmq_cluster::session_ops::OpError>>, raftmq_cluster::StoreError> {
+        if self.refuse_saves {
+            return Err(raftmq_cluster::StoreError::NotLeader);
+        }
+        self.inner.apply(batch).await
+    }
     fn len(&self) -> usize {
         self.inner.len()
     }
