@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use raftmq_cluster::message::now_ms;
 use raftmq_cluster::session::WillMessage;
+use raftmq_cluster::session_ops::{OpError, SessionCommand, SessionOp};
 use raftmq_cluster::StoreError;
 
 use super::{AttachError, Attached, Broker, EndKind};
@@ -72,6 +73,7 @@ impl Broker {
                 continue;
             }
             let mut session_present = false;
+            let mut stored_was_used = false;
             let existed = {
                 let inner = slot.lock();
                 inner.persistent || !inner.subscriptions.is_empty() || !inner.queue.is_empty()
@@ -81,13 +83,16 @@ impl Broker {
                     self.discard(&slot).await?;
                     continue;
                 }
-                // A fresh slot may still have a stored session (another node, or a restart).
-                if stored.is_some() {
+                // A fresh slot may still have a stored session (another node, or a restart):
+                // a persistent clean start replaces it with one claim below; a transient
+                // one removes it.
+                if stored.is_some() && expiry_secs == 0 {
                     self.store.remove(client_id).await?;
                 }
             } else if existed {
                 session_present = true;
             } else if let Some(state) = stored {
+                stored_was_used = true;
                 for (filter, opts) in &state.subscriptions {
                     self.index_subscribe(&slot, filter, *opts);
                 }
@@ -115,7 +120,19 @@ impl Broker {
                 inner.pending_will = None;
             }
             if expiry_secs > 0 {
-                self.store.save(slot.snapshot()).await?;
+                // One operation: the claim under the new epoch (a clean start empties the
+                // stored session in the same step), then the state this node holds.
+                let owner_name = owner.identity.username.clone();
+                let claim = SessionOp::Claim { clean: clean_start, owner: owner_name, expiry_secs };
+                let cmd = SessionCommand { client_id: client_id.to_owned(), epoch, op: claim };
+                if let Some(Err(OpError::Fenced { .. })) = self.store.apply(vec![cmd]).await?.pop() {
+                    return Err(AttachError::Store(StoreError::Fenced));
+                }
+                if session_present && stored_was_used {
+                    // Resumed from the store: it already holds this state.
+                } else {
+                    self.store.save(slot.snapshot()).await?;
+                }
             }
             return Ok(Attached { slot: Arc::clone(&slot), session_present });
         }

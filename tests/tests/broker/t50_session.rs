@@ -362,3 +362,32 @@ async fn an_old_owners_expiry_timer_cannot_remove_a_session_claimed_elsewhere() 
     assert!(b.broker.slot("roamer").is_some());
     Ok(())
 }
+
+/// Issue 11, item 6: a clean start over a session stored by another node is one claim that
+/// empties it: the old subscriptions are gone for good, not loaded and then removed.
+#[tokio::test]
+async fn clean_start_over_a_stored_session_is_one_claim() -> anyhow::Result<()> {
+    use raftmq_cluster::session::{MemorySessionStore, SessionState, SessionStore, SubscriptionOptions};
+    let mut config = raftmq_node::config::Config::default();
+    config.mqtt.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    config.listeners.clear();
+    config.admin.enabled = false;
+    let mut stores = raftmq_node::broker::Stores::memory(&config);
+    let sessions = std::sync::Arc::new(MemorySessionStore::new());
+    let state = SessionState {
+        client_id: "fresh-start".into(),
+        subscriptions: [("old/#".to_string(), SubscriptionOptions::default())].into_iter().collect(),
+        expiry_secs: 300,
+        ..SessionState::default()
+    };
+    sessions.save(state).await?;
+    stores.sessions = std::sync::Arc::clone(&sessions) as std::sync::Arc<dyn SessionStore>;
+    let server = raftmq_node::server::Server::start_with(config, Default::default(), stores).await?;
+    let mut c = connect_packet(Protocol::V5, "fresh-start", true);
+    c.properties.session_expiry_interval = Some(300);
+    let (_client, ack) = Raw::connect_with(server.mqtt_addr, c).await?;
+    assert!(!ack.session_present);
+    let stored = sessions.load("fresh-start").await?;
+    assert!(stored.as_ref().is_some_and(|s| s.subscriptions.is_empty() && s.epoch > 0), "{stored:?}");
+    Ok(())
+}
