@@ -39,13 +39,20 @@ pub(super) const LAND_MIN: Duration = Duration::from_micros(100);
 /// publish could miss the message (83 of 200 did here; Mosquitto, single-threaded, none).
 /// No rule requires the order, but request/response clients and test suites assume it.
 ///
-/// So a PUBLISH that matches nothing yields once, letting tasks woken before it run, and
-/// then keeps yielding while other connections are handling packets they have read
-/// ([`Broker::handling`]) and still nothing matches, for at most [`LAND_MAX`]; then it
-/// routes as usual. On a quiet broker that is one yield. Only the first PUBLISH of each
-/// read pays it, so a client that publishes into the void in bulk pays once a batch.
+/// So a PUBLISH that matches nothing yields, letting tasks woken before it run, for at
+/// least [`LAND_MIN`] and, while other connections are handling packets they have read
+/// ([`Broker::handling`]) and still nothing matches, at most [`LAND_MAX`]; then it routes
+/// as usual. Only the first PUBLISH of each read pays it. Those waits yield rather than
+/// sleep (a timer has millisecond granularity), so they are rationed by
+/// `Broker::land_budget`: a fleet publishing into the void at a high rate gets a single
+/// yield per publish once the budget of the second is spent, and the CPU the waits take
+/// stays a few percent of a core.
 pub(super) async fn let_earlier_packets_land(broker: &Broker, message: &Arc<Message>) {
     if !broker.matches_nothing(message) {
+        return;
+    }
+    if !broker.take_land_budget() {
+        tokio::task::yield_now().await;
         return;
     }
     let started = Instant::now();
