@@ -94,9 +94,9 @@ pub struct SlotInner {
     /// The queue stopped shrinking while publishers waited for it: publishers no longer
     /// wait for this client until its queue is down to a quarter again.
     pub stalled: bool,
-    /// When the connection last took a message from the queue, or the queue last became
-    /// non-empty (µs since the Unix epoch): how the broker tells a draining client from a
-    /// stalled one.
+    /// When the connection last took a message from the queue, or (0) the queue has become
+    /// non-empty since and the clock starts at the next congestion check (µs since the Unix
+    /// epoch): how the broker tells a draining client from a stalled one.
     pub progress_us: u64,
 }
 
@@ -228,11 +228,17 @@ impl SessionSlot {
             return Offered { offer: Offer::Offline, lost, congested: false };
         }
         if was_empty {
-            inner.progress_us = now_us();
+            // The stall clock starts again; it is read only once the queue is over half
+            // full, so the hot path (a queue that is mostly empty) reads no clock.
+            inner.progress_us = 0;
         }
         let over_half = inner.queue.len() > limits.max_len / 2 || inner.queue_bytes > limits.max_bytes / 2;
         let congested = over_half && !inner.stalled && {
-            if now_us().saturating_sub(inner.progress_us) >= stall_us {
+            let now = now_us();
+            if inner.progress_us == 0 {
+                inner.progress_us = now;
+                true
+            } else if now.saturating_sub(inner.progress_us) >= stall_us {
                 // Nothing taken for a while: stalled, not draining.
                 inner.stalled = true;
                 false
