@@ -33,16 +33,32 @@ pub struct TestBroker {
     pub addr: SocketAddr,
 }
 
-/// Starts a broker with default settings adjusted by `tweak`.
-pub async fn start_broker(tweak: impl FnOnce(&mut Config)) -> anyhow::Result<TestBroker> {
+/// The configuration of a test broker: MQTT on an ephemeral loopback port, no other
+/// listener, no admin API; then `tweak`.
+pub fn test_config(tweak: impl FnOnce(&mut Config)) -> Config {
     let mut config = Config::default();
     config.mqtt.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     // No default WebSocket listener on a fixed port: tests add listeners on port 0.
     config.listeners.clear();
     config.admin.enabled = false;
     tweak(&mut config);
+    config
+}
+
+/// Starts a broker with default settings adjusted by `tweak`.
+pub async fn start_broker(tweak: impl FnOnce(&mut Config)) -> anyhow::Result<TestBroker> {
+    let config = test_config(tweak);
     config.validate()?;
     let server = Server::start(config).await?;
+    let addr = server.mqtt_addr;
+    Ok(TestBroker { server, addr })
+}
+
+/// Starts a broker over the given stores (a shared or failing session store, a registry
+/// shared with another broker).
+pub async fn start_broker_over(config: Config, stores: raftmq_node::broker::Stores) -> anyhow::Result<TestBroker> {
+    config.validate()?;
+    let server = Server::start_with(config, Default::default(), stores).await?;
     let addr = server.mqtt_addr;
     Ok(TestBroker { server, addr })
 }
@@ -157,6 +173,15 @@ impl Raw {
     pub async fn subscribe(&mut self, packet_id: u16, filter: &str, qos: QoS) -> anyhow::Result<Vec<u8>> {
         let opts = SubscriptionOptions { qos, ..SubscriptionOptions::default() };
         self.subscribe_with(packet_id, vec![(filter.to_owned(), opts)], Properties::default()).await
+    }
+
+    /// Sends SUBSCRIBE and returns the whole SUBACK (codes and properties).
+    pub async fn suback_for(&mut self, packet_id: u16, filters: Vec<(String, SubscriptionOptions)>) -> anyhow::Result<codec::SubAck> {
+        self.send(&Packet::Subscribe(Subscribe { packet_id, properties: Properties::default(), filters })).await?;
+        match self.recv().await? {
+            Packet::SubAck(s) if s.packet_id == packet_id => Ok(s),
+            other => bail!("expected SUBACK, got {other:?}"),
+        }
     }
 
     /// Subscribes with full options and waits for the SUBACK.

@@ -214,10 +214,7 @@ async fn without_backpressure_a_full_queue_drops_and_the_publisher_goes_on() -> 
 #[tokio::test]
 async fn server_runs_over_injected_stores() -> anyhow::Result<()> {
     use raftmq_cluster::session::{MemorySessionStore, SessionState, SessionStore, SubscriptionOptions};
-    let mut config = raftmq_node::config::Config::default();
-    config.mqtt.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    config.listeners.clear();
-    config.admin.enabled = false;
+    let config = test_config(|_| {});
     let mut stores = raftmq_node::broker::Stores::memory(&config);
     let sessions = std::sync::Arc::new(MemorySessionStore::new());
     let opts = SubscriptionOptions { qos: QoS::AtLeastOnce, ..SubscriptionOptions::default() };
@@ -229,7 +226,7 @@ async fn server_runs_over_injected_stores() -> anyhow::Result<()> {
     };
     sessions.save(state).await?;
     stores.sessions = sessions;
-    let server = raftmq_node::server::Server::start_with(config, Default::default(), stores).await?;
+    let server = start_broker_over(config, stores).await?.server;
     let (mut resumed, ack) = Raw::connect(server.mqtt_addr, Protocol::V5, "from-elsewhere", false).await?;
     assert!(ack.session_present && ack.code == 0);
     let (mut publ, _) = Raw::connect(server.mqtt_addr, Protocol::V5, "p", true).await?;
@@ -281,13 +278,10 @@ impl raftmq_cluster::session::SessionStore for LeaderlessStore {
 }
 
 async fn over_leaderless_store(refuse_saves: bool) -> anyhow::Result<raftmq_node::server::Server> {
-    let mut config = raftmq_node::config::Config::default();
-    config.mqtt.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    config.listeners.clear();
-    config.admin.enabled = false;
+    let config = test_config(|_| {});
     let mut stores = raftmq_node::broker::Stores::memory(&config);
     stores.sessions = std::sync::Arc::new(LeaderlessStore { inner: Default::default(), refuse_saves });
-    Ok(raftmq_node::server::Server::start_with(config, Default::default(), stores).await?)
+    Ok(start_broker_over(config, stores).await?.server)
 }
 
 /// Issue 11, item 7: a store error is something a client sees, not a closed connection: a
@@ -328,18 +322,12 @@ async fn store_errors_are_refusals_the_client_sees() -> anyhow::Result<()> {
 /// resumes on node B; when A's timer fires, A drops only its own copy.
 #[tokio::test]
 async fn an_old_owners_expiry_timer_cannot_remove_a_session_claimed_elsewhere() -> anyhow::Result<()> {
-    let base = |name: &str| {
-        let mut config = raftmq_node::config::Config { node_name: name.into(), ..Default::default() };
-        config.mqtt.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-        config.listeners.clear();
-        config.admin.enabled = false;
-        config
-    };
+    let base = |name: &str| test_config(|c| c.node_name = name.into());
     let (config_a, config_b) = (base("node-a"), base("node-b"));
     let stores = raftmq_node::broker::Stores::memory(&config_a);
     let sessions = std::sync::Arc::clone(&stores.sessions);
-    let a = raftmq_node::server::Server::start_with(config_a, Default::default(), stores.clone()).await?;
-    let b = raftmq_node::server::Server::start_with(config_b, Default::default(), stores).await?;
+    let a = start_broker_over(config_a, stores.clone()).await?.server;
+    let b = start_broker_over(config_b, stores).await?.server;
 
     let mut c = connect_packet(Protocol::V5, "roamer", false);
     c.properties.session_expiry_interval = Some(1);
@@ -368,10 +356,7 @@ async fn an_old_owners_expiry_timer_cannot_remove_a_session_claimed_elsewhere() 
 #[tokio::test]
 async fn clean_start_over_a_stored_session_is_one_claim() -> anyhow::Result<()> {
     use raftmq_cluster::session::{MemorySessionStore, SessionState, SessionStore, SubscriptionOptions};
-    let mut config = raftmq_node::config::Config::default();
-    config.mqtt.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    config.listeners.clear();
-    config.admin.enabled = false;
+    let config = test_config(|_| {});
     let mut stores = raftmq_node::broker::Stores::memory(&config);
     let sessions = std::sync::Arc::new(MemorySessionStore::new());
     let state = SessionState {
@@ -382,7 +367,7 @@ async fn clean_start_over_a_stored_session_is_one_claim() -> anyhow::Result<()> 
     };
     sessions.save(state).await?;
     stores.sessions = std::sync::Arc::clone(&sessions) as std::sync::Arc<dyn SessionStore>;
-    let server = raftmq_node::server::Server::start_with(config, Default::default(), stores).await?;
+    let server = start_broker_over(config, stores).await?.server;
     let mut c = connect_packet(Protocol::V5, "fresh-start", true);
     c.properties.session_expiry_interval = Some(300);
     let (_client, ack) = Raw::connect_with(server.mqtt_addr, c).await?;

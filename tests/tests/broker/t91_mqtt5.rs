@@ -105,27 +105,11 @@ async fn request_problem_information_0_suppresses_reason_strings() -> anyhow::Re
     let mut c = connect_packet(Protocol::V5, "quiet", true);
     c.properties.request_problem_information = Some(0);
     let (mut raw, _) = Raw::connect_with(b.addr, c).await?;
-    raw.send(&Packet::Subscribe(raftmq_node::codec::Subscribe {
-        packet_id: 1,
-        properties: Properties::default(),
-        filters: vec![("a/#/b".into(), Default::default())],
-    }))
-    .await?;
-    match raw.recv().await? {
-        Packet::SubAck(s) => {
-            assert_eq!(s.codes, vec![reason::TOPIC_FILTER_INVALID]);
-            assert_eq!(s.properties.reason_string, None);
-        }
-        other => panic!("expected SUBACK, got {other:?}"),
-    }
+    let suback = raw.suback_for(1, vec![("a/#/b".into(), Default::default())]).await?;
+    assert_eq!(suback.codes, vec![reason::TOPIC_FILTER_INVALID]);
+    assert_eq!(suback.properties.reason_string, None);
     let (mut loud, _) = Raw::connect(b.addr, Protocol::V5, "loud", true).await?;
-    loud.send(&Packet::Subscribe(raftmq_node::codec::Subscribe {
-        packet_id: 1,
-        properties: Properties::default(),
-        filters: vec![("a/#/b".into(), Default::default())],
-    }))
-    .await?;
-    assert!(matches!(loud.recv().await?, Packet::SubAck(s) if s.properties.reason_string.is_some()));
+    assert!(loud.suback_for(1, vec![("a/#/b".into(), Default::default())]).await?.properties.reason_string.is_some());
     Ok(())
 }
 
