@@ -37,6 +37,7 @@ mod lifecycle;
 mod publish;
 mod reload;
 mod subscribe;
+mod writer;
 
 /// Why a connection ended, as far as wills and sessions care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +106,8 @@ pub struct Broker {
     store: Arc<dyn SessionStore>,
     routes: Arc<dyn RouteTable>,
     registry: Arc<dyn ClientRegistry>,
+    /// Session operations a connection hands over without waiting.
+    writer: writer::StoreWriter,
     /// This node's id in the registry (a hash of `node_name`).
     node_id: NodeId,
     dispatcher: Dispatcher,
@@ -130,6 +133,9 @@ impl std::fmt::Debug for Broker {
         f.debug_struct("Broker").field("node", &self.config.node_name).field("sessions", &self.sessions.len()).finish()
     }
 }
+
+/// Session operations waiting for the store writer at most.
+const WRITER_QUEUE: usize = 16 * 1024;
 
 /// Waits a second for earlier packets to land (each mostly 0.1 ms of yields): a few
 /// percent of a core at most.
@@ -189,6 +195,7 @@ impl Broker {
     /// A broker over the given stores (the cluster plugs its replicated stores in here).
     pub fn with_stores(config: Config, auth: AuthMethods, stores: Stores) -> Result<Arc<Broker>, SecurityError> {
         let Stores { retained, sessions: store, routes, registry } = stores;
+        let writer = writer::StoreWriter::start(Arc::clone(&store), WRITER_QUEUE);
         let node_id = node_id(&config.node_name);
         let dispatcher = Dispatcher::new(config.shared.strategy);
         let security = std::sync::RwLock::new(Arc::new(Security::load(&config)?));
@@ -215,6 +222,7 @@ impl Broker {
             store,
             routes,
             registry,
+            writer,
             node_id,
             next_conn_id: AtomicU64::new(1),
             handling: AtomicUsize::new(0),

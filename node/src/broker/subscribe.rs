@@ -71,6 +71,18 @@ impl Broker {
         Ok(existed)
     }
 
+    /// Hands a persistent session's change to the store without waiting (batched, in
+    /// order): what the connection loop records as it handles packets.
+    pub fn record(&self, slot: &SessionSlot, op: SessionOp) {
+        let (persistent, epoch) = {
+            let inner = slot.lock();
+            (inner.persistent, inner.epoch)
+        };
+        if persistent {
+            self.writer.submit(SessionCommand { client_id: slot.client_id.to_string(), epoch, op });
+        }
+    }
+
     /// Hands a persistent session's change to the store, under the slot's epoch. A fenced
     /// command (the session was claimed elsewhere) is a store error the client sees.
     pub(super) async fn store_op(&self, slot: &Arc<SessionSlot>, op: SessionOp) -> Result<(), StoreError> {

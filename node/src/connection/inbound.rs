@@ -25,6 +25,7 @@ use super::client::Client;
 use super::framed::Framed;
 use super::handshake::authenticate;
 use super::{violation, ConnectionError, Handled};
+use raftmq_cluster::session_ops::SessionOp;
 
 /// Longest a PUBLISH that matches nothing waits for other connections' packets.
 pub(super) const LAND_MAX: Duration = Duration::from_millis(1);
@@ -113,6 +114,9 @@ pub(super) fn handle_quick<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 PubKind::PubRel => {
                     let known = slot.lock().awaiting_rel.remove(&r.packet_id).is_some();
+                    if known {
+                        broker.record(slot, SessionOp::InboundReleased { packet_id: r.packet_id });
+                    }
                     let code = if known || !v5 { 0 } else { reason::PACKET_IDENTIFIER_NOT_FOUND };
                     framed.send(&client.ack(PubKind::PubComp, r.packet_id, code, "unknown packet identifier"));
                 }
@@ -132,6 +136,7 @@ pub(super) fn handle_quick<S: AsyncRead + AsyncWrite + Unpin>(
                     return Err(violation(reason::PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 in CONNECT"));
                 }
                 let expiry = new_expiry.min(broker.config.mqtt.max_session_expiry_secs);
+                broker.record(slot, SessionOp::SetExpiry(expiry));
                 let mut inner = slot.lock();
                 inner.expiry_secs = expiry;
                 inner.persistent = expiry > 0;
@@ -243,7 +248,10 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         } else if let Some(kind) = ack_kind {
             framed.send(&Packet::PubResponse(PubResponse::new(kind, p.packet_id, 0)));
             if kind == PubKind::PubRec {
-                slot.lock().awaiting_rel.insert(p.packet_id, Instant::now());
+                {
+                    slot.lock().awaiting_rel.insert(p.packet_id, Instant::now());
+                    broker.record(slot, SessionOp::InboundReceived { packet_id: p.packet_id });
+                }
             }
         }
         return Ok(());
@@ -258,7 +266,10 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
             let code = if v5 { reason::NOT_AUTHORIZED } else { 0 };
             framed.send(&client.ack(kind, p.packet_id, code, "publish not authorized"));
             if kind == PubKind::PubRec && code == 0 {
-                slot.lock().awaiting_rel.insert(p.packet_id, Instant::now());
+                {
+                    slot.lock().awaiting_rel.insert(p.packet_id, Instant::now());
+                    broker.record(slot, SessionOp::InboundReceived { packet_id: p.packet_id });
+                }
             }
         }
         return Ok(());
@@ -303,7 +314,10 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let code = if v5 && matched == 0 { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
         framed.send(&Packet::PubResponse(PubResponse::new(kind, p.packet_id, code)));
         if kind == PubKind::PubRec {
-            slot.lock().awaiting_rel.insert(p.packet_id, Instant::now());
+            {
+                slot.lock().awaiting_rel.insert(p.packet_id, Instant::now());
+                broker.record(slot, SessionOp::InboundReceived { packet_id: p.packet_id });
+            }
         }
     }
     Ok(())

@@ -376,3 +376,37 @@ async fn clean_start_over_a_stored_session_is_one_claim() -> anyhow::Result<()> 
     assert!(stored.as_ref().is_some_and(|s| s.subscriptions.is_empty() && s.epoch > 0), "{stored:?}");
     Ok(())
 }
+
+/// Issue 11, item 3: what a connection records while it handles packets reaches the store
+/// as operations, without the connection waiting for it: an inbound QoS 2 id while it
+/// awaits PUBREL (so exactly-once survives a move to another node), and its release.
+#[tokio::test]
+async fn inbound_qos2_ids_reach_the_store_as_operations() -> anyhow::Result<()> {
+    use raftmq_cluster::session::{MemorySessionStore, SessionStore};
+    let mut stores = raftmq_node::broker::Stores::memory(&test_config(|_| {}));
+    let sessions = std::sync::Arc::new(MemorySessionStore::new());
+    stores.sessions = std::sync::Arc::clone(&sessions) as std::sync::Arc<dyn SessionStore>;
+    let b = start_broker_over(test_config(|_| {}), stores).await?;
+    let (mut client, _) = Raw::connect(b.addr, Protocol::V5, "exactly-once", false).await?;
+    client.send(&Packet::Publish(publish("q2/x", b"x", QoS::ExactlyOnce, false, 42))).await?;
+    assert!(matches!(client.recv().await?, Packet::PubResponse(r) if r.kind == PubKind::PubRec));
+    let awaiting = |want: Vec<u16>| {
+        let sessions = std::sync::Arc::clone(&sessions);
+        async move {
+            let deadline = std::time::Instant::now() + DEADLINE;
+            loop {
+                let now = sessions.load("exactly-once").await?.map(|s| s.awaiting_rel).unwrap_or_default();
+                if now == want {
+                    return anyhow::Ok(());
+                }
+                anyhow::ensure!(std::time::Instant::now() < deadline, "store holds {now:?}, want {want:?}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    awaiting(vec![42]).await?;
+    client.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, 42, 0))).await?;
+    assert!(matches!(client.recv().await?, Packet::PubResponse(r) if r.kind == PubKind::PubComp));
+    awaiting(vec![]).await?;
+    Ok(())
+}
