@@ -187,12 +187,14 @@ impl Stores {
 
 impl Broker {
     /// A single-node broker with in-memory stores. Fails if a security file is unusable.
+    /// Call it within a tokio runtime.
     pub fn new(config: Config, auth: AuthMethods) -> Result<Arc<Broker>, SecurityError> {
         let stores = Stores::memory(&config);
         Broker::with_stores(config, auth, stores)
     }
 
     /// A broker over the given stores (the cluster plugs its replicated stores in here).
+    /// Call it within a tokio runtime: it starts the store writer's task.
     pub fn with_stores(config: Config, auth: AuthMethods, stores: Stores) -> Result<Arc<Broker>, SecurityError> {
         let Stores { retained, sessions: store, routes, registry } = stores;
         let writer = writer::StoreWriter::start(Arc::clone(&store), WRITER_QUEUE);
