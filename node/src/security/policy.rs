@@ -51,6 +51,8 @@ impl Security {
             return true;
         }
         let anonymous = matches!(subject.identity.source, IdentitySource::Anonymous | IdentitySource::Unchecked);
-        !anonymous || self.trusted.iter().any(|net| net.contains(&subject.peer))
+        // An IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d.
+        let peer = subject.peer.to_canonical();
+        !anonymous || self.trusted.iter().any(|net| net.contains(&peer))
     }
 }
