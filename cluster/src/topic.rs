@@ -189,9 +189,17 @@ impl<K: Eq + Hash + Clone, V: Clone> Values<K, V> {
     }
 
     fn for_each(&self, mut visit: impl FnMut(&K, &V)) {
+        self.any(|k, v| {
+            visit(k, v);
+            false
+        });
+    }
+
+    /// Whether `pred` holds for some value; stops at the first that does.
+    fn any(&self, mut pred: impl FnMut(&K, &V) -> bool) -> bool {
         match self {
-            Values::Small(entries) => entries.iter().for_each(|(k, v)| visit(k, v)),
-            Values::Large(map) => map.iter().for_each(|(k, v)| visit(k, v)),
+            Values::Small(entries) => entries.iter().any(|(k, v)| pred(k, v)),
+            Values::Large(map) => map.iter().any(|(k, v)| pred(k, v)),
         }
     }
 }
@@ -342,17 +350,28 @@ impl<K: Eq + Hash + Clone, V: Clone> TopicTrie<K, V> {
     /// Calls `visit` for every (key, value) whose filter matches `topic`. A key subscribed
     /// through several filters is visited once per filter.
     pub fn for_each_match(&self, topic: &str, mut visit: impl FnMut(&K, &V)) {
+        self.any_match(topic, |k, v| {
+            visit(k, v);
+            false
+        });
+    }
+
+    /// Whether `pred` holds for some (key, value) whose filter matches `topic`; the walk
+    /// stops at the first that does.
+    pub fn any_match(&self, topic: &str, mut pred: impl FnMut(&K, &V) -> bool) -> bool {
         let levels: Vec<&str> = topic.split('/').collect();
         let dollar = topic.starts_with('$');
         let mut stack: Vec<(&Node<K, V>, usize)> = vec![(&self.root, 0)];
         while let Some((node, depth)) = stack.pop() {
             let at_root = depth == 0;
             // `#` matches the parent level too ("a/#" matches "a").
-            if !(at_root && dollar) {
-                node.hash.for_each(&mut visit);
+            if !(at_root && dollar) && node.hash.any(&mut pred) {
+                return true;
             }
             let Some(level) = levels.get(depth) else {
-                node.values.for_each(&mut visit);
+                if node.values.any(&mut pred) {
+                    return true;
+                }
                 continue;
             };
             if let Some(child) = node.children.get(*level) {
@@ -364,6 +383,7 @@ impl<K: Eq + Hash + Clone, V: Clone> TopicTrie<K, V> {
                 }
             }
         }
+        false
     }
 }
 
@@ -398,6 +418,13 @@ mod tests {
         trie.for_each_match("a/b", |k, _| seen.push(*k));
         seen.sort_unstable();
         assert_eq!(seen, (0..40).collect::<Vec<u32>>());
+        let mut visited = 0;
+        assert!(trie.any_match("a/b", |k, _| {
+            visited += 1;
+            *k < 40
+        }));
+        assert_eq!(visited, 1, "the walk stops at the first match");
+        assert!(!trie.any_match("b/a", |_, _| true));
         for k in 0..39 {
             assert!(!trie.remove("a/+", &k).1);
         }

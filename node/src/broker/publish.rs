@@ -129,7 +129,7 @@ impl Broker {
 
     /// Whether no subscription (plain or shared) matches `message` now.
     pub fn matches_nothing(&self, message: &Arc<Message>) -> bool {
-        self.index.deliveries(message).is_empty() && self.index.shared_matches(message).is_empty()
+        !self.index.matches_any(message)
     }
 
     pub(super) fn member_load(&self, client_id: &str) -> MemberLoad {

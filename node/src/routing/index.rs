@@ -123,6 +123,19 @@ impl SubscriptionIndex {
         members
     }
 
+    /// Whether any subscription (plain, not excluded by No Local, or shared) matches the
+    /// message: the walk stops at the first, and builds no delivery.
+    pub fn matches_any(&self, message: &Message) -> bool {
+        let plain = self
+            .trie
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .any_match(&message.topic, |sub, opts| !(opts.no_local && *sub.0.client_id == *message.publisher));
+        plain
+            || (self.shared_members.load(std::sync::atomic::Ordering::Relaxed) > 0
+                && self.shared.read().unwrap_or_else(|p| p.into_inner()).any_match(&message.topic, |_, _| true))
+    }
+
     /// Every shared subscription matching the message, with its members.
     pub fn shared_matches(&self, message: &Message) -> Vec<SharedMatch> {
         if self.shared_members.load(std::sync::atomic::Ordering::Relaxed) == 0 {
