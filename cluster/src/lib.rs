@@ -24,6 +24,12 @@ pub mod topic;
 /// Identifier of a node in the cluster.
 pub type NodeId = u64;
 
+/// A hash that is the same on every node and in every release (64-bit FNV-1a): node ids
+/// from node names, short stand-ins for long client ids.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// A failed store operation. Each kind tells the broker what to tell the client: a write
 /// that did not happen is refused (CONNACK 0x88 / 0x89, PUBACK / PUBREC 0x80), never
 /// acknowledged.

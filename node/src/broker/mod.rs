@@ -141,9 +141,9 @@ const WRITER_QUEUE: usize = 16 * 1024;
 /// percent of a core at most.
 const LAND_BUDGET: u32 = 200;
 
-/// A node's id in the registry: a stable hash (FNV-1a) of its name.
+/// A node's id in the registry: a stable hash of its name.
 fn node_id(name: &str) -> NodeId {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    raftmq_cluster::stable_hash(name.as_bytes())
 }
 
 /// The shared state a broker works on: retained messages, persistent sessions, routes and
@@ -239,6 +239,11 @@ impl Broker {
     /// The authenticator and ACL in force.
     pub fn security(&self) -> Arc<Security> {
         Arc::clone(&self.security.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// This node's id (a stable hash of `node_name`).
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
     }
 
     /// A fresh connection number.

@@ -160,14 +160,10 @@ pub(super) fn will_message(client_id: &str, connect: &Connect) -> Option<WillMes
 
 pub(super) static AUTO_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// A server-assigned client id, unique on this node.
-pub(super) fn assign_client_id(node: &str) -> String {
+/// A server-assigned client id, unique on this node (and, by its node id, in the cluster).
+pub(super) fn assign_client_id(node_id: u64) -> String {
     let n = AUTO_ID.fetch_add(1, Ordering::Relaxed);
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in node.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("raftmq-{:08x}-{:x}-{n:x}", h as u32, now_ms())
+    format!("raftmq-{:08x}-{:x}-{n:x}", node_id as u32, now_ms())
 }
 
 /// Checks a decoded CONNECT (client id, bans, authentication, will, keep alive), attaches
@@ -199,7 +195,7 @@ pub(super) async fn accept<S: ClientStream>(
             )
             .await;
         }
-        let id = assign_client_id(&broker.config.node_name);
+        let id = assign_client_id(broker.node_id());
         assigned = Some(id.clone());
         id
     } else {

@@ -89,11 +89,7 @@ pub fn topic_level(client_id: &str) -> String {
             cut -= 1;
         }
         out.truncate(cut);
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in client_id.bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        out.push_str(&format!("~{h:016x}"));
+        out.push_str(&format!("~{:016x}", raftmq_cluster::stable_hash(client_id.as_bytes())));
     }
     out
 }
