@@ -291,7 +291,7 @@ async fn list_subscriptions(State(state): State<AppState>, Query(q): Query<ListQ
         subs.sort_by(|a, b| a.0.cmp(b.0));
         for (filter, o) in subs {
             // `topic` selects the subscriptions that would receive a message on that topic.
-            let inner_filter = crate::routing::shared::parse(filter).ok().flatten().map_or(&**filter, |(_, f)| f);
+            let inner_filter = crate::routing::shared::topic_filter(filter).unwrap_or(filter);
             if q.topic.as_ref().is_some_and(|t| !raftmq_cluster::topic::matches(inner_filter, t)) {
                 continue;
             }

@@ -36,10 +36,7 @@ impl Broker {
             }
             let subject = Subject { client_id: &slot.client_id, identity: &owner.identity, peer: owner.peer.ip() };
             for filter in filters {
-                let topic_filter = match shared::parse(&filter) {
-                    Ok(Some((_, inner))) => inner,
-                    _ => filter.as_str(),
-                };
+                let topic_filter = shared::topic_filter(&filter).unwrap_or(&filter);
                 if !security.allows(&subject, Access::Subscribe, topic_filter) {
                     if let Err(e) = self.unsubscribe(&slot, &filter).await {
                         tracing::warn!(client_id = %Printable(&slot.client_id), error = %e, "failed to remove a revoked subscription");

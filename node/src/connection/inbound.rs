@@ -419,12 +419,7 @@ pub(super) async fn handle_unsubscribe<S: AsyncRead + AsyncWrite + Unpin + Send>
     let mut codes = Vec::with_capacity(u.filters.len());
     let max_levels = broker.config.mqtt.max_topic_levels;
     for filter in u.filters {
-        let inner = match shared::parse(&filter) {
-            Ok(Some((_, inner))) => Some(inner),
-            Ok(None) => Some(filter.as_str()),
-            Err(_) => None,
-        };
-        if inner.is_none_or(|f| topic::validate_topic_filter(f, max_levels).is_err()) {
+        if shared::topic_filter(&filter).is_none_or(|f| topic::validate_topic_filter(f, max_levels).is_err()) {
             // [MQTT-4.7.3-1], [MQTT-4.8.2-2]: an empty or ill-formed filter. MQTT 3 has no
             // way to say so but closing.
             if !client.protocol.is_v5() {

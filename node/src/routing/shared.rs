@@ -66,6 +66,16 @@ pub fn parse(filter: &str) -> Result<Option<(&str, &str)>, ShareError> {
     Ok(Some((group, topic)))
 }
 
+/// The topic filter a subscription matches with: without its `$share/{group}/` (or
+/// `$queue/`) prefix; `None` for a malformed shared filter.
+pub fn topic_filter(filter: &str) -> Option<&str> {
+    match parse(filter) {
+        Ok(Some((_, inner))) => Some(inner),
+        Ok(None) => Some(filter),
+        Err(_) => None,
+    }
+}
+
 /// What the dispatcher needs to know about a candidate member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemberLoad {
