@@ -33,6 +33,35 @@ pub struct TestBroker {
     pub addr: SocketAddr,
 }
 
+/// A password file and an ACL file in a temporary directory (removed when dropped).
+pub struct SecurityFiles {
+    _dir: tempfile::TempDir,
+    /// The password file.
+    pub passwd: std::path::PathBuf,
+    /// The ACL file.
+    pub acl: std::path::PathBuf,
+}
+
+/// Writes `users` (name, password) into a password file and `acl` into an ACL file.
+pub fn security_files(users: &[(&str, &str)], acl: &str) -> anyhow::Result<SecurityFiles> {
+    let dir = tempfile::tempdir()?;
+    let passwd = dir.path().join("passwd");
+    let mut file = raftmq_node::security::passwd::PasswordFile::default();
+    for (user, password) in users {
+        file.set(user, raftmq_node::security::passwd::hash_password(password.as_bytes())?);
+    }
+    file.save(&passwd)?;
+    let acl_path = dir.path().join("acl");
+    std::fs::write(&acl_path, acl)?;
+    Ok(SecurityFiles { _dir: dir, passwd, acl: acl_path })
+}
+
+/// An HS256 JSON Web Token with `claims`, signed with `secret`.
+pub fn jwt_hs256(secret: &str, claims: serde_json::Value) -> anyhow::Result<String> {
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    Ok(jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)?)
+}
+
 /// The configuration of a test broker: MQTT on an ephemeral loopback port, no other
 /// listener, no admin API; then `tweak`.
 pub fn test_config(tweak: impl FnOnce(&mut Config)) -> Config {

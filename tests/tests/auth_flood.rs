@@ -7,7 +7,6 @@
 use std::time::{Duration, Instant};
 
 use raftmq_node::codec::{reason, Protocol};
-use raftmq_node::security::passwd::{hash_password, PasswordFile};
 use raftmq_tests::*;
 
 fn rss_bytes() -> u64 {
@@ -22,13 +21,9 @@ fn rss_bytes() -> u64 {
 /// stays bounded: measured +39 MB (before the fix: +2.6 GB for 8 clients).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn d03_a_password_flood_keeps_memory_bounded() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let passwd = dir.path().join("passwd");
-    let mut users = PasswordFile::default();
-    users.set("alice", hash_password(b"wonderland")?);
-    users.save(&passwd)?;
+    let files = security_files(&[("alice", "wonderland")], "")?;
     let b = start_broker(|c| {
-        c.auth.password_file = Some(passwd);
+        c.auth.password_file = Some(files.passwd.clone());
         c.auth.verify_workers = Some(2);
         c.auth.verify_queue = 4;
         c.auth.max_failures_per_address = 0;

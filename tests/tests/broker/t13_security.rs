@@ -1,33 +1,13 @@
 //! Security defects of issue 10 (items 1-3, 5, 6, 14 and the safe defaults), each
 //! reproduced through real sockets.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use raftmq_cluster::message::QoS;
 use raftmq_node::codec::{connack_v3, reason, Connect, Packet, Protocol};
 use raftmq_node::config::{FlappingConfig, JwtConfig};
-use raftmq_node::security::passwd::{hash_password, PasswordFile};
+use raftmq_node::security::passwd::PasswordFile;
 use raftmq_tests::*;
-
-struct Files {
-    _dir: tempfile::TempDir,
-    passwd: PathBuf,
-    acl: PathBuf,
-}
-
-fn files(users: &[(&str, &str)], acl: &str) -> anyhow::Result<Files> {
-    let dir = tempfile::tempdir()?;
-    let passwd = dir.path().join("passwd");
-    let mut file = PasswordFile::default();
-    for (user, password) in users {
-        file.set(user, hash_password(password.as_bytes())?);
-    }
-    file.save(&passwd)?;
-    let acl_path = dir.path().join("acl");
-    std::fs::write(&acl_path, acl)?;
-    Ok(Files { _dir: dir, passwd, acl: acl_path })
-}
 
 fn login(protocol: Protocol, id: &str, clean_start: bool, user: Option<&str>, password: Option<&str>) -> Connect {
     let mut c = connect_packet(protocol, id, clean_start);
@@ -45,7 +25,7 @@ const HOME_ACL: &str = "allow all both home/%u/#\n";
 /// (offline or online); alice still gets her queued message.
 #[tokio::test]
 async fn d01_a_session_is_bound_to_the_user_that_created_it() -> anyhow::Result<()> {
-    let f = files(&[("alice", "wonderland"), ("bob", "builder")], HOME_ACL)?;
+    let f = security_files(&[("alice", "wonderland"), ("bob", "builder")], HOME_ACL)?;
     let (passwd, acl) = (f.passwd.clone(), f.acl.clone());
     let b = start_broker(|c| {
         c.auth.password_file = Some(passwd);
@@ -86,7 +66,7 @@ async fn d01_a_session_is_bound_to_the_user_that_created_it() -> anyhow::Result<
 /// MQTT behaviour (any authenticated client may take a client id over).
 #[tokio::test]
 async fn d01_session_binding_can_be_turned_off() -> anyhow::Result<()> {
-    let f = files(&[("alice", "wonderland"), ("bob", "builder")], HOME_ACL)?;
+    let f = security_files(&[("alice", "wonderland"), ("bob", "builder")], HOME_ACL)?;
     let passwd = f.passwd.clone();
     let b = start_broker(|c| {
         c.auth.password_file = Some(passwd);
@@ -99,15 +79,11 @@ async fn d01_session_binding_can_be_turned_off() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn jwt(secret: &str, claims: serde_json::Value) -> anyhow::Result<String> {
-    Ok(jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()))?)
-}
-
 /// Item 2: the user name comes from the token's claim: a token for bob with user name
 /// `alice` is refused, and bob's token without a user name gets bob's rules.
 #[tokio::test]
 async fn d02_jwt_fixes_the_user_name_from_its_claim() -> anyhow::Result<()> {
-    let f = files(&[], HOME_ACL)?;
+    let f = security_files(&[], HOME_ACL)?;
     let acl = f.acl.clone();
     let b = start_broker(|c| {
         c.auth.jwt = Some(JwtConfig { secret: Some("s3cret".into()), ..JwtConfig::default() });
@@ -115,7 +91,7 @@ async fn d02_jwt_fixes_the_user_name_from_its_claim() -> anyhow::Result<()> {
     })
     .await?;
     let exp = raftmq_cluster::message::now_ms() / 1000 + 600;
-    let bob = jwt("s3cret", serde_json::json!({ "sub": "bob", "exp": exp }))?;
+    let bob = jwt_hs256("s3cret", serde_json::json!({ "sub": "bob", "exp": exp }))?;
     let (_, ack) = Raw::connect_with(b.addr, login(Protocol::V5, "x1", true, Some("alice"), Some(&bob))).await?;
     assert_eq!(ack.code, reason::NOT_AUTHORIZED);
     let (_, ack) = Raw::connect_with(b.addr, login(Protocol::V311, "x2", true, Some("alice"), Some(&bob))).await?;
@@ -124,7 +100,7 @@ async fn d02_jwt_fixes_the_user_name_from_its_claim() -> anyhow::Result<()> {
     assert_eq!(ack.code, 0);
     assert_eq!(raw.publish("home/bob/x", b"1", QoS::AtLeastOnce, false, 1).await?, reason::NO_MATCHING_SUBSCRIBERS);
     assert_eq!(raw.publish("home/alice/x", b"1", QoS::AtLeastOnce, false, 2).await?, reason::NOT_AUTHORIZED);
-    let nameless = jwt("s3cret", serde_json::json!({ "exp": exp }))?;
+    let nameless = jwt_hs256("s3cret", serde_json::json!({ "exp": exp }))?;
     let (_, ack) = Raw::connect_with(b.addr, login(Protocol::V5, "x4", true, None, Some(&nameless))).await?;
     assert_eq!(ack.code, reason::BAD_USER_NAME_OR_PASSWORD, "a token that names no user");
     // Another claim can be configured.
@@ -132,7 +108,7 @@ async fn d02_jwt_fixes_the_user_name_from_its_claim() -> anyhow::Result<()> {
         c.auth.jwt = Some(JwtConfig { secret: Some("s3cret".into()), username_claim: "username".into(), ..JwtConfig::default() })
     })
     .await?;
-    let carol = jwt("s3cret", serde_json::json!({ "sub": "id-17", "username": "carol", "exp": exp }))?;
+    let carol = jwt_hs256("s3cret", serde_json::json!({ "sub": "id-17", "username": "carol", "exp": exp }))?;
     let (_, ack) = Raw::connect_with(b.addr, login(Protocol::V5, "x5", true, Some("carol"), Some(&carol))).await?;
     assert_eq!(ack.code, 0);
     Ok(())
@@ -142,7 +118,7 @@ async fn d02_jwt_fixes_the_user_name_from_its_claim() -> anyhow::Result<()> {
 /// (0x9F) without a password check, even with the right password.
 #[tokio::test]
 async fn d03_failed_logins_are_limited_per_address() -> anyhow::Result<()> {
-    let f = files(&[("alice", "wonderland")], "")?;
+    let f = security_files(&[("alice", "wonderland")], "")?;
     let passwd = f.passwd.clone();
     let b = start_broker(|c| {
         c.auth.password_file = Some(passwd);
@@ -169,7 +145,7 @@ async fn d05_flapping_is_off_by_default_and_counts_only_authenticated_connects()
         let (_, ack) = Raw::connect(b.addr, Protocol::V5, "looping-device", true).await?;
         assert_eq!(ack.code, 0);
     }
-    let f = files(&[("owner", "right")], "")?;
+    let f = security_files(&[("owner", "right")], "")?;
     let passwd = f.passwd.clone();
     let b = start_broker(|c| {
         c.auth.password_file = Some(passwd);
@@ -204,7 +180,7 @@ async fn login_time(addr: std::net::SocketAddr, user: &str) -> anyhow::Result<Du
 /// as a known one with a wrong password (before: 0.3 ms against 23 ms).
 #[tokio::test]
 async fn d06_login_timing_does_not_reveal_which_users_exist() -> anyhow::Result<()> {
-    let f = files(&[("alice", "wonderland")], "")?;
+    let f = security_files(&[("alice", "wonderland")], "")?;
     let passwd = f.passwd.clone();
     let b = start_broker(|c| {
         c.auth.password_file = Some(passwd);
@@ -231,7 +207,7 @@ async fn d06_login_timing_does_not_reveal_which_users_exist() -> anyhow::Result<
 /// new ACL forbids are removed from everyone else.
 #[tokio::test]
 async fn d14_a_reload_revokes_removed_users_and_forbidden_subscriptions() -> anyhow::Result<()> {
-    let f = files(&[("alice", "wonderland"), ("bob", "builder")], "allow all both home/#\n")?;
+    let f = security_files(&[("alice", "wonderland"), ("bob", "builder")], "allow all both home/#\n")?;
     let (passwd, acl) = (f.passwd.clone(), f.acl.clone());
     let b = start_broker(|c| {
         c.auth.password_file = Some(passwd);

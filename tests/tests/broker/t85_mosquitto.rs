@@ -66,15 +66,10 @@ async fn mosquitto_clients_over_tls_with_cafile_and_password() -> anyhow::Result
         return Ok(());
     }
     use raftmq_node::config::{ListenerConfig, ListenerKind};
-    use raftmq_node::security::passwd::{hash_password, PasswordFile};
     let pki = raftmq_tests::pki::TestPki::generate("c")?;
-    let dir = tempfile::tempdir()?;
-    let passwd = dir.path().join("passwd");
-    let mut users = PasswordFile::default();
-    users.set("alice", hash_password(b"wonderland")?);
-    users.save(&passwd)?;
+    let files = security_files(&[("alice", "wonderland")], "")?;
     let b = start_broker(|c| {
-        c.auth.password_file = Some(passwd);
+        c.auth.password_file = Some(files.passwd.clone());
         c.listeners = vec![ListenerConfig {
             kind: ListenerKind::Tls,
             bind: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),

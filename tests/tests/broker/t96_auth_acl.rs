@@ -7,25 +7,10 @@ use raftmq_cluster::message::QoS;
 use raftmq_cluster::session::SubscriptionOptions;
 use raftmq_node::codec::{connack_v3, reason, Connect, LastWill, Properties, Protocol};
 use raftmq_node::config::{BanConfig, FlappingConfig, JwtConfig};
-use raftmq_node::security::passwd::{hash_password, PasswordFile};
 use raftmq_tests::*;
 
-struct Files {
-    _dir: tempfile::TempDir,
-    passwd: PathBuf,
-    acl: PathBuf,
-}
-
-fn files(acl: &str) -> anyhow::Result<Files> {
-    let dir = tempfile::tempdir()?;
-    let passwd = dir.path().join("passwd");
-    let mut users = PasswordFile::default();
-    users.set("alice", hash_password(b"wonderland")?);
-    users.set("bob", hash_password(b"builder")?);
-    users.save(&passwd)?;
-    let acl_path = dir.path().join("acl");
-    std::fs::write(&acl_path, acl)?;
-    Ok(Files { _dir: dir, passwd, acl: acl_path })
+fn files(acl: &str) -> anyhow::Result<SecurityFiles> {
+    security_files(&[("alice", "wonderland"), ("bob", "builder")], acl)
 }
 
 fn with_login(protocol: Protocol, id: &str, user: Option<&str>, password: Option<&str>) -> Connect {
@@ -72,10 +57,6 @@ async fn allow_anonymous_can_be_enabled_beside_a_password_file() -> anyhow::Resu
     Ok(())
 }
 
-fn jwt(secret: &str, claims: serde_json::Value) -> anyhow::Result<String> {
-    Ok(jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()))?)
-}
-
 #[tokio::test]
 async fn jwt_authentication_checks_signature_and_expiry_and_feeds_acl_claims() -> anyhow::Result<()> {
     let f = files("allow all both tenants/%{tenant}/#\n")?;
@@ -86,15 +67,15 @@ async fn jwt_authentication_checks_signature_and_expiry_and_feeds_acl_claims() -
     })
     .await?;
     let exp = raftmq_cluster::message::now_ms() / 1000 + 600;
-    let good = jwt("s3cret", serde_json::json!({ "sub": "dev", "tenant": "acme", "exp": exp }))?;
+    let good = jwt_hs256("s3cret", serde_json::json!({ "sub": "dev", "tenant": "acme", "exp": exp }))?;
     let (mut dev, ack) = Raw::connect_with(b.addr, with_login(Protocol::V5, "jwt-1", Some("dev"), Some(&good))).await?;
     assert_eq!(ack.code, 0);
     assert_eq!(dev.publish("tenants/acme/x", b"1", QoS::AtLeastOnce, false, 1).await?, reason::NO_MATCHING_SUBSCRIBERS);
     assert_eq!(dev.publish("tenants/other/x", b"1", QoS::AtLeastOnce, false, 2).await?, reason::NOT_AUTHORIZED);
-    let expired = jwt("s3cret", serde_json::json!({ "sub": "dev", "exp": 1_000_000 }))?;
+    let expired = jwt_hs256("s3cret", serde_json::json!({ "sub": "dev", "exp": 1_000_000 }))?;
     let (_, ack) = Raw::connect_with(b.addr, with_login(Protocol::V5, "jwt-2", Some("dev"), Some(&expired))).await?;
     assert_eq!(ack.code, reason::BAD_USER_NAME_OR_PASSWORD);
-    let forged = jwt("guess", serde_json::json!({ "sub": "dev", "exp": exp }))?;
+    let forged = jwt_hs256("guess", serde_json::json!({ "sub": "dev", "exp": exp }))?;
     let (_, ack) = Raw::connect_with(b.addr, with_login(Protocol::V311, "jwt-3", Some("dev"), Some(&forged))).await?;
     assert_eq!(ack.code, connack_v3::BAD_USER_NAME_OR_PASSWORD);
     Ok(())
@@ -289,7 +270,7 @@ async fn jwt_es256_with_a_public_key_file() -> anyhow::Result<()> {
     let (_, ack) = Raw::connect_with(b.addr, with_login(Protocol::V5, "es", Some("dev"), Some(&token))).await?;
     assert_eq!(ack.code, 0);
     // An HS256 token is not accepted by an ES256 key.
-    let other = jwt("secret", serde_json::json!({ "sub": "dev", "exp": exp }))?;
+    let other = jwt_hs256("secret", serde_json::json!({ "sub": "dev", "exp": exp }))?;
     let (_, ack) = Raw::connect_with(b.addr, with_login(Protocol::V5, "hs", Some("dev"), Some(&other))).await?;
     assert_eq!(ack.code, reason::BAD_USER_NAME_OR_PASSWORD);
     Ok(())
