@@ -117,12 +117,14 @@ impl LocalRoutes {
     }
 
     /// Members of a shared group on this node (0 without a route).
-    pub fn shared_members(&self, group: &str, filter: &str) -> u32 {
+    #[cfg(test)]
+    fn shared_members(&self, group: &str, filter: &str) -> u32 {
         self.state.lock().map(|s| s.shared.get(&(Box::from(group), Box::from(filter))).copied().unwrap_or(0)).unwrap_or(0)
     }
 
     /// Whether a plain route exists for `filter`.
-    pub fn has_plain(&self, filter: &str) -> bool {
+    #[cfg(test)]
+    fn has_plain(&self, filter: &str) -> bool {
         self.state.lock().map(|s| s.plain.contains(filter)).unwrap_or(false)
     }
 }

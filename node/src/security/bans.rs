@@ -181,16 +181,6 @@ impl<K: std::hash::Hash + Eq + Clone> WindowCounter<K> {
         let now = Instant::now();
         self.seen.retain(|_, (start, _)| now.duration_since(*start) <= self.window);
     }
-
-    /// Keys tracked now.
-    pub fn len(&self) -> usize {
-        self.seen.len()
-    }
-
-    /// Nothing tracked.
-    pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
-    }
 }
 
 /// Counts authenticated connects per client id within a window. Only connects that passed

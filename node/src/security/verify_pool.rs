@@ -31,11 +31,6 @@ impl VerifyPool {
         VerifyPool { workers: workers.max(1), queue, sender: OnceLock::new() }
     }
 
-    /// Threads in the pool.
-    pub fn workers(&self) -> usize {
-        self.workers
-    }
-
     fn start(&self) -> Result<SyncSender<Job>, String> {
         let (tx, rx) = sync_channel::<Job>(self.queue);
         let rx = Arc::new(Mutex::new(rx));
