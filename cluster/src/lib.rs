@@ -33,7 +33,7 @@ pub fn stable_hash(bytes: &[u8]) -> u64 {
 /// A failed store operation. Each kind tells the broker what to tell the client: a write
 /// that did not happen is refused (CONNACK 0x88 / 0x89, PUBACK / PUBREC 0x80), never
 /// acknowledged.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// A lock was poisoned by a panicking writer; the store refuses further use.
     #[error("store lock poisoned")]

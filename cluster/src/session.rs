@@ -1,10 +1,10 @@
 //! Persistent session state as data, and the store that keeps it durable.
 //!
-//! API boundary: the broker writes through [`SessionStore`] at the points where MQTT promises
-//! durability (subscription changes, messages queued for a persistent subscriber before the
-//! publisher is acknowledged, acknowledgements, disconnect). Each call resolves once the
-//! write is durable. [`MemorySessionStore`] keeps everything in memory for a single node;
-//! the Raft-replicated store implements the same trait.
+//! API boundary: the broker changes a stored session only through [`SessionStore::apply`],
+//! with the operations of [`crate::session_ops`] (claim, subscribe, append, sent, acked,
+//! ...), in the order the owning node decided them; each batch resolves once durable.
+//! [`MemorySessionStore`] keeps everything in memory for a single node; the Raft state
+//! machine applies the very same operations.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -64,6 +64,10 @@ pub struct QueuedMessage {
     pub subscription_ids: Vec<u32>,
     /// Set when the delivery came through a shared subscription.
     pub shared: Option<Arc<ShareTarget>>,
+    /// The session's number for this delivery, assigned when it is queued, so later
+    /// operations (sent, discarded) name it exactly; 0 = not in the store (a QoS 0 delivery
+    /// to an online client, or a transient session).
+    pub seq: u64,
 }
 
 /// Where an unacknowledged outbound QoS 1/2 message stands.
@@ -135,13 +139,6 @@ pub struct QueueLimits {
 pub trait SessionStore: Send + Sync + 'static {
     /// The stored state of `client_id`, if any.
     async fn load(&self, client_id: &str) -> Result<Option<SessionState>, StoreError>;
-    /// Replaces the stored state of a session.
-    async fn save(&self, state: SessionState) -> Result<(), StoreError>;
-    /// Appends messages to session queues (one write for many sessions). Returns how many
-    /// messages the queue bounds dropped.
-    async fn append(&self, batch: Vec<(String, QueuedMessage)>, limits: QueueLimits) -> Result<u64, StoreError>;
-    /// Removes a session; returns its last state.
-    async fn remove(&self, client_id: &str) -> Result<Option<SessionState>, StoreError>;
     /// Applies session commands in order (one write for the batch) with
     /// [`crate::session_ops::apply`]; each gets its own outcome (a fenced or orphaned command
     /// is refused, the others apply).
@@ -159,6 +156,17 @@ pub const DROP_SCAN: usize = 16;
 
 /// Pushes `item` onto `queue` within `limits`; returns the number of messages dropped.
 pub fn push_bounded(queue: &mut VecDeque<QueuedMessage>, bytes: &mut usize, item: QueuedMessage, limits: QueueLimits) -> u64 {
+    push_bounded_with(queue, bytes, item, limits, |_| {})
+}
+
+/// [`push_bounded`], telling `evicted` about each older message it drops to make room.
+pub fn push_bounded_with(
+    queue: &mut VecDeque<QueuedMessage>,
+    bytes: &mut usize,
+    item: QueuedMessage,
+    limits: QueueLimits,
+    mut evicted: impl FnMut(&QueuedMessage),
+) -> u64 {
     let weight = item.message.weight();
     let mut dropped = 0;
     let full = |q: &VecDeque<QueuedMessage>, b: usize| q.len() >= limits.max_len || b + weight > limits.max_bytes;
@@ -173,6 +181,7 @@ pub fn push_bounded(queue: &mut VecDeque<QueuedMessage>, bytes: &mut usize, item
             match queue.remove(idx) {
                 Some(old) => {
                     *bytes = bytes.saturating_sub(old.message.weight());
+                    evicted(&old);
                     dropped += 1;
                 }
                 None => break,
@@ -192,7 +201,8 @@ pub struct MemorySessionStore {
     sessions: DashMap<String, (SessionState, usize)>,
 }
 
-fn queue_bytes(state: &SessionState) -> usize {
+/// Bytes a session's queue holds (see [`Message::weight`]).
+pub fn queue_bytes(state: &SessionState) -> usize {
     state.queue.iter().map(|q| q.message.weight()).sum()
 }
 
@@ -209,23 +219,6 @@ impl SessionStore for MemorySessionStore {
         Ok(self.sessions.get(client_id).map(|s| s.0.clone()))
     }
 
-    async fn save(&self, state: SessionState) -> Result<(), StoreError> {
-        let bytes = queue_bytes(&state);
-        self.sessions.insert(state.client_id.clone(), (state, bytes));
-        Ok(())
-    }
-
-    async fn append(&self, batch: Vec<(String, QueuedMessage)>, limits: QueueLimits) -> Result<u64, StoreError> {
-        let mut dropped = 0;
-        for (client_id, item) in batch {
-            if let Some(mut entry) = self.sessions.get_mut(&client_id) {
-                let (state, bytes) = &mut *entry;
-                dropped += push_bounded(&mut state.queue, bytes, item, limits);
-            }
-        }
-        Ok(dropped)
-    }
-
     async fn apply(&self, batch: Vec<SessionCommand>) -> Result<Vec<Result<Applied, OpError>>, StoreError> {
         let mut outcomes = Vec::with_capacity(batch.len());
         for cmd in batch {
@@ -239,10 +232,6 @@ impl SessionStore for MemorySessionStore {
             }
         }
         Ok(outcomes)
-    }
-
-    async fn remove(&self, client_id: &str) -> Result<Option<SessionState>, StoreError> {
-        Ok(self.sessions.remove(client_id).map(|(_, (s, _))| s))
     }
 
     fn len(&self) -> usize {
@@ -270,6 +259,7 @@ mod tests {
             retain: false,
             subscription_ids: vec![],
             shared: None,
+            seq: u64::from(n),
         }
     }
 
@@ -301,17 +291,24 @@ mod tests {
 
     #[tokio::test]
     async fn memory_store_round_trip() {
+        use crate::session_ops::{SessionCommand, SessionOp};
         let store = MemorySessionStore::new();
-        let state = SessionState { client_id: "c".into(), expiry_secs: 10, ..Default::default() };
-        store.save(state.clone()).await.ok();
         let limits = QueueLimits { max_len: 10, max_bytes: usize::MAX, policy: DropPolicy::DropOldest };
-        let dropped =
-            store.append(vec![("c".into(), item(QoS::AtLeastOnce, 7)), ("nobody".into(), item(QoS::AtLeastOnce, 8))], limits).await;
-        assert_eq!(dropped.ok(), Some(0));
+        let cmd = |client: &str, op| SessionCommand { client_id: client.into(), epoch: 1, op };
+        let outcomes = store
+            .apply(vec![
+                cmd("c", SessionOp::Claim { clean: true, owner: None, expiry_secs: 10 }),
+                cmd("c", SessionOp::Append { item: item(QoS::AtLeastOnce, 7), limits }),
+                cmd("nobody", SessionOp::Append { item: item(QoS::AtLeastOnce, 8), limits }),
+            ])
+            .await
+            .unwrap_or_default();
+        assert_eq!(outcomes.len(), 3);
+        assert!(outcomes[2].is_err(), "only a claim creates a session");
         let loaded = store.load("c").await.ok().flatten();
         assert_eq!(loaded.map(|s| s.queue.len()), Some(1));
         assert_eq!(store.len(), 1);
-        assert!(store.remove("c").await.ok().flatten().is_some());
+        assert!(store.apply(vec![cmd("c", SessionOp::Remove)]).await.is_ok());
         assert!(store.is_empty());
     }
 }

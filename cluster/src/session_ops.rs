@@ -16,7 +16,8 @@ use crate::session::{
 #[derive(Debug, Clone, PartialEq)]
 pub enum SessionOp {
     /// A node claims the session for a connection (takeover, resume or new session); the
-    /// session's epoch becomes the command's. `clean` discards what was there first.
+    /// session's epoch becomes the command's. `clean` discards what was there first; a will
+    /// waiting for its delay is cancelled.
     Claim {
         /// Clean Start: begin with an empty session.
         clean: bool,
@@ -44,10 +45,18 @@ pub enum SessionOp {
         /// Queue bounds.
         limits: QueueLimits,
     },
-    /// The oldest queued delivery was sent with `packet_id` (QoS >= 1): it moves to inflight.
+    /// Queued delivery `seq` was sent with `packet_id` (QoS >= 1): it moves to inflight.
     Sent {
+        /// The delivery's number ([`QueuedMessage::seq`]).
+        seq: u64,
         /// Packet identifier it went out with.
         packet_id: u16,
+    },
+    /// Queued delivery `seq` left the queue without needing an acknowledgement: sent at
+    /// QoS 0, expired, evicted by the queue bounds or handed to another shared-group member.
+    Discard {
+        /// The delivery's number.
+        seq: u64,
     },
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2): the delivery is done.
     Acked {
@@ -78,6 +87,10 @@ pub enum SessionOp {
         /// When.
         at_ms: u64,
     },
+    /// Replaces the whole session with the owner's view, after operations were lost on the
+    /// way (a full write queue): the store catches up in one step. Only for an existing
+    /// session, and fenced like every other operation.
+    Reset(Box<SessionState>),
     /// Ends the session.
     Remove,
 }
@@ -132,7 +145,16 @@ pub fn apply(state: &mut Option<SessionState>, queue_bytes: &mut usize, cmd: &Se
                 SessionState { client_id: cmd.client_id.clone(), ..SessionState::default() }
             }
         };
-        *state = Some(SessionState { epoch: cmd.epoch, owner: owner.clone(), expiry_secs: *expiry_secs, disconnected_at_ms: 0, ..session });
+        // A claim is a connection: it cancels a will still waiting for its delay
+        // [MQTT-3.1.3-9].
+        *state = Some(SessionState {
+            epoch: cmd.epoch,
+            owner: owner.clone(),
+            expiry_secs: *expiry_secs,
+            disconnected_at_ms: 0,
+            will: None,
+            ..session
+        });
         return Ok(Applied::default());
     }
     let Some(s) = state.as_mut() else { return Err(OpError::NoSession) };
@@ -151,11 +173,13 @@ pub fn apply(state: &mut Option<SessionState>, queue_bytes: &mut usize, cmd: &Se
         SessionOp::Append { item, limits } => {
             applied.dropped = push_bounded(&mut s.queue, queue_bytes, item.clone(), *limits);
         }
-        SessionOp::Sent { packet_id } => {
-            if let Some(item) = s.queue.pop_front() {
-                *queue_bytes = queue_bytes.saturating_sub(item.message.weight());
+        SessionOp::Sent { seq, packet_id } => {
+            if let Some(item) = take_queued(s, queue_bytes, *seq) {
                 s.inflight.insert(*packet_id, InflightMessage { queued: item, stage: InflightStage::Published });
             }
+        }
+        SessionOp::Discard { seq } => {
+            take_queued(s, queue_bytes, *seq);
         }
         SessionOp::Acked { packet_id } => {
             s.inflight.remove(packet_id);
@@ -177,6 +201,12 @@ pub fn apply(state: &mut Option<SessionState>, queue_bytes: &mut usize, cmd: &Se
         SessionOp::SetWill(will) => s.will.clone_from(will),
         SessionOp::SetExpiry(secs) => s.expiry_secs = *secs,
         SessionOp::Disconnected { at_ms } => s.disconnected_at_ms = *at_ms,
+        SessionOp::Reset(whole) => {
+            // The epoch stays the session's: a reset never claims.
+            let epoch = s.epoch;
+            *s = SessionState { epoch, ..(**whole).clone() };
+            *queue_bytes = crate::session::queue_bytes(s);
+        }
         SessionOp::Remove => {
             *state = None;
             *queue_bytes = 0;
@@ -184,6 +214,15 @@ pub fn apply(state: &mut Option<SessionState>, queue_bytes: &mut usize, cmd: &Se
         }
     }
     Ok(applied)
+}
+
+/// Takes delivery `seq` out of the queue. Deliveries leave the queue almost always from its
+/// front, so the search is short.
+fn take_queued(s: &mut SessionState, queue_bytes: &mut usize, seq: u64) -> Option<QueuedMessage> {
+    let at = s.queue.iter().position(|q| q.seq == seq)?;
+    let item = s.queue.remove(at)?;
+    *queue_bytes = queue_bytes.saturating_sub(item.message.weight());
+    Some(item)
 }
 
 #[cfg(test)]
@@ -196,7 +235,7 @@ mod tests {
 
     fn item(n: u8, qos: QoS) -> QueuedMessage {
         let message = Message { received_at_us: 0, ..Message::new(format!("t/{n}"), vec![n].into(), qos, false, "p".into()) };
-        QueuedMessage { message: Arc::new(message), qos, retain: false, subscription_ids: Vec::new(), shared: None }
+        QueuedMessage { message: Arc::new(message), qos, retain: false, subscription_ids: Vec::new(), shared: None, seq: u64::from(n) }
     }
 
     fn cmd(epoch: Epoch, op: SessionOp) -> SessionCommand {
@@ -220,8 +259,10 @@ mod tests {
             SessionOp::Append { item: item(1, QoS::AtLeastOnce), limits: LIMITS },
             SessionOp::Append { item: item(2, QoS::ExactlyOnce), limits: LIMITS },
             SessionOp::Append { item: item(3, QoS::AtLeastOnce), limits: LIMITS },
-            SessionOp::Sent { packet_id: 1 },
-            SessionOp::Sent { packet_id: 2 },
+            SessionOp::Sent { seq: 1, packet_id: 1 },
+            SessionOp::Sent { seq: 2, packet_id: 2 },
+            SessionOp::Append { item: item(4, QoS::AtMostOnce), limits: LIMITS },
+            SessionOp::Discard { seq: 4 },
             SessionOp::Acked { packet_id: 1 },
             SessionOp::Received { packet_id: 2 },
             SessionOp::InboundReceived { packet_id: 9 },
@@ -263,6 +304,29 @@ mod tests {
         assert!(state.is_some());
         assert_eq!(apply(&mut state, &mut bytes, &cmd(2, SessionOp::Remove)), Ok(Applied { dropped: 0, removed: true }));
         assert_eq!(apply(&mut state, &mut bytes, &cmd(2, SessionOp::SetExpiry(1))), Err(OpError::NoSession));
+    }
+
+    /// Deliveries are named by their number: one sent out of queue order (a retained
+    /// message ahead of older queued ones) moves the right one; an unknown number changes
+    /// nothing; a reset replaces the session but never its epoch.
+    #[test]
+    fn sent_names_its_delivery_and_reset_keeps_the_epoch() {
+        let mut state = None;
+        let mut bytes = 0;
+        let claim = SessionOp::Claim { clean: true, owner: None, expiry_secs: 60 };
+        let _ = apply(&mut state, &mut bytes, &cmd(5, claim));
+        for n in 1..=3 {
+            let _ = apply(&mut state, &mut bytes, &cmd(5, SessionOp::Append { item: item(n, QoS::AtLeastOnce), limits: LIMITS }));
+        }
+        let _ = apply(&mut state, &mut bytes, &cmd(5, SessionOp::Sent { seq: 3, packet_id: 10 }));
+        let _ = apply(&mut state, &mut bytes, &cmd(5, SessionOp::Sent { seq: 99, packet_id: 11 }));
+        let s = state.clone().unwrap_or_default();
+        assert_eq!(s.queue.iter().map(|q| q.seq).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(s.inflight.iter().map(|(id, m)| (*id, m.queued.seq)).collect::<Vec<_>>(), [(10, 3)]);
+        let owner_view = SessionState { client_id: "c".into(), expiry_secs: 7, epoch: 1, ..SessionState::default() };
+        assert!(apply(&mut state, &mut bytes, &cmd(5, SessionOp::Reset(Box::new(owner_view)))).is_ok());
+        let s = state.unwrap_or_default();
+        assert_eq!((s.epoch, s.expiry_secs, s.queue.len(), bytes), (5, 7, 0, 0));
     }
 
     /// The same commands give the same state wherever they are applied.

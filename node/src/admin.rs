@@ -197,26 +197,26 @@ struct SessionView {
 }
 
 fn view(slot: &crate::session::SessionSlot) -> SessionView {
-    let inner = slot.lock();
-    let info = inner.conn.as_ref().map(|c| c.info.clone());
+    let v = slot.view();
     // The owner is the identity and address of the connection attached now.
-    let owner = inner.owner.as_ref().filter(|_| info.is_some());
+    let owner = v.owner.as_ref();
+    let info = v.conn.as_ref();
     SessionView {
         client_id: slot.client_id.to_string(),
         connected: info.is_some(),
         username: owner.and_then(|o| o.identity.username.clone()),
         ip_address: owner.map(|o| o.peer.ip().to_string()),
         port: owner.map(|o| o.peer.port()),
-        proto_ver: info.as_ref().map(|i| i.protocol),
-        keepalive: info.as_ref().map(|i| i.keep_alive),
-        clean_start: info.as_ref().map(|i| i.clean_start),
-        connected_at_ms: info.as_ref().map(|i| i.connected_at_ms),
-        persistent: inner.persistent,
-        expiry_interval_secs: inner.expiry_secs,
-        subscriptions: inner.subscriptions.len(),
-        queued: inner.queue.len(),
-        inflight: inner.inflight.len(),
-        dropped: inner.dropped,
+        proto_ver: info.map(|i| i.protocol),
+        keepalive: info.map(|i| i.keep_alive),
+        clean_start: info.map(|i| i.clean_start),
+        connected_at_ms: info.map(|i| i.connected_at_ms),
+        persistent: v.persistent,
+        expiry_interval_secs: v.expiry_secs,
+        subscriptions: v.subscriptions,
+        queued: v.queued,
+        inflight: v.inflight,
+        dropped: v.dropped,
     }
 }
 
@@ -286,12 +286,9 @@ async fn list_subscriptions(State(state): State<AppState>, Query(q): Query<ListQ
         if q.client_id.as_ref().is_some_and(|c| **c != *slot.client_id) {
             continue;
         }
-        let inner = slot.lock();
-        let mut subs: Vec<_> = inner.subscriptions.iter().collect();
-        subs.sort_by(|a, b| a.0.cmp(b.0));
-        for (filter, o) in subs {
+        for (filter, o) in slot.subscriptions() {
             // `topic` selects the subscriptions that would receive a message on that topic.
-            let inner_filter = crate::routing::shared::topic_filter(filter).unwrap_or(filter);
+            let inner_filter = crate::routing::shared::topic_filter(&filter).unwrap_or(&filter);
             if q.topic.as_ref().is_some_and(|t| !raftmq_cluster::topic::matches(inner_filter, t)) {
                 continue;
             }

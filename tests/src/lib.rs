@@ -268,6 +268,20 @@ impl Raw {
     }
 }
 
+/// Puts `state` into a session store the way a node that owned it would have: a claim
+/// under epoch 1, then the whole session.
+pub async fn store_session(
+    store: &dyn raftmq_cluster::session::SessionStore,
+    state: raftmq_cluster::session::SessionState,
+) -> anyhow::Result<()> {
+    use raftmq_cluster::session_ops::{SessionCommand, SessionOp};
+    let cmd = |op| SessionCommand { client_id: state.client_id.clone(), epoch: 1, op };
+    let claim = SessionOp::Claim { clean: true, owner: state.owner.clone(), expiry_secs: state.expiry_secs };
+    let outcomes = store.apply(vec![cmd(claim), cmd(SessionOp::Reset(Box::new(state.clone())))]).await?;
+    anyhow::ensure!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
+    Ok(())
+}
+
 /// The reason code of the DISCONNECT that preceded a close (`None`: closed without one).
 pub fn disconnect_reason(last: Option<Packet>) -> Option<u8> {
     match last {

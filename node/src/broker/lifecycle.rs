@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use raftmq_cluster::message::now_ms;
 use raftmq_cluster::session::WillMessage;
-use raftmq_cluster::session_ops::{OpError, SessionCommand, SessionOp};
+use raftmq_cluster::session_ops::{SessionCommand, SessionOp};
 use raftmq_cluster::StoreError;
 
 use super::{AttachError, Attached, Broker, EndKind};
 use crate::security::Owner;
-use crate::session::{ConnHandle, ConnInfo, SessionSlot};
+use crate::session::{Attach, ConnHandle, ConnInfo, Detached, Discarded, SessionSlot};
 use crate::telemetry::printable::Printable;
 
 impl Broker {
@@ -37,23 +37,23 @@ impl Broker {
                 .entry(Arc::clone(&id))
                 .or_insert_with(|| {
                     fresh = true;
-                    Arc::new(SessionSlot::new(id))
+                    Arc::new(SessionSlot::new(id, Arc::clone(&self.journal)))
                 })
                 .clone();
             if fresh && self.sessions.len() > self.config.mqtt.max_sessions {
                 // A flood of new client ids must not grow memory without bound.
-                slot.lock().removed = true;
+                slot.mark_removed();
                 self.sessions.remove_if(client_id, |_, s| Arc::ptr_eq(s, &slot));
                 return Err(AttachError::TooManySessions);
             }
             let _guard = slot.connect_lock.lock().await;
-            if slot.lock().removed {
+            if slot.is_removed() {
                 continue;
             }
             // A session, live or stored, is only for the identity that created it: checked
             // before anything is kicked, taken over or cleaned.
-            let live_owner = slot.lock().owner.clone();
-            let stored = if live_owner.is_none() { self.store.load(client_id).await? } else { None };
+            let live_owner = slot.owner();
+            let mut stored = if live_owner.is_none() { self.load_stored(client_id).await? } else { None };
             if self.config.auth.bind_session_to_user {
                 let claimed_by = match (&live_owner, &stored) {
                     (Some(o), _) => Some(o.identity.username.as_deref()),
@@ -68,16 +68,12 @@ impl Broker {
                 }
             }
             self.take_over(&slot, crate::codec::reason::SESSION_TAKEN_OVER).await;
-            if slot.lock().removed {
+            if slot.is_removed() {
                 // The previous owner's session ended with its connection.
                 continue;
             }
             let mut session_present = false;
-            let mut stored_was_used = false;
-            let existed = {
-                let inner = slot.lock();
-                inner.persistent || !inner.subscriptions.is_empty() || !inner.queue.is_empty()
-            };
+            let existed = slot.has_session();
             if clean_start {
                 if existed {
                     self.discard(&slot).await?;
@@ -85,14 +81,10 @@ impl Broker {
                 }
                 // A fresh slot may still have a stored session (another node, or a restart):
                 // a persistent clean start replaces it with one claim below; a transient
-                // one removes it.
-                if stored.is_some() && expiry_secs == 0 {
-                    self.store.remove(client_id).await?;
-                }
+                // one removes it, under the new epoch.
             } else if existed {
                 session_present = true;
-            } else if let Some(state) = stored {
-                stored_was_used = true;
+            } else if let Some(state) = stored.take() {
                 for (filter, opts) in &state.subscriptions {
                     self.index_subscribe(&slot, filter, *opts);
                 }
@@ -102,49 +94,26 @@ impl Broker {
             // This node owns the client id from now on, under a new epoch: whatever an
             // earlier owner still has pending for it (expiry, a delayed will) is void.
             let epoch = self.registry.claim(client_id, self.node_id).await?;
-            {
-                let mut inner = slot.lock();
-                inner.epoch = epoch;
-                inner.conn = Some(ConnHandle {
-                    conn_id,
-                    info: info.clone(),
-                    kick: None,
-                    last_packet: std::time::Instant::now(),
-                    partial_since: None,
-                });
-                inner.generation += 1;
-                inner.persistent = expiry_secs > 0;
-                inner.expiry_secs = expiry_secs;
-                inner.owner = Some(Arc::clone(&owner));
-                // A reconnect before the will delay passed cancels the will [MQTT-3.1.3-9].
-                inner.pending_will = None;
+            if clean_start && stored.is_some() && expiry_secs == 0 {
+                let remove = SessionCommand { client_id: client_id.to_owned(), epoch, op: SessionOp::Remove };
+                self.journal.write(vec![remove]).await?;
             }
-            if expiry_secs > 0 {
-                // One operation: the claim under the new epoch (a clean start empties the
-                // stored session in the same step), then the state this node holds.
-                let owner_name = owner.identity.username.clone();
-                let claim = SessionOp::Claim { clean: clean_start, owner: owner_name, expiry_secs };
-                let cmd = SessionCommand { client_id: client_id.to_owned(), epoch, op: claim };
-                if let Some(Err(OpError::Fenced { .. })) = self.store.apply(vec![cmd]).await?.pop() {
-                    return Err(AttachError::Store(StoreError::Fenced));
-                }
-                if session_present && stored_was_used {
-                    // Resumed from the store: it already holds this state.
-                } else {
-                    self.store.save(slot.snapshot()).await?;
-                }
-            }
+            let conn = ConnHandle::new(conn_id, info);
+            slot.attach(Attach { conn, epoch, expiry_secs, owner, clean: clean_start }).await.map_err(AttachError::Store)?;
             return Ok(Attached { slot: Arc::clone(&slot), session_present });
         }
+    }
+
+    /// The stored session of `client_id`, once every operation queued before is applied.
+    async fn load_stored(&self, client_id: &str) -> Result<Option<raftmq_cluster::session::SessionState>, StoreError> {
+        self.journal.flush().await?;
+        self.store.load(client_id).await
     }
 
     /// Removes a slot made for a CONNECT that was refused before attaching, unless another
     /// connection started using it meanwhile.
     pub(super) fn drop_if_unused(&self, slot: &Arc<SessionSlot>) {
-        let mut inner = slot.lock();
-        if inner.conn.is_none() && inner.owner.is_none() && inner.subscriptions.is_empty() && inner.queue.is_empty() {
-            inner.removed = true;
-            drop(inner);
+        if slot.remove_if_unused() {
             self.sessions.remove_if(&slot.client_id, |_, s| Arc::ptr_eq(s, slot));
         }
     }
@@ -165,9 +134,7 @@ impl Broker {
         if tokio::time::timeout(timeout, released).await.is_err() {
             // The old task is stuck (for example in a blocked write); fence it off.
             tracing::warn!(client_id = %Printable(&slot.client_id), "previous connection did not release the session in time");
-            let mut inner = slot.lock();
-            inner.conn = None;
-            inner.generation += 1;
+            slot.fence_off();
         }
     }
 
@@ -176,13 +143,7 @@ impl Broker {
     /// epoch is still current: a session claimed elsewhere since is not this node's to
     /// remove, and its will is not this node's to publish (only the local slot goes).
     pub(super) async fn discard(&self, slot: &Arc<SessionSlot>) -> Result<(), StoreError> {
-        let (filters, will, epoch) = {
-            let mut inner = slot.lock();
-            inner.removed = true;
-            inner.generation += 1;
-            let filters: Vec<String> = inner.subscriptions.drain().map(|(f, _)| f.into_string()).collect();
-            (filters, inner.pending_will.take(), inner.epoch)
-        };
+        let Discarded { filters, will, epoch, stored } = slot.discard();
         for filter in filters {
             self.index_unsubscribe(slot, &filter);
         }
@@ -192,7 +153,10 @@ impl Broker {
             tracing::debug!(client_id = %Printable(&slot.client_id), epoch, "session claimed elsewhere: only the local copy is dropped");
             return Ok(());
         }
-        self.store.remove(&slot.client_id).await?;
+        if stored {
+            let remove = SessionCommand { client_id: slot.client_id.to_string(), epoch, op: SessionOp::Remove };
+            self.journal.write(vec![remove]).await?;
+        }
         if epoch != 0 {
             self.registry.release(&slot.client_id, epoch).await?;
         }
@@ -205,20 +169,7 @@ impl Broker {
     /// Detaches connection `conn_id` from its slot when the connection ends.
     pub async fn detach(self: &Arc<Self>, slot: &Arc<SessionSlot>, conn_id: u64, end: EndKind, will: Option<WillMessage>) {
         let will = will.filter(|_| end != EndKind::Normal);
-        let (fenced, persistent, generation, expiry) = {
-            let mut inner = slot.lock();
-            let mine = inner.conn.as_ref().is_some_and(|c| c.conn_id == conn_id);
-            if mine {
-                inner.conn = None;
-                inner.generation += 1;
-                // Publishers held back for this client go on.
-                inner.congested = false;
-                slot.drained.notify_waiters();
-            }
-            // Not ours any more: a takeover that timed out fenced this connection off.
-            let fenced = !mine && inner.conn.is_some();
-            (fenced, inner.persistent && !inner.removed, inner.generation, inner.expiry_secs)
-        };
+        let Detached { fenced, persistent, generation, expiry_secs } = slot.detach(conn_id, now_ms());
         if fenced {
             if let Some(will) = will {
                 self.publish_will_now(will.message).await;
@@ -236,19 +187,14 @@ impl Broker {
         } else {
             match will {
                 Some(will) if will.delay_secs > 0 => {
-                    slot.lock().pending_will = Some(Box::new(will.clone()));
-                    let delay = Duration::from_secs(u64::from(will.delay_secs.min(expiry)));
+                    let delay = Duration::from_secs(u64::from(will.delay_secs.min(expiry_secs)));
+                    slot.hold_will(will);
                     self.spawn_will_timer(Arc::clone(slot), generation, delay);
                 }
                 Some(will) => self.publish_will_now(will.message).await,
                 None => {}
             }
-            let mut state = slot.snapshot();
-            state.disconnected_at_ms = now_ms();
-            if let Err(e) = self.store.save(state).await {
-                tracing::warn!(client_id = %Printable(&slot.client_id), error = %e, "failed to save session");
-            }
-            self.spawn_expiry_timer(Arc::clone(slot), generation, Duration::from_secs(u64::from(expiry)));
+            self.spawn_expiry_timer(Arc::clone(slot), generation, Duration::from_secs(u64::from(expiry_secs)));
         }
         slot.released.notify_waiters();
     }
@@ -260,17 +206,8 @@ impl Broker {
                 _ = tokio::time::sleep(delay) => {}
                 _ = broker.shutdown.cancelled() => return,
             }
-            let will = {
-                let mut inner = slot.lock();
-                if inner.generation != generation {
-                    return;
-                }
-                // Claimed by another node since: its owner decides about the will now.
-                if !broker.registry.is_current(&slot.client_id, inner.epoch) {
-                    return;
-                }
-                inner.pending_will.take()
-            };
+            // Claimed by another node since: its owner decides about the will now.
+            let will = slot.take_will(generation, |epoch| broker.registry.is_current(&slot.client_id, epoch));
             if let Some(will) = will {
                 broker.publish_will_now(will.message).await;
             }
@@ -285,7 +222,7 @@ impl Broker {
                 _ = broker.shutdown.cancelled() => return,
             }
             let _guard = slot.connect_lock.lock().await;
-            if slot.lock().generation != generation {
+            if slot.generation() != generation {
                 return;
             }
             tracing::debug!(client_id = %Printable(&slot.client_id), "session expired");
@@ -299,7 +236,7 @@ impl Broker {
     /// stays if it is persistent. Returns false if it was not connected.
     pub async fn kick(&self, client_id: &str) -> bool {
         let Some(slot) = self.slot(client_id) else { return false };
-        if slot.lock().conn.is_none() {
+        if !slot.is_online() {
             return false;
         }
         let _guard = slot.connect_lock.lock().await;
@@ -313,7 +250,7 @@ impl Broker {
         let Some(slot) = self.slot(client_id) else { return Ok(false) };
         let _guard = slot.connect_lock.lock().await;
         self.take_over(&slot, crate::codec::reason::ADMINISTRATIVE_ACTION).await;
-        if slot.lock().removed {
+        if slot.is_removed() {
             return Ok(true);
         }
         self.discard(&slot).await?;

@@ -29,7 +29,7 @@ use crate::security::enhanced::AuthMethods;
 use crate::security::policy::Security;
 use crate::security::verify_pool::VerifyPool;
 use crate::security::SecurityError;
-use crate::session::SessionSlot;
+use crate::session::{Journal, SessionSlot};
 use crate::telemetry::log_limit::LogLimits;
 use crate::telemetry::stats::{Gauges, SessionSummary, Stats};
 
@@ -37,7 +37,6 @@ mod lifecycle;
 mod publish;
 mod reload;
 mod subscribe;
-mod writer;
 
 /// Why a connection ended, as far as wills and sessions care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,8 +105,8 @@ pub struct Broker {
     store: Arc<dyn SessionStore>,
     routes: Arc<dyn RouteTable>,
     registry: Arc<dyn ClientRegistry>,
-    /// Session operations a connection hands over without waiting.
-    writer: writer::StoreWriter,
+    /// Where persistent sessions' changes go to the store, in order.
+    journal: Arc<Journal>,
     /// This node's id in the registry (a hash of `node_name`).
     node_id: NodeId,
     dispatcher: Dispatcher,
@@ -134,8 +133,8 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-/// Session operations waiting for the store writer at most.
-const WRITER_QUEUE: usize = 16 * 1024;
+/// Session operations waiting for the store at most.
+const JOURNAL_QUEUE: usize = 16 * 1024;
 
 /// Waits a second for earlier packets to land (each mostly 0.1 ms of yields): a few
 /// percent of a core at most.
@@ -194,10 +193,10 @@ impl Broker {
     }
 
     /// A broker over the given stores (the cluster plugs its replicated stores in here).
-    /// Call it within a tokio runtime: it starts the store writer's task.
+    /// Call it within a tokio runtime: it starts the session journal's writer task.
     pub fn with_stores(config: Config, auth: AuthMethods, stores: Stores) -> Result<Arc<Broker>, SecurityError> {
         let Stores { retained, sessions: store, routes, registry } = stores;
-        let writer = writer::StoreWriter::start(Arc::clone(&store), WRITER_QUEUE);
+        let journal = Journal::start(Arc::clone(&store), JOURNAL_QUEUE);
         let node_id = node_id(&config.node_name);
         let dispatcher = Dispatcher::new(config.shared.strategy);
         let security = std::sync::RwLock::new(Arc::new(Security::load(&config)?));
@@ -224,7 +223,7 @@ impl Broker {
             store,
             routes,
             registry,
-            writer,
+            journal,
             node_id,
             next_conn_id: AtomicU64::new(1),
             handling: AtomicUsize::new(0),
@@ -296,6 +295,7 @@ impl Broker {
             routes: self.route_count(),
             retained_messages: self.retained_count(),
             retained_bytes: self.retained_bytes(),
+            journal_lost: self.journal.lost(),
         };
         self.metrics.render(&self.stats, &gauges)
     }
@@ -304,11 +304,11 @@ impl Broker {
     pub fn session_summary(&self) -> SessionSummary {
         let mut sum = SessionSummary::default();
         for slot in self.sessions.iter() {
-            let inner = slot.lock();
+            let (persistent, queued, inflight) = slot.counts();
             sum.sessions += 1;
-            sum.persistent += usize::from(inner.persistent);
-            sum.queued += inner.queue.len();
-            sum.inflight += inner.inflight.len();
+            sum.persistent += usize::from(persistent);
+            sum.queued += queued;
+            sum.inflight += inflight;
         }
         sum
     }

@@ -3,14 +3,14 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use raftmq_cluster::message::{now_us, Message, QoS};
+use raftmq_cluster::message::{now_us, Message};
 use raftmq_cluster::retained::RetainOutcome;
-use raftmq_cluster::session::{InflightStage, QueueLimits, QueuedMessage};
+use raftmq_cluster::session::{QueueLimits, QueuedMessage};
 use raftmq_cluster::StoreError;
 
 use super::{Broker, Routed};
 use crate::routing::shared::MemberLoad;
-use crate::session::{Offer, Offered, SessionSlot};
+use crate::session::{Durability, Offer, Offered, Pending, SessionSlot};
 use crate::telemetry::printable::Printable;
 use crate::telemetry::stats::DropReason;
 
@@ -76,11 +76,9 @@ impl Broker {
         let limits = self.queue_limits();
         let queue_qos0 = self.config.mqtt.queue_qos0;
         let stall_us = self.stall_us();
-        let mut durable = Vec::new();
+        let mut durable = Durable::default();
         for (slot, item) in deliveries {
-            let qos = item.qos;
-            let copy = (qos != QoS::AtMostOnce).then(|| item.clone());
-            let Offered { offer, lost, congested } = slot.offer(item, limits, queue_qos0, stall_us);
+            let Offered { offer, lost, congested, durability } = slot.offer(item, limits, queue_qos0, stall_us);
             if congested && routed.congested.is_none() {
                 routed.congested = Some(Arc::clone(&slot));
             }
@@ -89,9 +87,7 @@ impl Broker {
                 tracing::debug!(client_id = %Printable(&slot.client_id), reason = reason.label(), dropped = lost, topic = %Printable(&message.topic), "message dropped");
             }
             self.stats.drop(reason, lost);
-            if let (Offer::Offline, Some(copy)) = (offer, copy) {
-                durable.push((slot.client_id.to_string(), copy));
-            }
+            durable.add(&slot, durability);
         }
         let shared_groups = self.index.shared_matches(message);
         routed.matched += shared_groups.len();
@@ -108,12 +104,10 @@ impl Broker {
                     retain: opts.retain_as_published && message.retain,
                     subscription_ids: opts.subscription_identifier.into_iter().collect(),
                     shared: Some(Arc::clone(&target)),
+                    seq: 0,
                 };
-                if let Some(durable_copy) = self.offer_shared(&client, item) {
+                if self.offer_shared(&client, item, &mut durable) {
                     delivered = true;
-                    if let Some(copy) = durable_copy {
-                        durable.push((client.to_string(), copy));
-                    }
                     break;
                 }
             }
@@ -121,9 +115,7 @@ impl Broker {
                 self.stats.drop(DropReason::QueueFull, 1);
             }
         }
-        if !durable.is_empty() {
-            self.store.append(durable, limits).await?;
-        }
+        durable.wait().await?;
         Ok(routed)
     }
 
@@ -135,24 +127,25 @@ impl Broker {
     pub(super) fn member_load(&self, client_id: &str) -> MemberLoad {
         match self.sessions.get(client_id) {
             Some(slot) => {
-                let inner = slot.lock();
-                MemberLoad { online: inner.conn.is_some(), pending: inner.inflight.len() + inner.queue.len() }
+                let (online, pending) = slot.load();
+                MemberLoad { online, pending }
             }
             None => MemberLoad { online: false, pending: usize::MAX },
         }
     }
 
     /// Offers a shared delivery to one member without evicting anything: a full member
-    /// refuses, so the next member gets a chance. `None` if refused; `Some(copy)` with the
-    /// copy to make durable when the member is offline.
-    pub(super) fn offer_shared(&self, client_id: &Arc<str>, item: QueuedMessage) -> Option<Option<QueuedMessage>> {
-        let slot = self.sessions.get(client_id).map(|s| Arc::clone(&s))?;
+    /// refuses, so the next member gets a chance. False if refused; what makes the copy
+    /// durable goes to `durable`.
+    pub(super) fn offer_shared(&self, client_id: &Arc<str>, item: QueuedMessage, durable: &mut Durable) -> bool {
+        let Some(slot) = self.sessions.get(client_id).map(|s| Arc::clone(&s)) else { return false };
         let limits = QueueLimits { policy: raftmq_cluster::session::DropPolicy::DropNew, ..self.queue_limits() };
-        let copy = (item.qos != QoS::AtMostOnce).then(|| item.clone());
         match slot.offer(item, limits, self.config.mqtt.queue_qos0, self.stall_us()) {
-            Offered { offer: Offer::Dropped, .. } | Offered { lost: 1.., .. } => None,
-            Offered { offer: Offer::Online, .. } => Some(None),
-            Offered { offer: Offer::Offline, .. } => Some(copy),
+            Offered { offer: Offer::Dropped, .. } | Offered { lost: 1.., .. } => false,
+            Offered { durability, .. } => {
+                durable.add(&slot, durability);
+                true
+            }
         }
     }
 
@@ -160,63 +153,63 @@ impl Broker {
     /// yet acknowledged) to the other members of their groups, so none is lost with it.
     /// What no other member takes stays with a persistent session, or is dropped.
     pub(super) async fn redispatch_shared(&self, slot: &Arc<SessionSlot>, keep_leftovers: bool) {
-        let items: Vec<QueuedMessage> = {
-            let mut inner = slot.lock();
-            let mut taken: Vec<QueuedMessage> = Vec::new();
-            let ids: Vec<u16> = inner
-                .inflight
-                .iter()
-                .filter(|(_, m)| m.queued.shared.is_some() && m.stage == InflightStage::Published)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in ids {
-                if let Some(m) = inner.inflight.remove(&id) {
-                    taken.push(m.queued);
-                }
-            }
-            let (shared_items, rest): (Vec<QueuedMessage>, Vec<QueuedMessage>) = inner.queue.drain(..).partition(|q| q.shared.is_some());
-            inner.queue = rest.into();
-            inner.queue_bytes = inner.queue.iter().map(|q| q.message.weight()).sum();
-            taken.extend(shared_items);
-            taken
-        };
+        let items = slot.take_shared();
         if items.is_empty() {
             return;
         }
-        let mut durable = Vec::new();
+        let mut durable = Durable::default();
         let mut leftovers = Vec::new();
         for item in items {
             let Some(target) = item.shared.clone() else { continue };
             let others: Vec<Arc<str>> =
                 self.index.shared_members(&target).into_iter().map(|(c, _)| c).filter(|c| *c != slot.client_id).collect();
             let order = self.dispatcher.order(&target, &others, &item.message, |c| self.member_load(c));
-            let mut placed = false;
-            for client in order {
-                if let Some(copy) = self.offer_shared(&client, item.clone()) {
-                    if let Some(copy) = copy {
-                        durable.push((client.to_string(), copy));
-                    }
-                    placed = true;
-                    break;
-                }
-            }
+            let placed = order.into_iter().any(|client| self.offer_shared(&client, QueuedMessage { seq: 0, ..item.clone() }, &mut durable));
             if !placed {
                 leftovers.push(item);
             }
         }
         if keep_leftovers {
-            let mut inner = slot.lock();
-            for item in leftovers {
-                inner.queue_bytes += item.message.weight();
-                inner.queue.push_back(item);
-            }
+            slot.requeue(leftovers, self.queue_limits());
         } else {
             self.stats.drop(DropReason::QueueFull, leftovers.len() as u64);
         }
-        if !durable.is_empty() {
-            if let Err(e) = self.store.append(durable, self.queue_limits()).await {
-                tracing::warn!(error = %e, "failed to persist redispatched shared messages");
+        if let Err(e) = durable.wait().await {
+            tracing::warn!(error = %e, "failed to persist redispatched shared messages");
+        }
+    }
+}
+
+/// The writes a publish waits for before its publisher is acknowledged: persistent
+/// subscribers' appends on their way to the store, and sessions that must resend their
+/// whole state first.
+#[derive(Debug, Default)]
+pub(crate) struct Durable {
+    pending: Vec<Pending>,
+    resync: Vec<Arc<SessionSlot>>,
+}
+
+impl Durable {
+    fn add(&mut self, slot: &Arc<SessionSlot>, durability: Durability) {
+        match durability {
+            Durability::Memory => {}
+            Durability::Pending(p) => self.pending.push(p),
+            Durability::Resync => self.resync.push(Arc::clone(slot)),
+        }
+    }
+
+    /// Waits for every write. A subscriber whose session moved to another node (fenced)
+    /// is no failure of this publish; a store that failed is.
+    async fn wait(self) -> Result<(), StoreError> {
+        for p in self.pending {
+            p.wait().await?.ok();
+        }
+        for slot in self.resync {
+            match slot.resync().await {
+                Ok(()) | Err(StoreError::Fenced) => {}
+                Err(e) => return Err(e),
             }
         }
+        Ok(())
     }
 }

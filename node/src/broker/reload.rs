@@ -26,11 +26,8 @@ impl Broker {
     pub(super) async fn revoke(&self, security: &Security) {
         let (mut kicked, mut removed) = (0usize, 0usize);
         for slot in self.slots() {
-            let (owner, filters) = {
-                let inner = slot.lock();
-                let Some(owner) = inner.owner.clone() else { continue };
-                (owner, inner.subscriptions.keys().map(|f| f.to_string()).collect::<Vec<String>>())
-            };
+            let Some(owner) = slot.owner() else { continue };
+            let filters: Vec<String> = slot.subscriptions().into_iter().map(|(f, _)| f).collect();
             if !security.authenticator.still_valid(&owner.identity) && slot.kick(crate::codec::reason::NOT_AUTHORIZED) {
                 kicked += 1;
             }

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use raftmq_cluster::session::{ShareTarget, SubscriptionOptions};
-use raftmq_cluster::session_ops::{OpError, SessionCommand, SessionOp};
 use raftmq_cluster::StoreError;
 
 use super::Broker;
@@ -55,50 +54,18 @@ impl Broker {
 
     /// Adds or replaces a subscription of the session in `slot`. Returns whether it already
     /// existed (for Retain Handling 1). A persistent session's store gets the change as one
-    /// operation, not a rewrite of the whole session.
+    /// operation, and the call resolves once it is durable.
     pub async fn subscribe(&self, slot: &Arc<SessionSlot>, filter: &str, options: SubscriptionOptions) -> Result<bool, StoreError> {
-        slot.lock().subscriptions.insert(Box::from(filter), options);
+        let stored = slot.subscribe(filter, options).await;
         let existed = self.index_subscribe(slot, filter, options);
-        self.store_op(slot, SessionOp::Subscribe { filter: filter.to_owned(), options }).await?;
-        Ok(existed)
+        stored.map(|()| existed)
     }
 
     /// Removes a subscription. Returns whether it existed.
     pub async fn unsubscribe(&self, slot: &Arc<SessionSlot>, filter: &str) -> Result<bool, StoreError> {
-        slot.lock().subscriptions.remove(filter);
+        let stored = slot.unsubscribe(filter).await;
         let existed = self.index_unsubscribe(slot, filter);
-        self.store_op(slot, SessionOp::Unsubscribe { filter: filter.to_owned() }).await?;
-        Ok(existed)
-    }
-
-    /// Hands a persistent session's change to the store without waiting (batched, in
-    /// order): what the connection loop records as it handles packets.
-    pub fn record(&self, slot: &SessionSlot, op: SessionOp) {
-        let (persistent, epoch) = {
-            let inner = slot.lock();
-            (inner.persistent, inner.epoch)
-        };
-        if persistent {
-            self.writer.submit(SessionCommand { client_id: slot.client_id.to_string(), epoch, op });
-        }
-    }
-
-    /// Hands a persistent session's change to the store, under the slot's epoch. A fenced
-    /// command (the session was claimed elsewhere) is a store error the client sees.
-    pub(super) async fn store_op(&self, slot: &Arc<SessionSlot>, op: SessionOp) -> Result<(), StoreError> {
-        let (persistent, epoch) = {
-            let inner = slot.lock();
-            (inner.persistent, inner.epoch)
-        };
-        if !persistent {
-            return Ok(());
-        }
-        let cmd = SessionCommand { client_id: slot.client_id.to_string(), epoch, op };
-        match self.store.apply(vec![cmd]).await?.pop() {
-            Some(Err(OpError::Fenced { .. })) => Err(StoreError::Fenced),
-            // A session the store no longer has (removed meanwhile) takes nothing.
-            _ => Ok(()),
-        }
+        stored.map(|()| existed)
     }
 }
 
@@ -117,7 +84,7 @@ mod tests {
         for n in 0..8 {
             let broker = Arc::clone(&broker);
             tasks.push(tokio::spawn(async move {
-                let slot = Arc::new(SessionSlot::new(Arc::from(format!("c{n}"))));
+                let slot = Arc::new(SessionSlot::new(Arc::from(format!("c{n}")), crate::session::Journal::detached()));
                 for round in 0..300 {
                     let filter = if round % 2 == 0 { "race/+" } else { "$share/g/race/#" };
                     let _ = broker.subscribe(&slot, filter, SubscriptionOptions::default()).await;

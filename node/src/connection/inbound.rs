@@ -25,7 +25,6 @@ use super::client::Client;
 use super::framed::Framed;
 use super::handshake::authenticate;
 use super::{violation, ConnectionError, Handled};
-use raftmq_cluster::session_ops::SessionOp;
 
 /// Longest a PUBLISH that matches nothing waits for other connections' packets.
 pub(super) const LAND_MAX: Duration = Duration::from_millis(1);
@@ -86,12 +85,12 @@ pub(super) fn handle_quick<S: AsyncRead + AsyncWrite + Unpin>(
             let failed = v5 && r.reason >= 0x80;
             match r.kind {
                 PubKind::PubAck => {
-                    if slot.lock().complete(r.packet_id, InflightStage::Published) == Ack::WrongKind {
+                    if slot.complete(r.packet_id, InflightStage::Published) == Ack::WrongKind {
                         return Err(violation(reason::PROTOCOL_ERROR, "PUBACK for a QoS 2 message"));
                     }
                 }
                 PubKind::PubRec => {
-                    let ack = slot.lock().received(r.packet_id, failed);
+                    let ack = slot.received(r.packet_id, failed);
                     if ack == Ack::WrongKind {
                         return Err(violation(reason::PROTOCOL_ERROR, "PUBREC for a QoS 1 message"));
                     }
@@ -108,15 +107,12 @@ pub(super) fn handle_quick<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
                 PubKind::PubComp => {
-                    if slot.lock().complete(r.packet_id, InflightStage::Released) == Ack::WrongKind {
+                    if slot.complete(r.packet_id, InflightStage::Released) == Ack::WrongKind {
                         return Err(violation(reason::PROTOCOL_ERROR, "PUBCOMP for a message not released"));
                     }
                 }
                 PubKind::PubRel => {
-                    let known = slot.lock().awaiting_rel.remove(&r.packet_id).is_some();
-                    if known {
-                        broker.record(slot, SessionOp::InboundReleased { packet_id: r.packet_id });
-                    }
+                    let known = slot.inbound_released(r.packet_id);
                     let code = if known || !v5 { 0 } else { reason::PACKET_IDENTIFIER_NOT_FOUND };
                     framed.send(&client.ack(PubKind::PubComp, r.packet_id, code, "unknown packet identifier"));
                 }
@@ -136,10 +132,7 @@ pub(super) fn handle_quick<S: AsyncRead + AsyncWrite + Unpin>(
                     return Err(violation(reason::PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 in CONNECT"));
                 }
                 let expiry = new_expiry.min(broker.config.mqtt.max_session_expiry_secs);
-                broker.record(slot, SessionOp::SetExpiry(expiry));
-                let mut inner = slot.lock();
-                inner.expiry_secs = expiry;
-                inner.persistent = expiry > 0;
+                slot.set_expiry(expiry);
             }
             return Ok(Handled::End(if d.reason == reason::DISCONNECT_WITH_WILL { EndKind::PublishWill } else { EndKind::Normal }));
         }
@@ -227,15 +220,14 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         QoS::ExactlyOnce => Some(PubKind::PubRec),
     };
     if p.qos == QoS::ExactlyOnce {
-        let inner = slot.lock();
-        if inner.awaiting_rel.contains_key(&p.packet_id) {
+        let (awaited, awaiting) = slot.inbound_pending(p.packet_id);
+        if awaited {
             // A re-sent QoS 2 PUBLISH: acknowledge again, never deliver twice [MQTT-4.3.3-10].
-            drop(inner);
             framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRec, p.packet_id, 0)));
             return Ok(());
         }
         let limit = if v5 { usize::from(cfg.receive_maximum) } else { cfg.max_awaiting_rel };
-        if inner.awaiting_rel.len() >= limit {
+        if awaiting >= limit {
             // B21, B23: more QoS 2 messages in flight than allowed.
             return Err(violation(reason::RECEIVE_MAXIMUM_EXCEEDED, "too many QoS 2 messages awaiting PUBREL"));
         }
@@ -248,10 +240,7 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         } else if let Some(kind) = ack_kind {
             framed.send(&Packet::PubResponse(PubResponse::new(kind, p.packet_id, 0)));
             if kind == PubKind::PubRec {
-                {
-                    slot.lock().awaiting_rel.insert(p.packet_id, Instant::now());
-                    broker.record(slot, SessionOp::InboundReceived { packet_id: p.packet_id });
-                }
+                slot.inbound_received(p.packet_id);
             }
         }
         return Ok(());
@@ -266,10 +255,7 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
             let code = if v5 { reason::NOT_AUTHORIZED } else { 0 };
             framed.send(&client.ack(kind, p.packet_id, code, "publish not authorized"));
             if kind == PubKind::PubRec && code == 0 {
-                {
-                    slot.lock().awaiting_rel.insert(p.packet_id, Instant::now());
-                    broker.record(slot, SessionOp::InboundReceived { packet_id: p.packet_id });
-                }
+                slot.inbound_received(p.packet_id);
             }
         }
         return Ok(());
@@ -314,10 +300,7 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let code = if v5 && matched == 0 { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
         framed.send(&Packet::PubResponse(PubResponse::new(kind, p.packet_id, code)));
         if kind == PubKind::PubRec {
-            {
-                slot.lock().awaiting_rel.insert(p.packet_id, Instant::now());
-                broker.record(slot, SessionOp::InboundReceived { packet_id: p.packet_id });
-            }
+            slot.inbound_received(p.packet_id);
         }
     }
     Ok(())
@@ -356,11 +339,7 @@ pub(super) async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
             codes.push(failure(reason::NOT_AUTHORIZED));
             continue;
         }
-        let at_limit = {
-            let inner = slot.lock();
-            !inner.subscriptions.contains_key(filter.as_str()) && inner.subscriptions.len() >= cfg.max_subscriptions
-        };
-        if at_limit {
+        if slot.subscriptions_full(&filter, cfg.max_subscriptions) {
             codes.push(failure(reason::QUOTA_EXCEEDED));
             continue;
         }
@@ -385,6 +364,7 @@ pub(super) async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     subscription_ids: opts.subscription_identifier.into_iter().collect(),
                     shared: None,
                     message: m,
+                    seq: 0,
                 });
             }
         }
@@ -396,15 +376,8 @@ pub(super) async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
         // Every matching retained message is delivered, paced by the client's inflight
         // window, not pushed through the bounded session queue; the pending list is
         // bounded by the retained store's own cap.
-        let cap = broker.config.retained.max_messages;
-        let mut inner = slot.lock();
-        let pending = inner.retained.get_or_insert_default();
-        let room = cap.saturating_sub(pending.len());
-        let over = retained.len().saturating_sub(room);
-        pending.extend(retained.into_iter().take(room));
-        drop(inner);
+        let over = slot.add_retained(retained, broker.config.retained.max_messages);
         broker.stats.drop(DropReason::QueueFull, over as u64);
-        slot.wake.notify_one();
     }
     Ok(())
 }

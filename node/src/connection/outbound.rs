@@ -5,15 +5,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use raftmq_cluster::message::{now_us, QoS};
-use raftmq_cluster::session::{InflightMessage, InflightStage, QueuedMessage};
+use raftmq_cluster::message::now_us;
+use raftmq_cluster::session::{InflightStage, QueuedMessage};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::client::Client;
 use super::framed::Framed;
 use crate::broker::Broker;
-use crate::codec::{reason, Packet, Properties, PubKind, PubResponse, PublishRef};
-use crate::session::SessionSlot;
+use crate::codec::{Packet, Properties, PubKind, PubResponse, PublishRef};
+use crate::session::{SessionSlot, Window};
 use crate::telemetry::stats::DropReason;
 
 pub(super) fn resend_inflight<S: AsyncRead + AsyncWrite + Unpin>(
@@ -23,17 +23,14 @@ pub(super) fn resend_inflight<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S>,
 ) {
     let now = now_us();
-    let inner = slot.lock();
-    for (id, m) in inner.inflight.iter() {
-        match m.stage {
-            InflightStage::Published => {
-                encode_delivery(broker, client, framed, &m.queued, *id, true, now);
-            }
-            InflightStage::Released => {
-                framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, *id, 0)));
-            }
+    slot.for_each_inflight(|id, m| match m.stage {
+        InflightStage::Published => {
+            encode_delivery(broker, client, framed, &m.queued, id, true, now);
         }
-    }
+        InflightStage::Released => {
+            framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, id, 0)));
+        }
+    });
 }
 
 /// Encodes one delivery; returns false if it exceeds the client's Maximum Packet Size and
@@ -94,98 +91,20 @@ pub(super) fn pump<S: AsyncRead + AsyncWrite + Unpin>(
     got_packet: bool,
 ) -> Option<u8> {
     let partial = !framed.rbuf.is_empty();
-    let window = usize::from(broker.config.mqtt.max_inflight.min(client.receive_maximum));
+    let window = Window {
+        size: usize::from(broker.config.mqtt.max_inflight.min(client.receive_maximum)),
+        retained_batch: RETAINED_BATCH,
+        limits: broker.queue_limits(),
+    };
     let now_us = now_us();
-    let now = now_us / 1000;
-    let mut inner = slot.lock();
-    match inner.conn.as_mut() {
-        Some(conn) if conn.conn_id == client.conn_id => {
-            if conn.kick.is_some() {
-                return conn.kick;
-            }
-            if got_packet {
-                conn.last_packet = Instant::now();
-            }
-            // The partial-packet clock starts with the first byte of a packet and restarts
-            // with each whole one.
-            if !partial {
-                conn.partial_since = None;
-            } else if got_packet || conn.partial_since.is_none() {
-                conn.partial_since = Some(Instant::now());
-            }
-        }
-        // Fenced off after a takeover that timed out.
-        _ => return Some(reason::SESSION_TAKEN_OVER),
+    let conn_id = client.conn_id;
+    let pumped = slot.pump(conn_id, got_packet, partial, window, |item, packet_id| {
+        encode_delivery(broker, client, framed, item, packet_id, false, now_us)
+    });
+    if pumped.expired > 0 {
+        broker.stats.drop(DropReason::Expired, pumped.expired);
     }
-    // Retained messages for new subscriptions first, paced by the same window: at most a
-    // batch of them per pass (QoS 0 ones need no window), the rest after the write.
-    if let Some(mut retained) = inner.retained.take() {
-        let mut batch = RETAINED_BATCH;
-        while let Some(front) = retained.front() {
-            if batch == 0 {
-                slot.wake.notify_one();
-                break;
-            }
-            if front.qos != QoS::AtMostOnce && inner.inflight.len() >= window {
-                break;
-            }
-            let Some(item) = retained.pop_front() else { break };
-            batch -= 1;
-            if item.qos == QoS::AtMostOnce {
-                encode_delivery(broker, client, framed, &item, 0, false, now_us);
-                continue;
-            }
-            let Some(packet_id) = inner.next_packet_id() else {
-                retained.push_front(item);
-                break;
-            };
-            if encode_delivery(broker, client, framed, &item, packet_id, false, now_us) {
-                inner.inflight.insert(packet_id, InflightMessage { queued: item, stage: InflightStage::Published });
-            }
-        }
-        if !retained.is_empty() {
-            inner.retained = Some(retained);
-        }
-    }
-    let queued = inner.queue.len();
-    while let Some(front) = inner.queue.front() {
-        if front.qos != QoS::AtMostOnce && inner.inflight.len() >= window {
-            break;
-        }
-        let Some(item) = inner.queue.pop_front() else { break };
-        inner.queue_bytes = inner.queue_bytes.saturating_sub(item.message.weight());
-        if item.message.is_expired(now) {
-            inner.dropped += 1;
-            broker.stats.drop(DropReason::Expired, 1);
-            continue;
-        }
-        if item.qos == QoS::AtMostOnce {
-            encode_delivery(broker, client, framed, &item, 0, false, now_us);
-            continue;
-        }
-        let Some(packet_id) = inner.next_packet_id() else {
-            inner.queue.push_front(item);
-            break;
-        };
-        if encode_delivery(broker, client, framed, &item, packet_id, false, now_us) {
-            inner.inflight.insert(packet_id, InflightMessage { queued: item, stage: InflightStage::Published });
-        }
-    }
-    if inner.queue.len() < queued {
-        inner.progress_us = now_us;
-    }
-    if inner.congested || inner.stalled {
-        let limits = broker.queue_limits();
-        if inner.queue.len() <= limits.max_len / 4 && inner.queue_bytes <= limits.max_bytes / 4 {
-            // Caught up: a stalled client that drained is a draining one again.
-            inner.stalled = false;
-            if std::mem::take(&mut inner.congested) {
-                drop(inner);
-                slot.drained.notify_waiters();
-            }
-        }
-    }
-    None
+    pumped.close
 }
 
 /// Most retained messages one pass of [`pump`] writes: a subscription matching thousands

@@ -216,6 +216,7 @@ impl SubscriptionIndex {
                         retain,
                         subscription_ids: opts.subscription_identifier.into_iter().collect(),
                         shared: None,
+                        seq: 0,
                     },
                 )),
             }

@@ -2,7 +2,11 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use raftmq_cluster::session::InflightMessage;
+use raftmq_cluster::message::QoS;
+use raftmq_cluster::session::{InflightMessage, InflightStage};
+use raftmq_cluster::session_ops::SessionOp;
+
+use super::{SessionSlot, SlotInner};
 
 /// Outbound messages sent and not fully acknowledged, in the order they were sent.
 ///
@@ -82,4 +86,160 @@ pub enum Ack {
     /// Its packet id is in flight, but at another QoS or stage (PUBREC for QoS 1, PUBACK
     /// for QoS 2): a protocol error.
     WrongKind,
+}
+
+impl SlotInner {
+    /// Next free outbound packet id [MQTT-2.2.1-4], `None` if all 65,535 are in use.
+    pub(super) fn next_packet_id(&mut self) -> Option<u16> {
+        for _ in 0..u16::MAX {
+            self.last_packet_id = self.last_packet_id.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains_key(&self.last_packet_id) {
+                return Some(self.last_packet_id);
+            }
+        }
+        None
+    }
+
+    /// Records PUBACK (stage `Published`: QoS 1) or PUBCOMP (stage `Released`: QoS 2).
+    pub(super) fn complete(&mut self, packet_id: u16, stage: InflightStage) -> Ack {
+        let Some(m) = self.inflight.get(&packet_id) else { return Ack::Unknown };
+        let fits = match stage {
+            InflightStage::Published => m.queued.qos == QoS::AtLeastOnce,
+            InflightStage::Released => m.stage == InflightStage::Released,
+        };
+        if !fits {
+            return Ack::WrongKind;
+        }
+        self.inflight.remove(&packet_id);
+        Ack::Known
+    }
+
+    /// Records PUBREC: the message moves to the PUBREL stage; a PUBREC with an error
+    /// reason ends the exchange. A repeated PUBREC for a released message is known.
+    pub(super) fn received(&mut self, packet_id: u16, failed: bool) -> Ack {
+        match self.inflight.get_mut(&packet_id) {
+            Some(m) if m.queued.qos == QoS::ExactlyOnce => {
+                if failed {
+                    self.inflight.remove(&packet_id);
+                } else {
+                    m.stage = InflightStage::Released;
+                }
+                Ack::Known
+            }
+            Some(_) => Ack::WrongKind,
+            None => Ack::Unknown,
+        }
+    }
+}
+
+impl SessionSlot {
+    /// Records PUBACK (stage `Published`: QoS 1) or PUBCOMP (stage `Released`: QoS 2).
+    pub fn complete(&self, packet_id: u16, stage: InflightStage) -> Ack {
+        let mut inner = self.lock();
+        let ack = inner.complete(packet_id, stage);
+        if ack == Ack::Known {
+            self.log(&mut inner, SessionOp::Acked { packet_id });
+        }
+        ack
+    }
+
+    /// Records PUBREC; a PUBREC with an error reason ends the exchange.
+    pub fn received(&self, packet_id: u16, failed: bool) -> Ack {
+        let mut inner = self.lock();
+        let ack = inner.received(packet_id, failed);
+        if ack == Ack::Known {
+            let op = if failed { SessionOp::Acked { packet_id } } else { SessionOp::Received { packet_id } };
+            self.log(&mut inner, op);
+        }
+        ack
+    }
+
+    /// Calls `f` with every message in flight, oldest first (a resume resends them).
+    pub fn for_each_inflight(&self, mut f: impl FnMut(u16, &InflightMessage)) {
+        let inner = self.lock();
+        for (id, m) in inner.inflight.iter() {
+            f(*id, m);
+        }
+    }
+
+    /// Whether inbound QoS 2 `packet_id` awaits PUBREL, and how many do.
+    pub fn inbound_pending(&self, packet_id: u16) -> (bool, usize) {
+        let inner = self.lock();
+        (inner.awaiting_rel.contains_key(&packet_id), inner.awaiting_rel.len())
+    }
+
+    /// An inbound QoS 2 PUBLISH was accepted: its id awaits PUBREL (exactly once).
+    pub fn inbound_received(&self, packet_id: u16) {
+        let mut inner = self.lock();
+        inner.awaiting_rel.insert(packet_id, std::time::Instant::now());
+        self.log(&mut inner, SessionOp::InboundReceived { packet_id });
+    }
+
+    /// PUBREL for an inbound QoS 2 id; false if it was not awaited.
+    pub fn inbound_released(&self, packet_id: u16) -> bool {
+        let mut inner = self.lock();
+        let known = inner.awaiting_rel.remove(&packet_id).is_some();
+        if known {
+            self.log(&mut inner, SessionOp::InboundReleased { packet_id });
+        }
+        known
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use raftmq_cluster::message::{Message, MessageProperties};
+    use raftmq_cluster::session::QueuedMessage;
+
+    fn sent(qos: QoS) -> InflightMessage {
+        let message = Message {
+            topic: "t".into(),
+            payload: bytes::Bytes::new(),
+            qos,
+            retain: false,
+            properties: MessageProperties::default(),
+            received_at_us: 0,
+            publisher: String::new(),
+        };
+        let queued = QueuedMessage { message: Arc::new(message), qos, retain: false, subscription_ids: Vec::new(), shared: None, seq: 0 };
+        InflightMessage { queued, stage: InflightStage::Published }
+    }
+
+    /// [MQTT-4.6.0-1]: resends go out in the order of the original sends, also after the
+    /// packet ids wrapped around.
+    #[test]
+    fn inflight_keeps_send_order_across_packet_id_wraparound_and_out_of_order_acks() {
+        let mut inner = SlotInner { last_packet_id: u16::MAX - 1, ..SlotInner::default() };
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            let id = inner.next_packet_id().unwrap_or_default();
+            inner.inflight.insert(id, sent(QoS::AtLeastOnce));
+            ids.push(id);
+        }
+        assert_eq!(ids, [u16::MAX, 1, 2, 3]);
+        assert_eq!(inner.complete(2, InflightStage::Published), Ack::Known);
+        assert_eq!(inner.complete(2, InflightStage::Published), Ack::Unknown, "a second PUBACK for the same id is unknown");
+        assert_eq!(inner.complete(u16::MAX, InflightStage::Published), Ack::Known);
+        let left: Vec<u16> = inner.inflight.iter().map(|(id, _)| *id).collect();
+        assert_eq!(left, [1, 3]);
+        // An id still in flight is skipped when ids come round again.
+        inner.last_packet_id = 0;
+        assert_eq!(inner.next_packet_id(), Some(2));
+    }
+
+    #[test]
+    fn qos2_inflight_moves_to_released_and_completes_on_pubcomp() {
+        let mut inner = SlotInner::default();
+        let id = inner.next_packet_id().unwrap_or_default();
+        inner.inflight.insert(id, sent(QoS::ExactlyOnce));
+        assert_eq!(inner.complete(id, InflightStage::Released), Ack::WrongKind, "PUBCOMP before PUBREC");
+        assert_eq!(inner.complete(id, InflightStage::Published), Ack::WrongKind, "PUBACK for QoS 2");
+        assert_eq!(inner.received(id, false), Ack::Known);
+        assert_eq!(inner.inflight.get(&id).map(|m| m.stage), Some(InflightStage::Released));
+        assert_eq!(inner.complete(id, InflightStage::Released), Ack::Known);
+        assert!(inner.inflight.is_empty());
+    }
 }

@@ -5,6 +5,12 @@
 //! window and records acknowledgements. A takeover moves the slot from one connection task
 //! to the next, so the queue, the inflight messages and the packet ids carry over.
 //!
+//! Every change goes through a method of [`SessionSlot`] (the state is private): the method
+//! applies the change and, for a persistent session, hands the matching operation to the
+//! [`Journal`] under the same lock, so the store (and later every replica) sees exactly
+//! the owner's changes in the owner's order. Every QoS >= 1 delivery to a persistent
+//! session is an `Append`, online or not; sending it is `Sent`, acknowledging it `Acked`.
+//!
 //! Concurrency: `inner` is a std `Mutex` because every critical section is short and never
 //! awaits; `wake` tells the owning task there is work; `released` tells a taking-over task
 //! that the previous owner let go.
@@ -12,15 +18,23 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use raftmq_cluster::message::{now_us, QoS};
-use raftmq_cluster::session::{push_bounded, InflightStage, QueueLimits, QueuedMessage, SessionState, SubscriptionOptions, WillMessage};
+use raftmq_cluster::registry::Epoch;
+use raftmq_cluster::session::{QueuedMessage, SessionState, SubscriptionOptions, WillMessage};
+use raftmq_cluster::session_ops::{OpError, SessionCommand, SessionOp};
+use raftmq_cluster::StoreError;
 use tokio::sync::Notify;
 
+use crate::security::Owner;
+
 mod inflight;
+mod journal;
+mod queue;
 pub use inflight::{Ack, Inflight};
+pub use journal::{Journal, Pending};
+pub use queue::{Durability, Offer, Offered, Pumped, Window};
 
 /// What the admin API shows about a live connection (who it is and from where is the
-/// slot's `owner`).
+/// slot's owner).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConnInfo {
     /// Protocol level (3, 4, 5).
@@ -51,75 +65,70 @@ pub struct ConnHandle {
     pub partial_since: Option<std::time::Instant>,
 }
 
-/// Mutable state of a slot.
+impl ConnHandle {
+    /// A connection attaching now.
+    pub fn new(conn_id: u64, info: ConnInfo) -> ConnHandle {
+        ConnHandle { conn_id, info, kick: None, last_packet: std::time::Instant::now(), partial_since: None }
+    }
+}
+
+/// Mutable state of a slot; only the slot's methods touch it.
 #[derive(Debug, Default)]
-pub struct SlotInner {
+struct SlotInner {
     /// Attached connection, `None` while offline.
-    pub conn: Option<ConnHandle>,
+    conn: Option<ConnHandle>,
     /// This node's claim on the client id (see `ClientRegistry`); 0 before the first.
-    pub epoch: raftmq_cluster::registry::Epoch,
+    epoch: Epoch,
     /// The identity that created the session: only it may resume the session.
-    pub owner: Option<Arc<crate::security::Owner>>,
+    owner: Option<Arc<Owner>>,
     /// Bumped at every attach and detach; timers compare it to know they are stale.
-    pub generation: u64,
-    /// The session outlives the connection (expiry > 0).
-    pub persistent: bool,
+    generation: u64,
+    /// The session outlives the connection (expiry > 0): its changes are journaled.
+    persistent: bool,
+    /// The store holds this session (it was claimed there or restored from there).
+    stored: bool,
+    /// Operations were lost on the way to the store (a full journal): the next one sent
+    /// is the whole session.
+    out_of_step: bool,
     /// Session expiry after disconnect, seconds.
-    pub expiry_secs: u32,
+    expiry_secs: u32,
+    /// When the client disconnected, ms since the Unix epoch; 0 while connected.
+    disconnected_at_ms: u64,
     /// Subscriptions by filter.
-    pub subscriptions: HashMap<Box<str>, SubscriptionOptions>,
+    subscriptions: HashMap<Box<str>, SubscriptionOptions>,
     /// Messages waiting for the inflight window or for the client to come back.
-    pub queue: VecDeque<QueuedMessage>,
+    queue: VecDeque<QueuedMessage>,
     /// Retained messages for new subscriptions, sent before the queue within the same
     /// window. Bounded by `retained.max_messages`; kept in the slot across a takeover.
-    /// Boxed: most slots never hold any, and an idle slot should stay small.
-    pub retained: Option<Box<VecDeque<QueuedMessage>>>,
+    /// Boxed: most slots never hold any, and an idle slot should stay small (8 bytes, not 32).
+    #[allow(clippy::box_collection)]
+    retained: Option<Box<VecDeque<QueuedMessage>>>,
     /// Bytes in `queue`.
-    pub queue_bytes: usize,
+    queue_bytes: usize,
+    /// Last delivery number handed out ([`QueuedMessage::seq`]).
+    last_seq: u64,
     /// Outbound messages sent and not fully acknowledged, in send order.
-    pub inflight: Inflight,
+    inflight: Inflight,
     /// Last packet id handed out.
-    pub last_packet_id: u16,
+    last_packet_id: u16,
     /// Inbound QoS 2 packet ids awaiting PUBREL, with the time they arrived.
-    pub awaiting_rel: BTreeMap<u16, std::time::Instant>,
+    awaiting_rel: BTreeMap<u16, std::time::Instant>,
     /// A will waiting for its delay to pass.
-    pub pending_will: Option<Box<WillMessage>>,
+    pending_will: Option<Box<WillMessage>>,
     /// The slot has been removed from the broker; nothing may be added any more.
-    pub removed: bool,
+    removed: bool,
     /// Messages dropped because the queue was full or they could not be queued.
-    pub dropped: u64,
+    dropped: u64,
     /// The queue went over half full while online: publishers feeding it wait on
     /// `drained` until it is down to a quarter.
-    pub congested: bool,
+    congested: bool,
     /// The queue stopped shrinking while publishers waited for it: publishers no longer
     /// wait for this client until its queue is down to a quarter again.
-    pub stalled: bool,
+    stalled: bool,
     /// When the connection last took a message from the queue, or (0) the queue has become
     /// non-empty since and the clock starts at the next congestion check (µs since the Unix
     /// epoch): how the broker tells a draining client from a stalled one.
-    pub progress_us: u64,
-}
-
-/// What became of a delivery offered to a slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Offered {
-    /// Where it went.
-    pub offer: Offer,
-    /// Messages dropped to make room (or this one, if it was not queued).
-    pub lost: u64,
-    /// An online client's queue is over half full: the publisher should slow down.
-    pub congested: bool,
-}
-
-/// Outcome of offering a delivery to a slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Offer {
-    /// Queued for an online client.
-    Online,
-    /// Queued for an offline persistent session.
-    Offline,
-    /// Not queued (offline QoS 0, queue full, or session gone).
-    Dropped,
+    progress_us: u64,
 }
 
 /// Everything the broker holds for one client id.
@@ -128,6 +137,8 @@ pub struct SessionSlot {
     /// Client identifier.
     pub client_id: Arc<str>,
     inner: Mutex<SlotInner>,
+    /// Where a persistent session's changes go.
+    journal: Arc<Journal>,
     /// Work for the owning connection task (a delivery or a kick).
     pub wake: Notify,
     /// The owning connection detached.
@@ -138,16 +149,177 @@ pub struct SessionSlot {
     pub connect_lock: tokio::sync::Mutex<()>,
 }
 
+/// A connection taking a slot: what [`SessionSlot::attach`] records.
+#[derive(Debug)]
+pub struct Attach {
+    /// The connection.
+    pub conn: ConnHandle,
+    /// This node's claim on the client id.
+    pub epoch: Epoch,
+    /// Session Expiry Interval granted (0: the session ends with the connection).
+    pub expiry_secs: u32,
+    /// Who connected.
+    pub owner: Arc<Owner>,
+    /// Clean Start: the stored session starts empty.
+    pub clean: bool,
+}
+
+/// What [`SessionSlot::detach`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Detached {
+    /// Another connection holds the slot now (a takeover that timed out fenced this one).
+    pub fenced: bool,
+    /// The session outlives the connection.
+    pub persistent: bool,
+    /// Generation after the detach, for the timers.
+    pub generation: u64,
+    /// Session expiry, seconds.
+    pub expiry_secs: u32,
+}
+
+/// What a slot gives up when it is discarded.
+#[derive(Debug)]
+pub struct Discarded {
+    /// Its subscriptions.
+    pub filters: Vec<String>,
+    /// A will still waiting for its delay.
+    pub will: Option<Box<WillMessage>>,
+    /// The epoch it was held under.
+    pub epoch: Epoch,
+    /// The store holds the session.
+    pub stored: bool,
+}
+
+/// A slot as the admin API shows it.
+#[derive(Debug, Clone)]
+pub struct SlotView {
+    /// The attached connection, if any.
+    pub conn: Option<ConnInfo>,
+    /// Identity and address of the attached connection.
+    pub owner: Option<Arc<Owner>>,
+    /// The session outlives the connection.
+    pub persistent: bool,
+    /// Session expiry, seconds.
+    pub expiry_secs: u32,
+    /// Number of subscriptions.
+    pub subscriptions: usize,
+    /// Queued messages.
+    pub queued: usize,
+    /// Messages in flight.
+    pub inflight: usize,
+    /// Messages dropped for this session.
+    pub dropped: u64,
+}
+
 impl SessionSlot {
-    /// A fresh, offline, empty slot.
-    pub fn new(client_id: Arc<str>) -> SessionSlot {
+    /// A fresh, offline, empty slot whose persistent changes go to `journal`.
+    pub fn new(client_id: Arc<str>, journal: Arc<Journal>) -> SessionSlot {
         SessionSlot {
             client_id,
             inner: Mutex::new(SlotInner::default()),
+            journal,
             wake: Notify::new(),
             released: Notify::new(),
             drained: Notify::new(),
             connect_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Locks the slot state. A poisoned lock (a panic elsewhere) still yields the data: the
+    /// state is plain collections that stay consistent between statements.
+    fn lock(&self) -> MutexGuard<'_, SlotInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn command(&self, inner: &SlotInner, op: SessionOp) -> SessionCommand {
+        SessionCommand { client_id: self.client_id.to_string(), epoch: inner.epoch, op }
+    }
+
+    /// Whether changes of this slot go to the store.
+    fn journaled(inner: &SlotInner) -> bool {
+        inner.persistent && inner.stored && !inner.removed
+    }
+
+    /// Hands `op`, just applied to `inner`, to the journal without waiting. Call with the
+    /// lock held: that is what keeps the store's order the slot's order. If the journal
+    /// has no room the slot falls out of step and its next journaled change is the whole
+    /// session.
+    fn log(&self, inner: &mut SlotInner, op: SessionOp) {
+        if !Self::journaled(inner) {
+            return;
+        }
+        if inner.out_of_step {
+            if self.journal.has_room() {
+                let whole = SessionOp::Reset(Box::new(self.state_of(inner)));
+                inner.out_of_step = !self.journal.try_submit(self.command(inner, whole));
+            }
+            return;
+        }
+        if !self.journal.try_submit(self.command(inner, op)) {
+            inner.out_of_step = true;
+        }
+    }
+
+    /// Like [`Self::log`], for a change whose durability the caller waits for.
+    fn log_pending(&self, inner: &mut SlotInner, op: SessionOp) -> Durability {
+        if !Self::journaled(inner) {
+            return Durability::Memory;
+        }
+        if inner.out_of_step {
+            return Durability::Resync;
+        }
+        match self.journal.try_submit_pending(self.command(inner, op)) {
+            Some(pending) => Durability::Pending(pending),
+            None => {
+                inner.out_of_step = true;
+                Durability::Resync
+            }
+        }
+    }
+
+    /// Sends the whole session to the store if operations were lost on the way, and waits
+    /// until it is durable.
+    pub async fn resync(&self) -> Result<(), StoreError> {
+        let mut room = self.journal.reserve(1).await?;
+        let pending = {
+            let mut inner = self.lock();
+            if !inner.out_of_step || !Self::journaled(&inner) {
+                return Ok(());
+            }
+            inner.out_of_step = false;
+            let whole = SessionOp::Reset(Box::new(self.state_of(&inner)));
+            room.submit(self.command(&inner, whole))
+        };
+        match pending {
+            Some(p) => fenced_is_error(p.wait().await?),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies a change and waits until its operation is durable: subscriptions, whose
+    /// SUBACK / UNSUBACK promises them.
+    async fn change_durably(&self, change: impl FnOnce(&mut SlotInner) -> SessionOp) -> Result<(), StoreError> {
+        let journaled = Self::journaled(&self.lock());
+        let mut room = if journaled { Some(self.journal.reserve(1).await?) } else { None };
+        let pending = {
+            let mut inner = self.lock();
+            let op = change(&mut inner);
+            match room.as_mut() {
+                Some(room) if Self::journaled(&inner) => {
+                    let op = if std::mem::take(&mut inner.out_of_step) { SessionOp::Reset(Box::new(self.state_of(&inner))) } else { op };
+                    room.submit(self.command(&inner, op))
+                }
+                _ => {
+                    // Became journaled while we looked (it never does mid-connection);
+                    // the next change will carry the whole session.
+                    inner.out_of_step |= Self::journaled(&inner);
+                    None
+                }
+            }
+        };
+        match pending {
+            Some(p) => fenced_is_error(p.wait().await?),
+            None => Ok(()),
         }
     }
 
@@ -171,7 +343,12 @@ impl SessionSlot {
         let expired = {
             let mut inner = self.lock();
             if !inner.awaiting_rel.is_empty() {
-                inner.awaiting_rel.retain(|_, since| now.duration_since(*since) < rel_timeout);
+                let stale: Vec<u16> =
+                    inner.awaiting_rel.iter().filter(|(_, since)| now.duration_since(**since) >= rel_timeout).map(|(id, _)| *id).collect();
+                for packet_id in stale {
+                    inner.awaiting_rel.remove(&packet_id);
+                    self.log(&mut inner, SessionOp::InboundReleased { packet_id });
+                }
             }
             match inner.conn.as_mut() {
                 // A packet started and never finished, even with keep alive 0.
@@ -197,103 +374,24 @@ impl SessionSlot {
         }
     }
 
-    /// Locks the slot state. A poisoned lock (a panic elsewhere) still yields the data: the
-    /// state is plain collections that stay consistent between statements.
-    pub fn lock(&self) -> MutexGuard<'_, SlotInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Offers a delivery under the queue limits. Returns where it went and how many
-    /// messages were dropped (the offered one or older ones the drop policy evicted).
-    ///
-    /// An online client counts as congested (the publisher should wait) only while its
-    /// queue is over half full and it took a message, or its queue filled, within the last
-    /// `stall_us` microseconds: a client that stopped reading cannot hold publishers back.
-    pub fn offer(&self, item: QueuedMessage, limits: QueueLimits, queue_qos0: bool, stall_us: u64) -> Offered {
-        let dropped = Offered { offer: Offer::Dropped, lost: 1, congested: false };
-        let mut inner = self.lock();
-        if inner.removed {
-            return dropped;
-        }
-        let online = inner.conn.is_some();
-        if !online && (!inner.persistent || (item.qos == QoS::AtMostOnce && !queue_qos0)) {
-            inner.dropped += 1;
-            return dropped;
-        }
-        let SlotInner { queue, queue_bytes, dropped, .. } = &mut *inner;
-        let was_empty = queue.is_empty();
-        let lost = push_bounded(queue, queue_bytes, item, limits);
-        *dropped += lost;
-        if !online {
-            return Offered { offer: Offer::Offline, lost, congested: false };
-        }
-        if was_empty {
-            // The stall clock starts again; it is read only once the queue is over half
-            // full, so the hot path (a queue that is mostly empty) reads no clock.
-            inner.progress_us = 0;
-        }
-        let over_half = inner.queue.len() > limits.max_len / 2 || inner.queue_bytes > limits.max_bytes / 2;
-        let congested = over_half && !inner.stalled && {
-            let now = now_us();
-            if inner.progress_us == 0 {
-                inner.progress_us = now;
-                true
-            } else if now.saturating_sub(inner.progress_us) >= stall_us {
-                // Nothing taken for a while: stalled, not draining.
-                inner.stalled = true;
-                false
-            } else {
-                true
-            }
-        };
-        inner.congested |= congested;
-        drop(inner);
-        // Only the first message into an empty queue wakes the connection: while the queue
-        // is not empty, a wake-up is pending, or the connection's window is full and the
-        // client's acknowledgements will pump it.
-        if was_empty {
-            self.wake.notify_one();
-        }
-        Offered { offer: Offer::Online, lost, congested }
-    }
-
-    /// The queue length while publishers should still hold back for this slot's client;
-    /// `None` once they need not.
-    pub fn congested_backlog(&self) -> Option<usize> {
-        let inner = self.lock();
-        (inner.congested && !inner.stalled).then_some(inner.queue.len())
-    }
-
-    /// Marks the client stalled if its queue is no shorter than `before` (and still
-    /// congested), releasing every publisher waiting for it; returns whether the waiting
-    /// is over.
-    pub fn mark_stalled_unless_shrunk(&self, before: usize) -> bool {
-        let mut inner = self.lock();
-        if !inner.congested || inner.stalled {
-            return true;
-        }
-        if inner.queue.len() < before {
-            return false;
-        }
-        inner.stalled = true;
-        inner.congested = false;
-        drop(inner);
-        self.drained.notify_waiters();
-        true
-    }
-
     /// The session as data, for the session store.
     pub fn snapshot(&self) -> SessionState {
-        let inner = self.lock();
+        self.state_of(&self.lock())
+    }
+
+    fn state_of(&self, inner: &SlotInner) -> SessionState {
+        // Retained messages waiting for a new subscription are deliveries like the queue's,
+        // and go out first.
+        let retained = inner.retained.iter().flat_map(|r| r.iter()).filter(|q| q.seq != 0);
         SessionState {
             client_id: self.client_id.to_string(),
             subscriptions: inner.subscriptions.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-            queue: inner.queue.clone(),
+            queue: retained.chain(inner.queue.iter().filter(|q| q.seq != 0)).cloned().collect(),
             inflight: inner.inflight.to_map(),
             awaiting_rel: inner.awaiting_rel.keys().copied().collect(),
             expiry_secs: inner.expiry_secs,
             will: inner.pending_will.as_deref().cloned(),
-            disconnected_at_ms: 0,
+            disconnected_at_ms: inner.disconnected_at_ms,
             owner: inner.owner.as_ref().and_then(|o| o.identity.username.clone()),
             epoch: inner.epoch,
         }
@@ -304,9 +402,13 @@ impl SessionSlot {
     pub fn restore(&self, state: SessionState) {
         let mut inner = self.lock();
         inner.persistent = true;
+        inner.stored = true;
         inner.expiry_secs = state.expiry_secs;
         inner.subscriptions = state.subscriptions.into_iter().map(|(k, v)| (k.into_boxed_str(), v)).collect();
         inner.queue_bytes = state.queue.iter().map(|q| q.message.weight()).sum();
+        let last_queued = state.queue.iter().map(|q| q.seq).max().unwrap_or(0);
+        let last_sent = state.inflight.values().map(|m| m.queued.seq).max().unwrap_or(0);
+        inner.last_seq = last_queued.max(last_sent);
         inner.queue = state.queue;
         inner.last_packet_id = state.inflight.keys().next_back().copied().unwrap_or(0);
         inner.inflight = Inflight::from_map(state.inflight);
@@ -314,104 +416,211 @@ impl SessionSlot {
         inner.awaiting_rel = state.awaiting_rel.into_iter().map(|id| (id, now)).collect();
         inner.pending_will = state.will.map(Box::new);
     }
-}
 
-impl SlotInner {
-    /// Next free outbound packet id [MQTT-2.2.1-4], `None` if all 65,535 are in use.
-    pub fn next_packet_id(&mut self) -> Option<u16> {
-        for _ in 0..u16::MAX {
-            self.last_packet_id = self.last_packet_id.checked_add(1).unwrap_or(1);
-            if !self.inflight.contains_key(&self.last_packet_id) {
-                return Some(self.last_packet_id);
-            }
-        }
-        None
-    }
-
-    /// Records PUBACK (stage `Published`: QoS 1) or PUBCOMP (stage `Released`: QoS 2).
-    pub fn complete(&mut self, packet_id: u16, stage: InflightStage) -> Ack {
-        let Some(m) = self.inflight.get(&packet_id) else { return Ack::Unknown };
-        let fits = match stage {
-            InflightStage::Published => m.queued.qos == QoS::AtLeastOnce,
-            InflightStage::Released => m.stage == InflightStage::Released,
-        };
-        if !fits {
-            return Ack::WrongKind;
-        }
-        self.inflight.remove(&packet_id);
-        Ack::Known
-    }
-
-    /// Records PUBREC: the message moves to the PUBREL stage; a PUBREC with an error
-    /// reason ends the exchange. A repeated PUBREC for a released message is known.
-    pub fn received(&mut self, packet_id: u16, failed: bool) -> Ack {
-        match self.inflight.get_mut(&packet_id) {
-            Some(m) if m.queued.qos == QoS::ExactlyOnce => {
-                if failed {
-                    self.inflight.remove(&packet_id);
-                } else {
-                    m.stage = InflightStage::Released;
+    /// Attaches a connection under a new epoch. A persistent session is claimed in the
+    /// store (a clean start empties it there in the same step) and, if the store does not
+    /// hold what this slot holds yet, given the whole session; resolves once durable.
+    pub async fn attach(&self, a: Attach) -> Result<(), StoreError> {
+        let persistent = a.expiry_secs > 0;
+        let mut room = if persistent { Some(self.journal.reserve(2).await?) } else { None };
+        let pending = {
+            let mut inner = self.lock();
+            let known_to_store = inner.stored && inner.persistent;
+            let holds_state = !inner.subscriptions.is_empty() || !inner.queue.is_empty() || !inner.inflight.is_empty();
+            inner.epoch = a.epoch;
+            inner.conn = Some(a.conn);
+            inner.generation += 1;
+            inner.persistent = persistent;
+            inner.expiry_secs = a.expiry_secs;
+            inner.disconnected_at_ms = 0;
+            let username = a.owner.identity.username.clone();
+            inner.owner = Some(a.owner);
+            // A reconnect before the will delay passed cancels the will [MQTT-3.1.3-9]
+            // (a claim clears the stored will too).
+            inner.pending_will = None;
+            let mut pending = Vec::new();
+            if let Some(room) = room.as_mut() {
+                inner.stored = true;
+                let claim = SessionOp::Claim { clean: a.clean, owner: username, expiry_secs: a.expiry_secs };
+                pending.extend(room.submit(self.command(&inner, claim)));
+                if std::mem::take(&mut inner.out_of_step) || (!known_to_store && holds_state) {
+                    let whole = SessionOp::Reset(Box::new(self.state_of(&inner)));
+                    pending.extend(room.submit(self.command(&inner, whole)));
                 }
-                Ack::Known
             }
-            Some(_) => Ack::WrongKind,
-            None => Ack::Unknown,
+            pending
+        };
+        for p in pending {
+            fenced_is_error(p.wait().await?)?;
+        }
+        Ok(())
+    }
+
+    /// Detaches connection `conn_id` when it ends; a persistent session records the time.
+    pub fn detach(&self, conn_id: u64, now_ms: u64) -> Detached {
+        let mut inner = self.lock();
+        let mine = inner.conn.as_ref().is_some_and(|c| c.conn_id == conn_id);
+        if mine {
+            inner.conn = None;
+            inner.generation += 1;
+            inner.disconnected_at_ms = now_ms;
+            self.log(&mut inner, SessionOp::Disconnected { at_ms: now_ms });
+            // Publishers held back for this client go on.
+            inner.congested = false;
+            self.drained.notify_waiters();
+        }
+        Detached {
+            fenced: !mine && inner.conn.is_some(),
+            persistent: inner.persistent && !inner.removed,
+            generation: inner.generation,
+            expiry_secs: inner.expiry_secs,
+        }
+    }
+
+    /// Fences off an attached connection that did not let go in time: it can no longer
+    /// deliver or detach for this slot.
+    pub fn fence_off(&self) {
+        let mut inner = self.lock();
+        inner.conn = None;
+        inner.generation += 1;
+    }
+
+    /// Holds a will until its delay passes (the store holds it too).
+    pub fn hold_will(&self, will: WillMessage) {
+        let mut inner = self.lock();
+        inner.pending_will = Some(Box::new(will.clone()));
+        self.log(&mut inner, SessionOp::SetWill(Some(will)));
+    }
+
+    /// Takes the pending will for publication, if the slot is still at `generation` and
+    /// `current(epoch)` says this node still owns the client id.
+    pub fn take_will(&self, generation: u64, current: impl FnOnce(Epoch) -> bool) -> Option<Box<WillMessage>> {
+        let mut inner = self.lock();
+        if inner.generation != generation || !current(inner.epoch) {
+            return None;
+        }
+        let will = inner.pending_will.take()?;
+        self.log(&mut inner, SessionOp::SetWill(None));
+        Some(will)
+    }
+
+    /// Marks the slot removed and gives up its subscriptions and pending will.
+    pub fn discard(&self) -> Discarded {
+        let mut inner = self.lock();
+        inner.removed = true;
+        inner.generation += 1;
+        Discarded {
+            filters: inner.subscriptions.drain().map(|(f, _)| f.into_string()).collect(),
+            will: inner.pending_will.take(),
+            epoch: inner.epoch,
+            stored: inner.stored,
+        }
+    }
+
+    /// Marks a slot nobody uses removed (a CONNECT refused before attaching); false if a
+    /// connection or any state is there.
+    pub fn remove_if_unused(&self) -> bool {
+        let mut inner = self.lock();
+        let unused = inner.conn.is_none() && inner.owner.is_none() && inner.subscriptions.is_empty() && inner.queue.is_empty();
+        if unused {
+            inner.removed = true;
+        }
+        unused
+    }
+
+    /// Marks the slot removed.
+    pub fn mark_removed(&self) {
+        self.lock().removed = true;
+    }
+
+    /// Bumped at every attach and detach: timers compare it to know they are stale.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// The slot has been removed from the broker.
+    pub fn is_removed(&self) -> bool {
+        self.lock().removed
+    }
+
+    /// The identity that created the session.
+    pub fn owner(&self) -> Option<Arc<Owner>> {
+        self.lock().owner.clone()
+    }
+
+    /// A connection is attached.
+    pub fn is_online(&self) -> bool {
+        self.lock().conn.is_some()
+    }
+
+    /// The slot holds a session worth resuming (persistent, or with subscriptions or queued
+    /// messages).
+    pub fn has_session(&self) -> bool {
+        let inner = self.lock();
+        inner.persistent || !inner.subscriptions.is_empty() || !inner.queue.is_empty()
+    }
+
+    /// Changes the Session Expiry Interval (MQTT 5 DISCONNECT).
+    pub fn set_expiry(&self, expiry_secs: u32) {
+        let mut inner = self.lock();
+        inner.expiry_secs = expiry_secs;
+        self.log(&mut inner, SessionOp::SetExpiry(expiry_secs));
+        inner.persistent = expiry_secs > 0;
+    }
+
+    /// Adds or replaces a subscription in the session; resolves once durable.
+    pub async fn subscribe(&self, filter: &str, options: SubscriptionOptions) -> Result<(), StoreError> {
+        self.change_durably(|inner| {
+            inner.subscriptions.insert(Box::from(filter), options);
+            SessionOp::Subscribe { filter: filter.to_owned(), options }
+        })
+        .await
+    }
+
+    /// Removes a subscription from the session; resolves once durable.
+    pub async fn unsubscribe(&self, filter: &str) -> Result<(), StoreError> {
+        self.change_durably(|inner| {
+            inner.subscriptions.remove(filter);
+            SessionOp::Unsubscribe { filter: filter.to_owned() }
+        })
+        .await
+    }
+
+    /// Whether one more subscription would pass `max` (a filter already there replaces).
+    pub fn subscriptions_full(&self, filter: &str, max: usize) -> bool {
+        let inner = self.lock();
+        !inner.subscriptions.contains_key(filter) && inner.subscriptions.len() >= max
+    }
+
+    /// The session's subscriptions, sorted by filter.
+    pub fn subscriptions(&self) -> Vec<(String, SubscriptionOptions)> {
+        let inner = self.lock();
+        let mut subs: Vec<(String, SubscriptionOptions)> = inner.subscriptions.iter().map(|(f, o)| (f.to_string(), *o)).collect();
+        subs.sort_by(|a, b| a.0.cmp(&b.0));
+        subs
+    }
+
+    /// The slot as the admin API shows it.
+    pub fn view(&self) -> SlotView {
+        let inner = self.lock();
+        SlotView {
+            conn: inner.conn.as_ref().map(|c| c.info.clone()),
+            owner: inner.owner.clone().filter(|_| inner.conn.is_some()),
+            persistent: inner.persistent,
+            expiry_secs: inner.expiry_secs,
+            subscriptions: inner.subscriptions.len(),
+            queued: inner.queue.len(),
+            inflight: inner.inflight.len(),
+            dropped: inner.dropped,
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use raftmq_cluster::message::{Message, MessageProperties};
-    use raftmq_cluster::session::InflightMessage;
-
-    fn sent(qos: QoS) -> InflightMessage {
-        let message = Message {
-            topic: "t".into(),
-            payload: bytes::Bytes::new(),
-            qos,
-            retain: false,
-            properties: MessageProperties::default(),
-            received_at_us: 0,
-            publisher: String::new(),
-        };
-        let queued = QueuedMessage { message: Arc::new(message), qos, retain: false, subscription_ids: Vec::new(), shared: None };
-        InflightMessage { queued, stage: InflightStage::Published }
-    }
-
-    /// [MQTT-4.6.0-1]: resends go out in the order of the original sends, also after the
-    /// packet ids wrapped around.
-    #[test]
-    fn inflight_keeps_send_order_across_packet_id_wraparound_and_out_of_order_acks() {
-        let mut inner = SlotInner { last_packet_id: u16::MAX - 1, ..SlotInner::default() };
-        let mut ids = Vec::new();
-        for _ in 0..4 {
-            let id = inner.next_packet_id().unwrap_or_default();
-            inner.inflight.insert(id, sent(QoS::AtLeastOnce));
-            ids.push(id);
-        }
-        assert_eq!(ids, [u16::MAX, 1, 2, 3]);
-        assert_eq!(inner.complete(2, InflightStage::Published), Ack::Known);
-        assert_eq!(inner.complete(2, InflightStage::Published), Ack::Unknown, "a second PUBACK for the same id is unknown");
-        assert_eq!(inner.complete(u16::MAX, InflightStage::Published), Ack::Known);
-        let left: Vec<u16> = inner.inflight.iter().map(|(id, _)| *id).collect();
-        assert_eq!(left, [1, 3]);
-        // An id still in flight is skipped when ids come round again.
-        inner.last_packet_id = 0;
-        assert_eq!(inner.next_packet_id(), Some(2));
-    }
-
-    #[test]
-    fn qos2_inflight_moves_to_released_and_completes_on_pubcomp() {
-        let mut inner = SlotInner::default();
-        let id = inner.next_packet_id().unwrap_or_default();
-        inner.inflight.insert(id, sent(QoS::ExactlyOnce));
-        assert_eq!(inner.complete(id, InflightStage::Released), Ack::WrongKind, "PUBCOMP before PUBREC");
-        assert_eq!(inner.complete(id, InflightStage::Published), Ack::WrongKind, "PUBACK for QoS 2");
-        assert_eq!(inner.received(id, false), Ack::Known);
-        assert_eq!(inner.inflight.get(&id).map(|m| m.stage), Some(InflightStage::Released));
-        assert_eq!(inner.complete(id, InflightStage::Released), Ack::Known);
-        assert!(inner.inflight.is_empty());
+/// A fenced operation is the client's problem (the session lives elsewhere now); a session
+/// the store no longer has takes nothing and is no error.
+fn fenced_is_error(outcome: Result<raftmq_cluster::session_ops::Applied, OpError>) -> Result<(), StoreError> {
+    match outcome {
+        Err(OpError::Fenced { .. }) => Err(StoreError::Fenced),
+        _ => Ok(()),
     }
 }

@@ -70,6 +70,10 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("raftmq_takeovers_total", "Sessions taken over by a new connection."),
     ("raftmq_protocol_errors_total", "Connections closed for bad input after CONNECT, by MQTT 5 reason code."),
     ("raftmq_store_errors_total", "Store operations that failed, by kind; the client was refused, never acknowledged."),
+    (
+        "raftmq_session_journal_lost_total",
+        "Session operations lost to a full journal; each such session sent its whole state to the store next.",
+    ),
     (LATENCY, "Time from receiving a PUBLISH to queueing it into a subscriber's socket buffer."),
 ];
 
@@ -216,6 +220,7 @@ impl Metrics {
         self.counter("raftmq_acl_checks_total", &[("result", "deny")]).absolute(load(&s.acl_denied));
         self.counter("raftmq_wills_published_total", &[]).absolute(load(&s.wills_published));
         self.counter("raftmq_takeovers_total", &[]).absolute(load(&s.takeovers));
+        self.counter("raftmq_session_journal_lost_total", &[]).absolute(g.journal_lost);
         for (i, reason) in STORE_ERRORS.iter().enumerate() {
             self.counter("raftmq_store_errors_total", &[("reason", reason)]).absolute(load(&s.store_errors[i]));
         }

@@ -259,6 +259,9 @@ pub struct Gauges {
     pub retained_messages: usize,
     /// Bytes held by retained messages.
     pub retained_bytes: usize,
+    /// Session operations lost to a full journal (each session caught up with its whole
+    /// state afterwards).
+    pub journal_lost: u64,
 }
 
 /// Totals over every session, for metrics.

@@ -213,7 +213,7 @@ async fn without_backpressure_a_full_queue_drops_and_the_publisher_goes_on() -> 
 /// subscriptions.
 #[tokio::test]
 async fn server_runs_over_injected_stores() -> anyhow::Result<()> {
-    use raftmq_cluster::session::{MemorySessionStore, SessionState, SessionStore, SubscriptionOptions};
+    use raftmq_cluster::session::{MemorySessionStore, SessionState, SubscriptionOptions};
     let config = test_config(|_| {});
     let mut stores = raftmq_node::broker::Stores::memory(&config);
     let sessions = std::sync::Arc::new(MemorySessionStore::new());
@@ -224,7 +224,7 @@ async fn server_runs_over_injected_stores() -> anyhow::Result<()> {
         expiry_secs: 300,
         ..SessionState::default()
     };
-    sessions.save(state).await?;
+    store_session(sessions.as_ref(), state).await?;
     stores.sessions = sessions;
     let server = start_broker_over(config, stores).await?.server;
     let (mut resumed, ack) = Raw::connect(server.mqtt_addr, Protocol::V5, "from-elsewhere", false).await?;
@@ -235,11 +235,11 @@ async fn server_runs_over_injected_stores() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A session store whose writes fail as a replicated store's do without a leader: saves
-/// when `refuse_saves` is set, appends always.
+/// A session store whose writes fail as a replicated store's do without a leader: every
+/// write when `refuse_all` is set, else only batches that queue messages.
 struct LeaderlessStore {
     inner: raftmq_cluster::session::MemorySessionStore,
-    refuse_saves: bool,
+    refuse_all: bool,
 }
 
 #[async_trait::async_trait]
@@ -247,27 +247,12 @@ impl raftmq_cluster::session::SessionStore for LeaderlessStore {
     async fn load(&self, id: &str) -> Result<Option<raftmq_cluster::session::SessionState>, raftmq_cluster::StoreError> {
         self.inner.load(id).await
     }
-    async fn save(&self, state: raftmq_cluster::session::SessionState) -> Result<(), raftmq_cluster::StoreError> {
-        if self.refuse_saves {
-            return Err(raftmq_cluster::StoreError::NotLeader);
-        }
-        self.inner.save(state).await
-    }
-    async fn append(
-        &self,
-        _: Vec<(String, raftmq_cluster::session::QueuedMessage)>,
-        _: raftmq_cluster::session::QueueLimits,
-    ) -> Result<u64, raftmq_cluster::StoreError> {
-        Err(raftmq_cluster::StoreError::NotLeader)
-    }
-    async fn remove(&self, id: &str) -> Result<Option<raftmq_cluster::session::SessionState>, raftmq_cluster::StoreError> {
-        self.inner.remove(id).await
-    }
     async fn apply(
         &self,
         batch: Vec<raftmq_cluster::session_ops::SessionCommand>,
     ) -> Result<Vec<Result<raftmq_cluster::session_ops::Applied, raftmq_cluster::session_ops::OpError>>, raftmq_cluster::StoreError> {
-        if self.refuse_saves {
+        let appends = batch.iter().any(|c| matches!(c.op, raftmq_cluster::session_ops::SessionOp::Append { .. }));
+        if self.refuse_all || appends {
             return Err(raftmq_cluster::StoreError::NotLeader);
         }
         self.inner.apply(batch).await
@@ -277,10 +262,10 @@ impl raftmq_cluster::session::SessionStore for LeaderlessStore {
     }
 }
 
-async fn over_leaderless_store(refuse_saves: bool) -> anyhow::Result<raftmq_node::server::Server> {
+async fn over_leaderless_store(refuse_all: bool) -> anyhow::Result<raftmq_node::server::Server> {
     let config = test_config(|_| {});
     let mut stores = raftmq_node::broker::Stores::memory(&config);
-    stores.sessions = std::sync::Arc::new(LeaderlessStore { inner: Default::default(), refuse_saves });
+    stores.sessions = std::sync::Arc::new(LeaderlessStore { inner: Default::default(), refuse_all });
     Ok(start_broker_over(config, stores).await?.server)
 }
 
@@ -365,7 +350,7 @@ async fn clean_start_over_a_stored_session_is_one_claim() -> anyhow::Result<()> 
         expiry_secs: 300,
         ..SessionState::default()
     };
-    sessions.save(state).await?;
+    store_session(sessions.as_ref(), state).await?;
     stores.sessions = std::sync::Arc::clone(&sessions) as std::sync::Arc<dyn SessionStore>;
     let server = start_broker_over(config, stores).await?.server;
     let mut c = connect_packet(Protocol::V5, "fresh-start", true);
@@ -408,5 +393,62 @@ async fn inbound_qos2_ids_reach_the_store_as_operations() -> anyhow::Result<()> 
     client.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, 42, 0))).await?;
     assert!(matches!(client.recv().await?, Packet::PubResponse(r) if r.kind == PubKind::PubComp));
     awaiting(vec![]).await?;
+    Ok(())
+}
+
+/// Issue 11, item 3: every QoS 1 delivery to a persistent session reaches the store as
+/// operations while its client is online (queued, sent, acknowledged), so another node that
+/// resumes the session from the store (its owner's node gone) resends exactly what was not
+/// acknowledged, with DUP, then the rest of the queue, in order [MQTT-4.4.0-1].
+#[tokio::test]
+async fn online_deliveries_reach_the_store_so_another_node_resumes_them() -> anyhow::Result<()> {
+    let base = |name: &str| test_config(|c| c.node_name = name.into());
+    let (config_a, config_b) = (base("node-a"), base("node-b"));
+    let stores = raftmq_node::broker::Stores::memory(&config_a);
+    let sessions = std::sync::Arc::clone(&stores.sessions);
+    let a = start_broker_over(config_a, stores.clone()).await?.server;
+    let b = start_broker_over(config_b, stores).await?.server;
+
+    let mut c = connect_packet(Protocol::V5, "worker", false);
+    c.properties.session_expiry_interval = Some(300);
+    c.properties.receive_maximum = Some(2);
+    let (mut on_a, _) = Raw::connect_with(a.mqtt_addr, c.clone()).await?;
+    on_a.subscribe(1, "work/#", QoS::AtLeastOnce).await?;
+    let (mut publ, _) = Raw::connect(a.mqtt_addr, Protocol::V5, "boss", true).await?;
+    for n in 1..=5u16 {
+        publ.publish("work/x", format!("m{n}").as_bytes(), QoS::AtLeastOnce, false, n).await?;
+    }
+    // The window of two holds m1 and m2; the client acknowledges m1 only.
+    let first = on_a.recv_publish().await?;
+    let second = on_a.recv_publish().await?;
+    assert_eq!((&first.payload[..], &second.payload[..]), (&b"m1"[..], &b"m2"[..]));
+    on_a.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, first.packet_id, 0))).await?;
+    // The store follows: m1 gone, m2 and m3 (sent as the window moved on) in flight, m4
+    // and m5 queued.
+    let payload = |q: &raftmq_cluster::session::QueuedMessage| String::from_utf8_lossy(&q.message.payload).into_owned();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let stored = sessions.load("worker").await?.unwrap_or_default();
+        let inflight: Vec<String> = stored.inflight.values().map(|m| payload(&m.queued)).collect();
+        let queued: Vec<String> = stored.queue.iter().map(payload).collect();
+        if inflight == ["m2", "m3"] && queued == ["m4", "m5"] {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "store holds inflight {inflight:?}, queue {queued:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Node A is gone as far as the client knows; it resumes on node B from the store.
+    let (mut on_b, ack) = Raw::connect_with(b.mqtt_addr, c).await?;
+    assert!(ack.session_present);
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let p = on_b.recv_publish().await?;
+        got.push((String::from_utf8_lossy(&p.payload).into_owned(), p.dup));
+        on_b.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, p.packet_id, 0))).await?;
+    }
+    let want: Vec<(String, bool)> =
+        [("m2", true), ("m3", true), ("m4", false), ("m5", false)].iter().map(|(m, d)| (m.to_string(), *d)).collect();
+    assert_eq!(got, want);
+    on_b.expect_silence(Duration::from_millis(100)).await?;
     Ok(())
 }

@@ -226,6 +226,8 @@ async fn mqtt_3_8_3_retain_handling_and_retain_as_published() -> anyhow::Result<
     let b = start_broker(|_| {}).await?;
     let (mut publ, _) = Raw::connect(b.addr, Protocol::V5, "rh-pub", true).await?;
     publ.publish("rh/t", b"stored", QoS::AtMostOnce, true, 0).await?;
+    // A round trip on the same connection: the QoS 0 PUBLISH has been handled.
+    publ.ping().await?;
     let (mut sub, _) = Raw::connect(b.addr, Protocol::V5, "rh-sub", true).await?;
     let with = |rh: u8, rap: bool| {
         vec![("rh/t".to_string(), SubscriptionOptions { retain_handling: rh, retain_as_published: rap, ..Default::default() })]
