@@ -6,13 +6,14 @@
 //! - [`session::SessionStore`]: persistent sessions (subscriptions, queues, inflight, wills),
 //!   changed by the commands of [`session_ops`], applied by one pure function;
 //! - [`retained::RetainedStore`]: retained messages;
-//! - [`routes::RouteTable`]: which nodes want which topics;
+//! - [`routes::RouteTable`]: which nodes want which topics ([`mesh`] is the cluster's, over gRPC);
 //! - [`registry::ClientRegistry`]: which node owns each client id, under which epoch.
 //!
 //! Each has an in-memory implementation for a single node. Writes resolve only when durable,
 //! so the Raft-replicated implementations plug in without touching the broker.
 
 pub mod convert;
+pub mod mesh;
 pub mod message;
 pub mod registry;
 pub mod retained;

@@ -9,7 +9,7 @@
 //! node has. [`RouteTable::remote_matches`] answers which other nodes, and which shared
 //! groups without a local member, want a topic: nothing, on a node without peers.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -43,8 +43,40 @@ pub struct RouteChange {
 pub struct RemoteMatch {
     /// Nodes with at least one plain subscription matching the topic.
     pub nodes: Vec<NodeId>,
-    /// Shared groups matching the topic that have members elsewhere but none here.
-    pub groups: Vec<Route>,
+    /// Shared groups matching the topic that have members on other nodes, with how many
+    /// members each node has (the publishing node picks one member cluster-wide).
+    pub groups: Vec<RemoteGroup>,
+}
+
+impl RemoteMatch {
+    /// Nothing wanted elsewhere.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty() && self.groups.is_empty()
+    }
+
+    /// The other nodes' members of shared route `route`.
+    pub fn group(&self, route: &Route) -> Option<&RemoteGroup> {
+        self.groups.iter().find(|g| g.route == *route)
+    }
+}
+
+/// A shared group's members on other nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteGroup {
+    /// The (group, filter).
+    pub route: Route,
+    /// Nodes with members, and how many each has.
+    pub members: Vec<(NodeId, u32)>,
+}
+
+/// Where one forwarded copy goes: a node's plain subscribers, or one member of a shared
+/// group on that node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardTarget {
+    /// The node.
+    pub node: NodeId,
+    /// The shared group, for a shared delivery.
+    pub group: Option<Route>,
 }
 
 /// Cluster-wide map of routes -> nodes.
@@ -53,14 +85,19 @@ pub trait RouteTable: Send + Sync + 'static {
     /// Applies a change of this node's routes (in `seq` order, whatever the arrival order).
     /// Not async: it is called right after the index decided the change, with no await in
     /// between that a cancelled task could stop at, so no sequence number is ever lost.
-    /// (A cluster table queues the change for its peers here and lets the broker wait for
-    /// their acknowledgement separately.)
+    /// (A cluster table queues the change for its peers here; [`RouteTable::settle`]
+    /// waits for their acknowledgement.)
     fn apply(&self, change: RouteChange);
+    /// Resolves once every live peer has applied this node's changes up to `seq`, or has
+    /// failed to within the configured bound (and is treated as failing): what a SUBACK
+    /// waits for, so a PUBLISH to any node afterwards reaches the subscriber.
+    async fn settle(&self, _seq: u64) {}
     /// What other nodes want of `topic`.
     fn remote_matches(&self, topic: &str) -> RemoteMatch;
-    /// Sends `message` to the nodes and groups of `targets` (once per node, however many
-    /// subscribers it has there); resolves when the peers have taken it.
-    async fn forward(&self, message: Arc<Message>, targets: RemoteMatch) -> Result<(), StoreError>;
+    /// Sends `message` to `targets` (once per node and group, however many subscribers
+    /// there are there); resolves when the peers have delivered it (QoS >= 1) or queued it
+    /// for sending (QoS 0). Returns how many copies could not be sent.
+    async fn forward(&self, message: Arc<Message>, targets: Vec<ForwardTarget>) -> Result<usize, StoreError>;
     /// Number of routes this node holds (local and remote).
     fn count(&self) -> usize;
     /// The last change applied: what a peer's snapshot is consistent with.
@@ -85,6 +122,10 @@ struct LocalState {
     applied: u64,
     /// Changes that arrived ahead of their turn.
     early: BTreeMap<u64, RouteChange>,
+    /// The latest applied changes, oldest first, for peers catching up (at most
+    /// `log_cap`; a peer further behind gets a snapshot).
+    log: VecDeque<RouteChange>,
+    log_cap: usize,
 }
 
 impl LocalState {
@@ -110,10 +151,66 @@ impl LocalState {
     }
 }
 
+/// What a peer needs to catch up with this node's routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatchUp {
+    /// The changes after the peer's last sequence number, in order.
+    Changes(Vec<RouteChange>),
+    /// Every route (the peer is too far behind, or new): replaces what it holds.
+    Snapshot(Vec<RouteChange>),
+}
+
 impl LocalRoutes {
     /// An empty table.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty table that remembers its latest `log_cap` changes for peers.
+    pub fn with_log(log_cap: usize) -> Self {
+        LocalRoutes { state: Mutex::new(LocalState { log_cap, ..LocalState::default() }) }
+    }
+
+    /// Applies `change` in sequence order; returns the sequence number applied up to.
+    pub fn apply_in_order(&self, change: RouteChange) -> u64 {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if change.seq > state.applied {
+            state.early.insert(change.seq, change);
+        }
+        loop {
+            let next = state.applied + 1;
+            let Some(change) = state.early.remove(&next) else { break };
+            if state.log_cap > 0 {
+                if state.log.len() >= state.log_cap {
+                    state.log.pop_front();
+                }
+                state.log.push_back(change.clone());
+            }
+            state.apply_one(change);
+        }
+        state.applied
+    }
+
+    /// What a peer that has applied up to `since` needs, and the sequence number it
+    /// brings the peer to.
+    pub fn catch_up(&self, since: Option<u64>) -> (u64, CatchUp) {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let applied = state.applied;
+        if let Some(since) = since {
+            let covered = since >= applied || state.log.front().is_some_and(|c| c.seq <= since + 1);
+            if covered {
+                let changes = state.log.iter().filter(|c| c.seq > since).cloned().collect();
+                return (applied, CatchUp::Changes(changes));
+            }
+        }
+        let plain =
+            state.plain.iter().map(|f| RouteChange { seq: applied, route: Route { group: None, filter: Arc::from(&**f) }, members: 1 });
+        let shared = state.shared.iter().map(|((g, f), n)| RouteChange {
+            seq: applied,
+            route: Route { group: Some(Arc::from(&**g)), filter: Arc::from(&**f) },
+            members: *n,
+        });
+        (applied, CatchUp::Snapshot(plain.chain(shared).collect()))
     }
 
     /// Members of a shared group on this node (0 without a route).
@@ -132,28 +229,16 @@ impl LocalRoutes {
 #[async_trait]
 impl RouteTable for LocalRoutes {
     fn apply(&self, change: RouteChange) {
-        let Ok(mut state) = self.state.lock() else { return };
-        if change.seq <= state.applied {
-            return;
-        }
-        state.early.insert(change.seq, change);
-        loop {
-            let next = state.applied + 1;
-            let Some(change) = state.early.remove(&next) else { break };
-            state.apply_one(change);
-        }
+        self.apply_in_order(change);
     }
 
     fn remote_matches(&self, _topic: &str) -> RemoteMatch {
         RemoteMatch::default()
     }
 
-    async fn forward(&self, _message: Arc<Message>, targets: RemoteMatch) -> Result<(), StoreError> {
-        // A node without peers has no remote targets to send to.
-        if targets.nodes.is_empty() && targets.groups.is_empty() {
-            return Ok(());
-        }
-        Err(StoreError::Unavailable("no peers to forward to".into()))
+    async fn forward(&self, _message: Arc<Message>, targets: Vec<ForwardTarget>) -> Result<usize, StoreError> {
+        // A node without peers has nowhere to send to.
+        Ok(targets.len())
     }
 
     fn count(&self) -> usize {
@@ -190,5 +275,21 @@ mod tests {
         r.apply(change(5, Some("g"), "b/#", 0));
         assert_eq!((r.count(), r.applied_seq()), (0, 5));
         assert_eq!(r.remote_matches("a/b"), RemoteMatch::default());
+    }
+
+    /// A peer a few changes behind gets exactly those changes; one further behind than
+    /// the log reaches, or new, gets a snapshot of every route.
+    #[test]
+    fn peers_catch_up_with_changes_or_a_snapshot() {
+        let r = LocalRoutes::with_log(2);
+        r.apply(change(1, None, "a", 1));
+        r.apply(change(2, Some("g"), "b", 3));
+        r.apply(change(3, None, "c", 1));
+        assert_eq!(r.catch_up(Some(2)), (3, CatchUp::Changes(vec![change(3, None, "c", 1)])));
+        assert_eq!(r.catch_up(Some(3)), (3, CatchUp::Changes(vec![])));
+        let (seq, CatchUp::Snapshot(mut all)) = r.catch_up(Some(0)) else { unreachable!("snapshot expected") };
+        all.sort_by(|a, b| a.route.cmp(&b.route));
+        assert_eq!((seq, all.len()), (3, 3));
+        assert!(matches!(r.catch_up(None), (3, CatchUp::Snapshot(_))));
     }
 }

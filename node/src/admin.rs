@@ -40,6 +40,7 @@ pub fn router(broker: Arc<Broker>, log: Arc<OnceLock<LogControl>>) -> Router {
     let state = AppState { broker, log };
     let api = Router::new()
         .route("/status", get(status))
+        .route("/cluster", get(cluster))
         .route("/clients", get(list_clients))
         .route("/clients/{client_id}", get(get_client).delete(kick_client))
         .route("/sessions", get(list_sessions))
@@ -112,7 +113,26 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if state.broker.shutdown.is_cancelled() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
+    if !state.broker.cluster_ready() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "waiting for the routes of every cluster peer");
+    }
     "ready".into_response()
+}
+
+async fn cluster(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let nodes: Vec<serde_json::Value> = state
+        .broker
+        .cluster_nodes()
+        .into_iter()
+        .map(|n| {
+            json!({
+                "name": n.name, "address": n.address, "status": n.status.label(), "routes": n.routes,
+                "forwarded_messages": n.forwarded, "forwarded_bytes": n.forwarded_bytes,
+                "forward_dropped": n.forward_dropped, "forward_queue": n.forward_queue,
+            })
+        })
+        .collect();
+    Json(json!({ "self": state.broker.config.node_name, "nodes": nodes }))
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

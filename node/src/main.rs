@@ -33,9 +33,19 @@ struct Cli {
     /// Data directory (default ./data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Node name (default raftmq@127.0.0.1).
+    /// Node name (default raftmq@127.0.0.1); unique in a cluster.
     #[arg(long)]
     node_name: Option<String>,
+    /// Cluster gRPC listener address (default 0.0.0.0:5370; used once the node has seeds).
+    #[arg(long)]
+    cluster_listen: Option<std::net::SocketAddr>,
+    /// The host:port other nodes dial to reach this one (default: the cluster listen
+    /// address, or this host's name with its port).
+    #[arg(long)]
+    cluster_advertise: Option<String>,
+    /// Nodes to join, host:port,host:port,... (may include this node).
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<String>>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,6 +86,15 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(n) = cli.node_name {
         config.node_name = n;
+    }
+    if let Some(a) = cli.cluster_listen {
+        config.cluster.listen = a;
+    }
+    if let Some(a) = cli.cluster_advertise {
+        config.cluster.advertise = Some(a);
+    }
+    if let Some(seeds) = cli.seeds {
+        config.cluster.seeds = seeds;
     }
     config.validate().context("configuration")?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use raftmq_cluster::mesh::Mesh;
 use tokio::net::TcpListener;
 
 use crate::broker::{Broker, Stores};
@@ -30,6 +31,9 @@ pub enum StartError {
     /// A password file, ACL file or JWT key is unusable.
     #[error(transparent)]
     Security(#[from] SecurityError),
+    /// The cluster listener could not start.
+    #[error(transparent)]
+    Cluster(#[from] raftmq_cluster::mesh::MeshError),
     /// A listener's certificate or key is unusable.
     #[error("listener {addr}: {source}")]
     Tls {
@@ -83,10 +87,24 @@ impl Server {
         Server::start_with_auth(config, AuthMethods::default()).await
     }
 
-    /// Like [`Server::start`], with enhanced authentication methods registered.
+    /// Like [`Server::start`], with enhanced authentication methods registered. With
+    /// `[cluster]` seeds (or DNS discovery, or `enabled`) the node joins the mesh first and
+    /// routes over it.
     pub async fn start_with_auth(config: Config, auth: AuthMethods) -> Result<Server, StartError> {
-        let stores = Stores::memory(&config);
-        Server::start_with(config, auth, stores).await
+        let mut stores = Stores::memory(&config);
+        let mesh = if config.cluster.active() {
+            let mesh = Mesh::start(config.cluster.mesh(&config.node_name)).await?;
+            tracing::info!(addr = %mesh.local_addr, node = %config.node_name, "cluster listener started");
+            stores.routes = mesh.routes();
+            Some(mesh)
+        } else {
+            None
+        };
+        let server = Server::start_with(config, auth, stores).await?;
+        if let Some(mesh) = mesh {
+            server.broker.join(mesh);
+        }
+        Ok(server)
     }
 
     /// Like [`Server::start`], over the given stores and route table (the cluster's, or a
@@ -138,9 +156,18 @@ impl Server {
         self.listeners.iter().find(|(k, _)| *k == kind).map(|(_, a)| *a)
     }
 
-    /// Graceful shutdown: MQTT 5 clients get DISCONNECT 0x8B; waits up to `grace`.
+    /// Graceful shutdown: the cluster's peers are told this node leaves (they drop its
+    /// routes at once); MQTT 5 clients get DISCONNECT 0x8B; waits up to `grace`.
     pub async fn shutdown(&self, grace: Duration) {
+        if let Some(mesh) = self.broker.mesh() {
+            mesh.leave().await;
+        }
         self.broker.shutdown(grace).await;
+    }
+
+    /// The bound cluster gRPC address, when the node is in a cluster.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.broker.mesh().map(|m| m.local_addr)
     }
 }
 

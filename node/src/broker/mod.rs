@@ -33,6 +33,7 @@ use crate::session::{Journal, SessionSlot};
 use crate::telemetry::log_limit::LogLimits;
 use crate::telemetry::stats::{Gauges, SessionSummary, Stats};
 
+mod cluster;
 mod lifecycle;
 mod publish;
 mod reload;
@@ -107,6 +108,8 @@ pub struct Broker {
     registry: Arc<dyn ClientRegistry>,
     /// Where persistent sessions' changes go to the store, in order.
     journal: Arc<Journal>,
+    /// The cluster this node is part of, if any (set once at start).
+    mesh: std::sync::OnceLock<raftmq_cluster::mesh::Mesh>,
     /// This node's id in the registry (a hash of `node_name`).
     node_id: NodeId,
     dispatcher: Dispatcher,
@@ -224,6 +227,7 @@ impl Broker {
             routes,
             registry,
             journal,
+            mesh: std::sync::OnceLock::new(),
             node_id,
             next_conn_id: AtomicU64::new(1),
             handling: AtomicUsize::new(0),

@@ -3,9 +3,10 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use raftmq_cluster::message::{now_us, Message};
+use raftmq_cluster::message::{now_us, Message, QoS};
 use raftmq_cluster::retained::RetainOutcome;
-use raftmq_cluster::session::{QueueLimits, QueuedMessage};
+use raftmq_cluster::routes::{ForwardTarget, RemoteMatch, Route};
+use raftmq_cluster::session::{QueueLimits, QueuedMessage, ShareTarget, SubscriptionOptions};
 use raftmq_cluster::StoreError;
 
 use super::{Broker, Routed};
@@ -26,34 +27,47 @@ impl Broker {
     }
 
     /// Publishes a message: stores it as the topic's retained message when its RETAIN flag
-    /// is set, routes it to this node's sessions ([`Broker::route`]) and forwards it to the
-    /// other nodes that want it ([`Broker::forward`]). Resolves once durable; says where it
+    /// is set, routes it to this node's sessions and forwards it to the other nodes that
+    /// want it (once per node, and once per shared group whose chosen member is elsewhere).
+    /// Resolves once durable and, for QoS >= 1, once the peers delivered it; says where it
     /// went, remote targets included. Every publisher on this node (clients, wills, `$SYS`,
     /// the admin API) goes through here.
     pub async fn publish(&self, message: &Arc<Message>) -> Result<Routed, StoreError> {
         if message.retain {
             self.retain(message).await?;
         }
-        let mut routed = self.route(message).await?;
-        routed.matched += self.forward(message).await?;
+        let remote = self.routes.remote_matches(&message.topic);
+        let mut targets: Vec<ForwardTarget> = remote.nodes.iter().map(|node| ForwardTarget { node: *node, group: None }).collect();
+        let mut routed = self.route_with(message, &remote, &mut targets).await?;
+        routed.matched += remote.nodes.len();
+        if !targets.is_empty() {
+            let failed = self.routes.forward(Arc::clone(message), targets).await?;
+            if failed > 0 {
+                self.stats.drop(DropReason::ForwardFailed, failed as u64);
+                if message.qos != QoS::AtMostOnce {
+                    // Not known to be delivered: never acknowledged as if it were.
+                    return Err(StoreError::Unavailable(format!("{failed} forwarded copies not confirmed")));
+                }
+            }
+        }
         Ok(routed)
     }
 
-    /// Sends a message to the other nodes with matching routes (once per node) and returns
-    /// how many nodes and groups there were: none on a node without peers.
-    pub async fn forward(&self, message: &Arc<Message>) -> Result<usize, StoreError> {
-        let targets = self.routes.remote_matches(&message.topic);
-        let count = targets.nodes.len() + targets.groups.len();
-        if count > 0 {
-            self.routes.forward(Arc::clone(message), targets).await?;
+    /// Delivers a message another node forwarded here: to this node's sessions only, or to
+    /// one local member of `group`. It is not retained again (its publisher's node did
+    /// that) and never forwarded again. False if nobody here took it.
+    pub async fn deliver_forwarded(&self, message: &Arc<Message>, group: Option<Route>) -> Result<bool, StoreError> {
+        match group {
+            None => Ok(self.route_with(message, &RemoteMatch::default(), &mut Vec::new()).await?.matched > 0),
+            Some(route) => {
+                let Some(group) = route.group else { return Ok(false) };
+                let target = Arc::new(ShareTarget { group, filter: route.filter });
+                let mut durable = Durable::default();
+                let delivered = self.dispatch_shared(message, &target, &mut durable);
+                durable.wait().await?;
+                Ok(delivered)
+            }
         }
-        Ok(count)
-    }
-
-    /// Delivers a message another node forwarded here: to this node's sessions only. It is
-    /// not retained again (its publisher's node did that) and never forwarded again.
-    pub async fn deliver_forwarded(&self, message: &Arc<Message>) -> Result<Routed, StoreError> {
-        self.route(message).await
     }
 
     /// Stores or deletes a retained message.
@@ -67,10 +81,17 @@ impl Broker {
         Ok(outcome)
     }
 
-    /// Routes a message to every matching session. Resolves once every persistent
-    /// subscriber's copy is durable. Says how many sessions and groups matched, and names a
-    /// subscriber whose queue is filling up, so a publishing client can be held back.
-    pub async fn route(&self, message: &Arc<Message>) -> Result<Routed, StoreError> {
+    /// Routes a message to every matching session on this node, and decides for each
+    /// matching shared group which node delivers it (those elsewhere go to `targets`).
+    /// Resolves once every persistent subscriber's copy is durable. Says how many sessions
+    /// and groups matched, and names a subscriber whose queue is filling up, so a publishing
+    /// client can be held back.
+    async fn route_with(
+        &self,
+        message: &Arc<Message>,
+        remote: &RemoteMatch,
+        targets: &mut Vec<ForwardTarget>,
+    ) -> Result<Routed, StoreError> {
         let deliveries = self.index.deliveries(message);
         let mut routed = Routed { matched: deliveries.len(), congested: None };
         let limits = self.queue_limits();
@@ -89,34 +110,64 @@ impl Broker {
             self.stats.drop(reason, lost);
             durable.add(&slot, durability);
         }
-        let shared_groups = self.index.shared_matches(message);
-        routed.matched += shared_groups.len();
-        for (target, members) in shared_groups {
-            let ids: Vec<Arc<str>> = members.iter().map(|(c, _)| Arc::clone(c)).collect();
-            let pick = |client: &Arc<str>| members.iter().find(|(c, _)| c == client).map(|(_, o)| *o);
-            let order = self.dispatcher.order(&target, &ids, message, |c| self.member_load(c));
-            let mut delivered = false;
-            for client in order {
-                let Some(opts) = pick(&client) else { continue };
-                let item = QueuedMessage {
-                    message: Arc::clone(message),
-                    qos: opts.qos.min(message.qos),
-                    retain: opts.retain_as_published && message.retain,
-                    subscription_ids: opts.subscription_identifier.into_iter().collect(),
-                    shared: Some(Arc::clone(&target)),
-                    seq: 0,
-                };
-                if self.offer_shared(&client, item, &mut durable) {
-                    delivered = true;
-                    break;
-                }
-            }
-            if !delivered {
+        let local_groups = self.index.shared_matches(message);
+        routed.matched += local_groups.len();
+        for (target, members) in &local_groups {
+            let route = Route { group: Some(Arc::clone(&target.group)), filter: Arc::clone(&target.filter) };
+            let elsewhere = remote.group(&route).map(|g| g.members.as_slice()).unwrap_or_default();
+            if let Some(node) = self.dispatcher.pick_node(target, self.node_id, members.len(), elsewhere, message) {
+                targets.push(ForwardTarget { node, group: Some(route) });
+            } else if !self.dispatch_shared_to(message, target, members, &mut durable) {
                 self.stats.drop(DropReason::QueueFull, 1);
+            }
+        }
+        // Groups with no member here: one member elsewhere gets the message.
+        for group in &remote.groups {
+            let (Some(name), filter) = (&group.route.group, &group.route.filter) else { continue };
+            if local_groups.iter().any(|(t, _)| t.group == *name && t.filter == *filter) {
+                continue;
+            }
+            let target = Arc::new(ShareTarget { group: Arc::clone(name), filter: Arc::clone(filter) });
+            if let Some(node) = self.dispatcher.pick_node(&target, self.node_id, 0, &group.members, message) {
+                routed.matched += 1;
+                targets.push(ForwardTarget { node, group: Some(group.route.clone()) });
             }
         }
         durable.wait().await?;
         Ok(routed)
+    }
+
+    /// Gives a shared delivery to one local member of `target`; false if none took it.
+    fn dispatch_shared(&self, message: &Arc<Message>, target: &Arc<ShareTarget>, durable: &mut Durable) -> bool {
+        let members = self.index.shared_members(target);
+        self.dispatch_shared_to(message, target, &members, durable)
+    }
+
+    fn dispatch_shared_to(
+        &self,
+        message: &Arc<Message>,
+        target: &Arc<ShareTarget>,
+        members: &[(Arc<str>, SubscriptionOptions)],
+        durable: &mut Durable,
+    ) -> bool {
+        let ids: Vec<Arc<str>> = members.iter().map(|(c, _)| Arc::clone(c)).collect();
+        let pick = |client: &Arc<str>| members.iter().find(|(c, _)| c == client).map(|(_, o)| *o);
+        let order = self.dispatcher.order(target, &ids, message, |c| self.member_load(c));
+        for client in order {
+            let Some(opts) = pick(&client) else { continue };
+            let item = QueuedMessage {
+                message: Arc::clone(message),
+                qos: opts.qos.min(message.qos),
+                retain: opts.retain_as_published && message.retain,
+                subscription_ids: opts.subscription_identifier.into_iter().collect(),
+                shared: Some(Arc::clone(target)),
+                seq: 0,
+            };
+            if self.offer_shared(&client, item, durable) {
+                return true;
+            }
+        }
+        false
     }
 
     /// Whether no subscription (plain or shared) matches `message` now.

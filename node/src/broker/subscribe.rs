@@ -23,15 +23,19 @@ impl Broker {
 
     /// Adds a subscription to the index and hands the route change it decided (numbered
     /// under the index lock) straight to the route table, with no await in between.
-    pub(super) fn index_subscribe(&self, slot: &Arc<SessionSlot>, filter: &str, options: SubscriptionOptions) -> bool {
+    /// Returns whether the subscription existed, and the number of the route change it
+    /// made (if it made one).
+    pub(super) fn index_subscribe(&self, slot: &Arc<SessionSlot>, filter: &str, options: SubscriptionOptions) -> (bool, Option<u64>) {
         let (existed, change) = match Self::shared_key(&slot.client_id, filter) {
             Some(key) => self.index.subscribe_shared(key, options),
             None => self.index.subscribe(slot, filter, options),
         };
-        if let Some(change) = change {
+        let seq = change.map(|change| {
+            let seq = change.seq;
             self.routes.apply(change);
-        }
-        existed
+            seq
+        });
+        (existed, seq)
     }
 
     /// Removes a subscription from the index, and its route change from the route table.
@@ -54,10 +58,14 @@ impl Broker {
 
     /// Adds or replaces a subscription of the session in `slot`. Returns whether it already
     /// existed (for Retain Handling 1). A persistent session's store gets the change as one
-    /// operation, and the call resolves once it is durable.
+    /// operation; the call resolves once it is durable and every live peer has the route.
     pub async fn subscribe(&self, slot: &Arc<SessionSlot>, filter: &str, options: SubscriptionOptions) -> Result<bool, StoreError> {
         let stored = slot.subscribe(filter, options).await;
-        let existed = self.index_subscribe(slot, filter, options);
+        let (existed, change) = self.index_subscribe(slot, filter, options);
+        if let Some(seq) = change {
+            // Every live peer knows the route before the SUBACK goes out.
+            self.routes.settle(seq).await;
+        }
         stored.map(|()| existed)
     }
 

@@ -72,6 +72,7 @@ impl Config {
         if m.packet_timeout_secs == 0 {
             return bad("mqtt.packet_timeout_secs must be at least 1");
         }
+        self.cluster.validate().map_err(ConfigError::Invalid)?;
         if self.auth.verify_workers == Some(0) {
             return bad("auth.verify_workers must be at least 1");
         }

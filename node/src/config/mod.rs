@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use raftmq_cluster::session::DropPolicy;
 use serde::Deserialize;
 
+mod cluster;
 mod load;
+pub use cluster::{ClusterConfig, ClusterTlsConfig, DiscoveryKind};
 
 /// A configuration that could not be loaded; the broker refuses to start.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +62,8 @@ pub struct Config {
     pub bans: Vec<BanConfig>,
     /// Automatic bans for clients that reconnect too often.
     pub flapping: FlappingConfig,
+    /// Other nodes: discovery, the gRPC link, forwarding.
+    pub cluster: ClusterConfig,
     /// `RAFTMQ_*` variables that named no configuration key and were skipped (reported
     /// once at start).
     #[serde(skip)]
@@ -82,6 +86,7 @@ impl Default for Config {
             acl: AclConfig::default(),
             bans: Vec::new(),
             flapping: FlappingConfig::default(),
+            cluster: ClusterConfig::default(),
             ignored_env: Vec::new(),
         }
     }

@@ -6,11 +6,12 @@
 //! member queues the message.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
 use raftmq_cluster::message::Message;
 use raftmq_cluster::session::ShareTarget;
+use raftmq_cluster::NodeId;
 use serde::Deserialize;
 
 /// How a shared group picks the member for a message.
@@ -93,12 +94,13 @@ pub struct Dispatcher {
     turns: Mutex<HashMap<Arc<ShareTarget>, usize>>,
     group_turns: Mutex<HashMap<Arc<str>, usize>>,
     sticky: Mutex<HashMap<Arc<ShareTarget>, Arc<str>>>,
+    /// Turns across the cluster's members (which node delivers).
+    node_turns: Mutex<HashMap<Arc<ShareTarget>, usize>>,
 }
 
+/// The same on every node (hash strategies must agree across the cluster).
 fn hash_of(s: &str) -> usize {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    s.hash(&mut h);
-    h.finish() as usize
+    raftmq_cluster::stable_hash(s.as_bytes()) as usize
 }
 
 fn next_turn<K: Hash + Eq>(map: &Mutex<HashMap<K, usize>>, key: K) -> usize {
@@ -159,10 +161,50 @@ impl Dispatcher {
         order
     }
 
+    /// Picks the node that delivers a message to a group with `local` members on this
+    /// node (`me`) and `remote` members elsewhere: `None` for this node. Every member in the
+    /// cluster weighs the same; nodes are taken in id order, so the hash strategies pick
+    /// the same node from every publishing node.
+    pub fn pick_node(
+        &self,
+        target: &Arc<ShareTarget>,
+        me: NodeId,
+        local: usize,
+        remote: &[(NodeId, u32)],
+        message: &Message,
+    ) -> Option<NodeId> {
+        let mut nodes: Vec<(NodeId, usize)> = remote.iter().map(|(n, c)| (*n, *c as usize)).filter(|(n, c)| *c > 0 && *n != me).collect();
+        if nodes.is_empty() {
+            return None;
+        }
+        if local > 0 {
+            if self.strategy == Strategy::Local {
+                return None;
+            }
+            nodes.push((me, local));
+        }
+        nodes.sort_unstable();
+        let total: usize = nodes.iter().map(|(_, c)| c).sum();
+        let mut at = match self.strategy {
+            Strategy::Random | Strategy::Local | Strategy::LeastInflight | Strategy::Sticky => fastrand::usize(..total),
+            Strategy::HashClientid => hash_of(&message.publisher) % total,
+            Strategy::HashTopic => hash_of(&message.topic) % total,
+            Strategy::RoundRobin | Strategy::RoundRobinPerGroup => next_turn(&self.node_turns, Arc::clone(target)) % total,
+        };
+        for (node, count) in nodes {
+            if at < count {
+                return (node != me).then_some(node);
+            }
+            at -= count;
+        }
+        None
+    }
+
     /// Forgets the state of a group/filter that has no members left.
     pub fn forget(&self, target: &ShareTarget) {
         self.turns.lock().unwrap_or_else(|p| p.into_inner()).remove(target);
         self.sticky.lock().unwrap_or_else(|p| p.into_inner()).remove(target);
+        self.node_turns.lock().unwrap_or_else(|p| p.into_inner()).remove(target);
     }
 }
 

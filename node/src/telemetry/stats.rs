@@ -22,18 +22,22 @@ pub enum DropReason {
     NotAuthorized,
     /// QoS 0 for an offline session (not queued by default).
     NotQueued,
+    /// A copy for another node that could not be sent or was not confirmed (the peer's
+    /// queue stayed full, or it went down).
+    ForwardFailed,
 }
 
 impl DropReason {
     /// Every reason, in label order (the order of the discriminants, which index
     /// [`Stats::dropped_by_reason`]).
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::QueueFull,
         DropReason::Expired,
         DropReason::NoSubscribers,
         DropReason::TooLarge,
         DropReason::NotAuthorized,
         DropReason::NotQueued,
+        DropReason::ForwardFailed,
     ];
 
     /// Metric label value.
@@ -45,6 +49,7 @@ impl DropReason {
             DropReason::TooLarge => "too_large",
             DropReason::NotAuthorized => "not_authorized",
             DropReason::NotQueued => "not_queued",
+            DropReason::ForwardFailed => "forward_failed",
         }
     }
 }
@@ -151,7 +156,7 @@ pub struct Stats {
     /// PUBLISH sent, by QoS.
     pub sent_by_qos: [AtomicU64; 3],
     /// Drops by [`DropReason`] (index = position in [`DropReason::ALL`]).
-    pub dropped_by_reason: [AtomicU64; 6],
+    pub dropped_by_reason: [AtomicU64; DropReason::ALL.len()],
     /// Packets received, by packet type (1-15).
     pub packets_received: [AtomicU64; 16],
     /// Packets sent, by packet type.

@@ -145,6 +145,15 @@ pub async fn client_event(broker: &Broker, client_id: &str, event: ClientEvent<'
     publish(broker, topic, Bytes::from(payload.to_string()), false).await;
 }
 
+/// Publishes `$SYS/brokers/<node>/cluster/nodes/<peer>` (retained): a peer came up or went
+/// down as this node sees it.
+pub async fn node_event(broker: &Broker, peer: &str, up: bool) {
+    let status = if up { "up" } else { "down" };
+    let payload = serde_json::json!({ "node": peer, "status": status, "ts": now_ms() });
+    let topic = format!("$SYS/brokers/{}/cluster/nodes/{}", broker.config.node_name, topic_level(peer));
+    publish(broker, topic, Bytes::from(payload.to_string()), true).await;
+}
+
 /// Formats Unix seconds as an RFC 3339 UTC timestamp.
 pub fn rfc3339(secs: u64) -> String {
     let days = (secs / 86_400) as i64;

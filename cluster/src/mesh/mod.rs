@@ -1,0 +1,231 @@
+//! The mesh: this node's gRPC links to every other node.
+//!
+//! Every node dials every other (a full mesh). A link starts with `Hello` (who are you,
+//! whom do you know: a node that reached one seed learns the whole cluster), then keeps two
+//! streams open: `Routes`, on which this node sends its route changes (a snapshot first,
+//! then changes and heartbeats) and the peer acknowledges them; and `Forward`, on which
+//! this node sends messages for the peer's subscribers in acknowledged batches. A peer
+//! whose acknowledgements stop for `failure_timeout` is down; the link reconnects with
+//! backoff. The receiving side keeps each origin's routes ([`remote`]) for as long as the
+//! origin's route stream lives.
+//!
+//! API boundary: the node sees the mesh as a [`crate::routes::RouteTable`]
+//! ([`ClusterRoutes`]) and hands it a [`Deliver`] for the messages peers forward here.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use tokio_util::sync::CancellationToken;
+
+use crate::message::Message;
+use crate::routes::{LocalRoutes, Route, RouteTable};
+use crate::{NodeId, StoreError};
+
+pub mod config;
+mod discovery;
+mod peer;
+mod remote;
+mod service;
+mod table;
+
+pub use config::{Discovery, MeshConfig, MeshTls};
+pub use peer::PeerStatus;
+pub use table::ClusterRoutes;
+
+/// What the node does with a message another node forwarded to it.
+#[async_trait]
+pub trait Deliver: Send + Sync + 'static {
+    /// Delivers `message` to this node's plain subscribers, or (with `group`) to one local
+    /// member of that shared group; never forwards it again. Returns false if nobody here
+    /// could take it (the group has no member left here).
+    async fn deliver(&self, message: Arc<Message>, group: Option<Route>) -> Result<bool, StoreError>;
+}
+
+/// A node as the mesh knows it (`GET /api/v1/cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    /// Its name.
+    pub name: String,
+    /// Its advertised cluster address.
+    pub address: String,
+    /// Up, down, or this node.
+    pub status: PeerStatus,
+    /// Its routes held here.
+    pub routes: usize,
+    /// Messages forwarded to it.
+    pub forwarded: u64,
+    /// Bytes of payload forwarded to it.
+    pub forwarded_bytes: u64,
+    /// Messages for it dropped (queue full, link down).
+    pub forward_dropped: u64,
+    /// Messages waiting in its forward queue.
+    pub forward_queue: usize,
+}
+
+/// A peer came up or went down (for `$SYS` and the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEvent {
+    /// The peer's name.
+    pub name: String,
+    /// Up (true) or down.
+    pub up: bool,
+}
+
+/// State shared by the mesh's tasks.
+pub(crate) struct Shared {
+    pub(crate) config: MeshConfig,
+    pub(crate) id: NodeId,
+    /// This node's routes, with the log peers catch up from.
+    pub(crate) local: LocalRoutes,
+    /// The sequence number of this node's routes, for the links to follow.
+    pub(crate) local_seq: tokio::sync::watch::Sender<u64>,
+    pub(crate) remote: remote::RemoteRoutes,
+    /// Outgoing links by peer id.
+    pub(crate) peers: DashMap<NodeId, Arc<peer::Peer>>,
+    /// Addresses being dialled or known to be this node.
+    pub(crate) dialled: DashMap<String, ()>,
+    pub(crate) deliver: OnceLock<Arc<dyn Deliver>>,
+    /// TLS for outgoing links.
+    pub(crate) client_tls: Option<tonic::transport::ClientTlsConfig>,
+    pub(crate) events: tokio::sync::broadcast::Sender<NodeEvent>,
+    pub(crate) shutdown: CancellationToken,
+    /// Forwarded messages this node received and could not deliver.
+    pub(crate) undeliverable: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh").field("name", &self.config.name).field("peers", &self.peers.len()).finish()
+    }
+}
+
+/// Why the mesh could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// The gRPC listener could not bind.
+    #[error("cannot listen on {addr} for the cluster: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A TLS file is unusable.
+    #[error("cluster TLS: {0}")]
+    Tls(String),
+}
+
+/// A running mesh: the gRPC listener, the discovery loop and a link per peer.
+#[derive(Debug, Clone)]
+pub struct Mesh {
+    shared: Arc<Shared>,
+    /// The address the listener bound (the configured one, with port 0 resolved).
+    pub local_addr: std::net::SocketAddr,
+}
+
+impl Mesh {
+    /// Binds the cluster listener and starts finding peers. Call within a tokio runtime.
+    pub async fn start(mut config: MeshConfig) -> Result<Mesh, MeshError> {
+        let listener =
+            tokio::net::TcpListener::bind(config.listen).await.map_err(|source| MeshError::Bind { addr: config.listen, source })?;
+        let local_addr = listener.local_addr().map_err(|source| MeshError::Bind { addr: config.listen, source })?;
+        if config.advertise.ends_with(":0") {
+            // Listening on an ephemeral port (tests): advertise the port it got.
+            config.advertise = format!("{}:{}", config.advertise.trim_end_matches(":0"), local_addr.port());
+        }
+        let tls = match &config.tls {
+            Some(tls) => Some(service::tls_configs(tls).map_err(MeshError::Tls)?),
+            None => None,
+        };
+        let (local_seq, _) = tokio::sync::watch::channel(0);
+        let (events, _) = tokio::sync::broadcast::channel(64);
+        let shared = Arc::new(Shared {
+            id: crate::stable_hash(config.name.as_bytes()),
+            local: LocalRoutes::with_log(config.route_log),
+            local_seq,
+            remote: remote::RemoteRoutes::default(),
+            peers: DashMap::new(),
+            dialled: DashMap::new(),
+            deliver: OnceLock::new(),
+            client_tls: tls.as_ref().map(|t| t.client.clone()),
+            events,
+            shutdown: CancellationToken::new(),
+            undeliverable: AtomicU64::new(0),
+            config,
+        });
+        if config_has_no_secret(&shared.config) {
+            tracing::warn!("cluster.secret is not set: any host that reaches the cluster port can join this cluster");
+        }
+        service::serve(Arc::clone(&shared), listener, tls.as_ref().map(|t| t.server.clone()));
+        discovery::start(Arc::clone(&shared));
+        Ok(Mesh { shared, local_addr })
+    }
+
+    /// The route table the broker uses.
+    pub fn routes(&self) -> Arc<ClusterRoutes> {
+        Arc::new(ClusterRoutes::new(Arc::clone(&self.shared)))
+    }
+
+    /// Hands the mesh what to do with forwarded messages (once, at start-up).
+    pub fn set_deliver(&self, deliver: Arc<dyn Deliver>) {
+        let _ = self.shared.deliver.set(deliver);
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.shared.id
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.shared.config.name
+    }
+
+    /// Every node known, this one first.
+    pub fn nodes(&self) -> Vec<NodeView> {
+        let me = NodeView {
+            name: self.shared.config.name.clone(),
+            address: self.shared.config.advertise.clone(),
+            status: PeerStatus::Myself,
+            routes: self.shared.local.count(),
+            forwarded: 0,
+            forwarded_bytes: 0,
+            forward_dropped: 0,
+            forward_queue: 0,
+        };
+        let mut peers: Vec<NodeView> = self.shared.peers.iter().map(|p| p.view(self.shared.remote.count_of(p.id))).collect();
+        peers.sort_by(|a, b| a.name.cmp(&b.name));
+        std::iter::once(me).chain(peers).collect()
+    }
+
+    /// Node up/down events from now on.
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<NodeEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// Whether every peer known now is up and has sent this node its routes (what
+    /// `/readyz` waits for).
+    pub fn ready(&self) -> bool {
+        self.shared.peers.iter().all(|p| p.status() == PeerStatus::Up && self.shared.remote.has_origin(p.id))
+    }
+
+    /// Forwarded messages received here that no local session could take.
+    pub fn undeliverable(&self) -> u64 {
+        self.shared.undeliverable.load(Ordering::Relaxed)
+    }
+
+    /// Tells every peer this node leaves (so they drop its routes at once) and stops the
+    /// links.
+    pub async fn leave(&self) {
+        let peers: Vec<Arc<peer::Peer>> = self.shared.peers.iter().map(|p| Arc::clone(&p)).collect();
+        let calls = peers.iter().map(|p| p.leave(&self.shared));
+        futures_util::future::join_all(calls).await;
+        self.shared.shutdown.cancel();
+    }
+}
+
+fn config_has_no_secret(config: &MeshConfig) -> bool {
+    config.secret.as_deref().is_none_or(str::is_empty)
+}

@@ -1,0 +1,251 @@
+//! The gRPC side of the mesh: the `Cluster` service peers call (introductions, their route
+//! streams, their forwarded messages, goodbyes), the shared-secret check on every call,
+//! and the client every link dials with.
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use raftmq_proto::v1 as pb;
+use raftmq_proto::v1::cluster_client::ClusterClient;
+use raftmq_proto::v1::cluster_server::{Cluster, ClusterServer};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::config::MeshTls;
+use super::Shared;
+use crate::routes::Route;
+
+/// The metadata key the shared secret travels in.
+const SECRET_KEY: &str = "x-raftmq-secret";
+/// Largest gRPC message accepted or sent: a batch of forwarded messages, or one message of
+/// the largest size MQTT allows.
+const MAX_MESSAGE: usize = 300 << 20;
+
+/// TLS settings for both directions.
+#[derive(Debug, Clone)]
+pub(crate) struct TlsConfigs {
+    pub(crate) server: ServerTlsConfig,
+    pub(crate) client: ClientTlsConfig,
+}
+
+/// Loads the PEM files for mutual TLS between nodes.
+pub(crate) fn tls_configs(tls: &MeshTls) -> Result<TlsConfigs, String> {
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+    let ca = tonic::transport::Certificate::from_pem(read(&tls.ca)?);
+    Ok(TlsConfigs {
+        server: ServerTlsConfig::new().identity(identity.clone()).client_ca_root(ca.clone()),
+        client: ClientTlsConfig::new().identity(identity).ca_certificate(ca).domain_name(tls.server_name.clone()),
+    })
+}
+
+/// A client for the node at `address`, carrying the secret on every call.
+pub(crate) async fn client(
+    shared: &Shared,
+    address: &str,
+) -> Result<
+    ClusterClient<InterceptedService<Channel, impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone>>,
+    tonic::transport::Error,
+> {
+    let scheme = if shared.client_tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))?
+        .connect_timeout(shared.config.failure_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(shared.config.heartbeat)
+        .keep_alive_timeout(shared.config.failure_timeout);
+    if let Some(tls) = &shared.client_tls {
+        endpoint = endpoint.tls_config(tls.clone())?;
+    }
+    let channel = endpoint.connect().await?;
+    let secret = shared.config.secret.clone().unwrap_or_default();
+    let add_secret = move |mut req: Request<()>| {
+        if let Ok(value) = secret.parse() {
+            req.metadata_mut().insert(SECRET_KEY, value);
+        }
+        Ok(req)
+    };
+    Ok(ClusterClient::with_interceptor(channel, add_secret).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
+}
+
+/// Serves the `Cluster` service on `listener` until the mesh stops.
+pub(crate) fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener, tls: Option<ServerTlsConfig>) {
+    let secret = shared.config.secret.clone().unwrap_or_default();
+    let check = move |req: Request<()>| {
+        let given = req.metadata().get(SECRET_KEY).map(|v| v.as_bytes()).unwrap_or_default();
+        if constant_time_eq(given, secret.as_bytes()) {
+            Ok(req)
+        } else {
+            let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::warn!(peer = %peer, "cluster call refused: wrong or missing cluster secret");
+            Err(Status::unauthenticated("wrong cluster secret"))
+        }
+    };
+    let service = ClusterServer::with_interceptor(Service { shared: Arc::clone(&shared) }, check);
+    let shutdown = shared.shutdown.clone();
+    tokio::spawn(async move {
+        let mut builder = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(shared.config.heartbeat))
+            .http2_keepalive_timeout(Some(shared.config.failure_timeout));
+        if let Some(tls) = tls {
+            builder = match builder.tls_config(tls) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "cluster TLS configuration refused");
+                    return;
+                }
+            };
+        }
+        let incoming = TcpListenerStream::new(listener);
+        if let Err(e) = builder.add_service(service).serve_with_incoming_shutdown(incoming, shutdown.cancelled()).await {
+            tracing::error!(error = %e, "cluster listener stopped");
+        }
+    });
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+struct Service {
+    shared: Arc<Shared>,
+}
+
+type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+fn route_of(change: &pb::RouteChange) -> Route {
+    Route {
+        group: (!change.share_group.is_empty()).then(|| Arc::from(change.share_group.as_str())),
+        filter: Arc::from(change.filter.as_str()),
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for Service {
+    async fn hello(&self, request: Request<pb::HelloRequest>) -> Result<Response<pb::HelloReply>, Status> {
+        let caller = request.into_inner().node.unwrap_or_default();
+        let shared = &self.shared;
+        // A node that found us first: link back to it.
+        super::discovery::learn(shared, std::iter::once((caller.name, caller.address)));
+        let known = shared.peers.iter().map(|p| pb::NodeInfo { name: p.name.clone(), address: p.address() }).collect();
+        let me = pb::NodeInfo { name: shared.config.name.clone(), address: shared.config.advertise.clone() };
+        Ok(Response::new(pb::HelloReply { node: Some(me), known, version: 1 }))
+    }
+
+    type RoutesStream = Stream<pb::RouteAck>;
+
+    async fn routes(&self, request: Request<Streaming<pb::RouteUpdate>>) -> Result<Response<Self::RoutesStream>, Status> {
+        let mut updates = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            let timeout = shared.config.failure_timeout;
+            let mut origin: Option<(crate::NodeId, u64)> = None;
+            let mut last = 0u64;
+            let mut want_snapshot = false;
+            loop {
+                let update = tokio::select! {
+                    next = tokio::time::timeout(timeout, updates.message()) => match next {
+                        Ok(Ok(Some(update))) => update,
+                        _ => break,
+                    },
+                    _ = shared.shutdown.cancelled() => break,
+                };
+                let (node, generation) = match origin {
+                    Some(o) => o,
+                    None => {
+                        let node = crate::stable_hash(update.origin.as_bytes());
+                        let o = (node, shared.remote.begin(node));
+                        origin = Some(o);
+                        o
+                    }
+                };
+                let mut ack = pb::RouteAck { seq: last, resync: false };
+                if update.snapshot {
+                    let routes = update.changes.iter().map(|c| (route_of(c), c.members)).collect();
+                    shared.remote.replace(node, generation, routes);
+                    last = update.seq;
+                    want_snapshot = false;
+                } else if !want_snapshot {
+                    for change in &update.changes {
+                        if change.seq != last + 1 {
+                            want_snapshot = true;
+                            break;
+                        }
+                        shared.remote.apply(node, generation, route_of(change), change.members);
+                        last = change.seq;
+                    }
+                    if update.seq != last {
+                        want_snapshot = true;
+                    }
+                }
+                ack.seq = last;
+                ack.resync = want_snapshot;
+                if tx.send(Ok(ack)).await.is_err() {
+                    break;
+                }
+            }
+            if let Some((node, generation)) = origin {
+                shared.remote.drop_origin(node, Some(generation));
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ForwardStream = Stream<pb::ForwardAck>;
+
+    async fn forward(&self, request: Request<Streaming<pb::ForwardBatch>>) -> Result<Response<Self::ForwardStream>, Status> {
+        let mut batches = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            loop {
+                let batch = tokio::select! {
+                    next = batches.message() => match next {
+                        Ok(Some(batch)) => batch,
+                        _ => break,
+                    },
+                    _ = shared.shutdown.cancelled() => break,
+                };
+                let mut failed = 0u32;
+                for item in batch.messages {
+                    let delivered = match (shared.deliver.get(), item.message.map(crate::message::Message::try_from)) {
+                        (Some(deliver), Some(Ok(message))) => {
+                            let group = (!item.share_group.is_empty()).then(|| Route {
+                                group: Some(Arc::from(item.share_group.as_str())),
+                                filter: Arc::from(item.share_filter.as_str()),
+                            });
+                            matches!(deliver.deliver(Arc::new(message), group).await, Ok(true))
+                        }
+                        _ => false,
+                    };
+                    if !delivered {
+                        failed += 1;
+                    }
+                }
+                shared.undeliverable.fetch_add(u64::from(failed), Ordering::Relaxed);
+                if tx.send(Ok(pb::ForwardAck { seq: batch.seq, failed })).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::Ack>, Status> {
+        let name = request.into_inner().name;
+        let node = crate::stable_hash(name.as_bytes());
+        let shared = &self.shared;
+        shared.remote.drop_origin(node, None);
+        if let Some((_, peer)) = shared.peers.remove(&node) {
+            super::discovery::forget(shared, &peer.address());
+            peer.mark_left(shared);
+        }
+        tracing::info!(peer = %name, "cluster peer left");
+        Ok(Response::new(pb::Ack {}))
+    }
+}
