@@ -92,6 +92,59 @@ pub async fn start_broker_over(config: Config, stores: raftmq_node::broker::Stor
     Ok(TestBroker { server, addr })
 }
 
+/// Starts `n` brokers in this process that form one cluster over loopback: the first
+/// listens for peers on an ephemeral port, the others use it as their seed (they find each
+/// other through it). Returns once every node sees every other up and holds its routes.
+pub async fn start_cluster(n: usize, tweak: impl Fn(&mut Config)) -> anyhow::Result<Vec<TestBroker>> {
+    let node = |i: usize, seeds: Vec<String>| {
+        test_config(|c| {
+            c.node_name = format!("node{i}");
+            c.cluster.enabled = true;
+            c.cluster.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+            c.cluster.seeds = seeds;
+            c.cluster.secret = Some("test-secret".into());
+            c.cluster.heartbeat_ms = 200;
+            c.cluster.failure_timeout_ms = 1500;
+            tweak(c);
+        })
+    };
+    let first = start_config(node(1, Vec::new())).await?;
+    let seed = first.server.cluster_addr().map(|a| a.to_string()).unwrap_or_default();
+    let mut nodes = vec![first];
+    for i in 2..=n {
+        nodes.push(start_config(node(i, vec![seed.clone()])).await?);
+    }
+    wait_for_cluster(&nodes, n).await?;
+    Ok(nodes)
+}
+
+async fn start_config(config: Config) -> anyhow::Result<TestBroker> {
+    config.validate()?;
+    let server = Server::start(config).await?;
+    let addr = server.mqtt_addr;
+    Ok(TestBroker { server, addr })
+}
+
+/// Waits until each of `nodes` sees `n` nodes up (itself included) and has every peer's
+/// routes.
+pub async fn wait_for_cluster(nodes: &[TestBroker], n: usize) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let complete = nodes.iter().all(|b| {
+            let up = b.server.broker.cluster_nodes().iter().filter(|v| v.status.label() == "up").count();
+            up == n && b.server.broker.cluster_ready()
+        });
+        if complete {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            let views: Vec<_> = nodes.iter().map(|b| b.server.broker.cluster_nodes()).collect();
+            bail!("the cluster did not form: {views:?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// A raw MQTT client over any byte stream.
 pub struct Raw {
     stream: Box<dyn Io>,

@@ -103,11 +103,7 @@ pub(crate) fn forget(shared: &Shared, address: &str) {
 
 async fn hello(shared: &Shared, address: &str) -> Result<Option<pb::NodeInfo>, tonic::Status> {
     let mut client = super::service::client(shared, address).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let request = pb::HelloRequest {
-        node: Some(pb::NodeInfo { name: shared.config.name.clone(), address: shared.config.advertise.clone() }),
-        version: 1,
-    };
-    let reply = tokio::time::timeout(shared.config.failure_timeout, client.hello(request))
+    let reply = tokio::time::timeout(shared.config.failure_timeout, client.hello(super::peer::hello_request(shared)))
         .await
         .map_err(|_| tonic::Status::deadline_exceeded("hello"))??
         .into_inner();

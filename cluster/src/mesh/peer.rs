@@ -52,6 +52,8 @@ pub(crate) struct Outgoing {
 const MAX_UNACKED_BATCHES: usize = 16;
 /// Bytes of payload in one forwarded batch, at most (one larger message goes alone).
 const BATCH_BYTES: usize = 1 << 20;
+/// How often a link asks its peer which nodes it knows.
+const MEMBERSHIP_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest pause between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -105,6 +107,11 @@ fn status_code(s: PeerStatus) -> u8 {
         PeerStatus::Down => 3,
         _ => 1,
     }
+}
+
+/// This node's introduction.
+pub(crate) fn hello_request(shared: &Shared) -> pb::HelloRequest {
+    pb::HelloRequest { node: Some(pb::NodeInfo { name: shared.config.name.clone(), address: shared.config.advertise.clone() }), version: 1 }
 }
 
 pub(crate) fn wire_change(c: &RouteChange) -> pb::RouteChange {
@@ -256,9 +263,10 @@ impl Peer {
         let config = &shared.config;
         let address = self.address();
         let mut client = super::service::client(shared, &address).await?;
-        let hello =
-            pb::HelloRequest { node: Some(pb::NodeInfo { name: config.name.clone(), address: config.advertise.clone() }), version: 1 };
-        let reply = tokio::time::timeout(config.failure_timeout, client.hello(hello)).await.map_err(|_| LinkError::Silent)??.into_inner();
+        let reply = tokio::time::timeout(config.failure_timeout, client.hello(hello_request(shared)))
+            .await
+            .map_err(|_| LinkError::Silent)??
+            .into_inner();
         let name = reply.node.as_ref().map(|n| n.name.clone()).unwrap_or_default();
         if name != self.name {
             return Err(LinkError::Renamed(name));
@@ -274,6 +282,10 @@ impl Peer {
         self.set_status(shared, PeerStatus::Up);
         let mut local_seq = shared.local_seq.subscribe();
         let mut heartbeat = tokio::time::interval(config.heartbeat);
+        // Nodes that joined since: asked for again every so often, so two nodes that
+        // reached the cluster through the same seed at the same moment still meet.
+        let mut membership = tokio::time::interval(MEMBERSHIP_INTERVAL);
+        membership.tick().await;
         let mut last_heard = Instant::now();
         let mut queue = self.forward_rx.lock().await;
         let mut unacked: VecDeque<(u64, Vec<oneshot::Sender<bool>>)> = VecDeque::new();
@@ -294,6 +306,16 @@ impl Peer {
                         break Err(LinkError::Silent);
                     }
                     sent = self.send_routes(shared, &routes_tx, Some(sent)).await?;
+                }
+                _ = membership.tick() => {
+                    let mut client = client.clone();
+                    let shared = Arc::clone(shared);
+                    let hello = hello_request(&shared);
+                    tokio::spawn(async move {
+                        if let Ok(Ok(reply)) = tokio::time::timeout(shared.config.failure_timeout, client.hello(hello)).await {
+                            super::discovery::learn(&shared, reply.into_inner().known.into_iter().map(|n| (n.name, n.address)));
+                        }
+                    });
                 }
                 ack = acks.message() => match ack {
                     Ok(Some(ack)) => {

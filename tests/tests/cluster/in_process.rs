@@ -1,0 +1,177 @@
+//! Three nodes in one process, clients spread over them.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use raftmq_cluster::message::QoS;
+use raftmq_cluster::session::SubscriptionOptions;
+use raftmq_node::codec::{reason, Packet, Properties, Protocol, PubKind, PubResponse};
+use raftmq_tests::*;
+
+use super::DEADLINE;
+
+/// Issue 12, item 3: a SUBACK is sent only once every live peer has the route, so a
+/// PUBLISH to any node right after the SUBACK reaches the subscriber; a publisher on
+/// another node sees its QoS 1 message as matched (no 0x10).
+#[tokio::test]
+async fn a_publish_right_after_suback_reaches_a_subscriber_on_another_node() -> anyhow::Result<()> {
+    let nodes = start_cluster(3, |_| {}).await?;
+    let (mut sub, _) = Raw::connect(nodes[1].addr, Protocol::V5, "sub", true).await?;
+    let (mut p1, _) = Raw::connect(nodes[0].addr, Protocol::V5, "p1", true).await?;
+    let (mut p3, _) = Raw::connect(nodes[2].addr, Protocol::V5, "p3", true).await?;
+    for round in 0..20u16 {
+        let filter = format!("fresh/{round}/#");
+        sub.subscribe(round + 1, &filter, QoS::AtLeastOnce).await?;
+        let topic = format!("fresh/{round}/x");
+        assert_eq!(p1.publish(&topic, b"from node1", QoS::AtLeastOnce, false, round + 1).await?, 0, "round {round}");
+        assert_eq!(p3.publish(&topic, b"from node3", QoS::AtLeastOnce, false, round + 1).await?, 0, "round {round}");
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let p = sub.recv_publish().await?;
+            sub.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, p.packet_id, 0))).await?;
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+        got.sort();
+        assert_eq!(got, ["from node1", "from node3"]);
+    }
+    Ok(())
+}
+
+/// Issue 12, item 4: a forwarded message keeps every MQTT 5 property, and the receiving
+/// node applies the subscriber's options (subscription identifier, Retain As Published)
+/// as it would for a local publisher; a node with many subscribers gets one copy.
+#[tokio::test]
+async fn forwarded_messages_keep_their_properties_and_the_subscription_options() -> anyhow::Result<()> {
+    let nodes = start_cluster(2, |_| {}).await?;
+    let mut subs = Vec::new();
+    for n in 0..3 {
+        let (mut sub, _) = Raw::connect(nodes[1].addr, Protocol::V5, &format!("s{n}"), true).await?;
+        let opts = SubscriptionOptions { qos: QoS::AtLeastOnce, retain_as_published: n == 0, ..Default::default() };
+        let props = Properties { subscription_identifiers: vec![7 + n], ..Properties::default() };
+        sub.subscribe_with(1, vec![("props/#".to_string(), opts)], props).await?;
+        subs.push(sub);
+    }
+    let (mut publ, _) = Raw::connect(nodes[0].addr, Protocol::V5, "p", true).await?;
+    let mut p = publish("props/x", b"{\"v\":1}", QoS::AtLeastOnce, true, 1);
+    p.properties = Properties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(300),
+        content_type: Some("application/json".into()),
+        response_topic: Some("reply/here".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"\x01\x02")),
+        user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
+        ..Properties::default()
+    };
+    publ.send(&Packet::Publish(p)).await?;
+    assert!(matches!(publ.recv().await?, Packet::PubResponse(r) if r.kind == PubKind::PubAck && r.reason == 0));
+    for (n, sub) in subs.iter_mut().enumerate() {
+        let got = sub.recv_publish().await?;
+        let pr = &got.properties;
+        assert_eq!(pr.payload_format_indicator, Some(1));
+        assert!(pr.message_expiry_interval.is_some_and(|e| (299..=300).contains(&e)));
+        assert_eq!(pr.content_type.as_deref(), Some("application/json"));
+        assert_eq!(pr.response_topic.as_deref(), Some("reply/here"));
+        assert_eq!(pr.correlation_data.as_deref(), Some(&b"\x01\x02"[..]));
+        assert_eq!(pr.user_properties, vec![("k".to_string(), "v".to_string()), ("k".to_string(), "w".to_string())]);
+        assert_eq!(pr.subscription_identifiers, vec![7 + n as u32]);
+        assert_eq!(got.retain, n == 0, "Retain As Published only for s0");
+    }
+    let forwarded: u64 = nodes[0].server.broker.cluster_nodes().iter().map(|v| v.forwarded).sum();
+    assert_eq!(forwarded, 1, "one copy per node, however many subscribers it has");
+    Ok(())
+}
+
+/// Issue 12, item 5: a `$share` group with a member on each of three nodes gets each message
+/// exactly once cluster-wide, balanced across the members (round robin: within 5 %).
+#[tokio::test]
+async fn a_shared_group_balances_across_three_nodes() -> anyhow::Result<()> {
+    let nodes = start_cluster(3, |_| {}).await?;
+    let mut members = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        let (mut m, _) = Raw::connect(node.addr, Protocol::V5, &format!("m{n}"), true).await?;
+        m.subscribe(1, "$share/workers/jobs/#", QoS::AtLeastOnce).await?;
+        members.push(m);
+    }
+    let (mut publ, _) = Raw::connect(nodes[0].addr, Protocol::V5, "boss", true).await?;
+    const N: u16 = 300;
+    for i in 1..=N {
+        assert_eq!(publ.publish("jobs/a", format!("{i}").as_bytes(), QoS::AtLeastOnce, false, i).await?, 0);
+    }
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut per_member = vec![0usize; members.len()];
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while per_member.iter().sum::<usize>() < usize::from(N) && std::time::Instant::now() < deadline {
+        for (i, m) in members.iter_mut().enumerate() {
+            // Whatever this member has now (a short wait is no failure: it may have none).
+            while let Ok(Some(packet)) = m.recv_within(Duration::from_millis(20)).await {
+                let Packet::Publish(p) = packet else { anyhow::bail!("expected PUBLISH, got {packet:?}") };
+                m.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, p.packet_id, 0))).await?;
+                *seen.entry(String::from_utf8_lossy(&p.payload).into_owned()).or_default() += 1;
+                per_member[i] += 1;
+            }
+        }
+    }
+    assert_eq!(seen.len(), usize::from(N), "every message delivered: {per_member:?}");
+    assert!(seen.values().all(|c| *c == 1), "no message twice");
+    for count in &per_member {
+        assert!((95..=105).contains(count), "balanced within 5 %: {per_member:?}");
+    }
+    Ok(())
+}
+
+/// Issue 12, item 2: a node that leaves (graceful shutdown) tells its peers, which drop
+/// its routes at once: a PUBLISH for its former subscribers matches nothing.
+#[tokio::test]
+async fn a_leaving_node_takes_its_routes_with_it() -> anyhow::Result<()> {
+    let mut nodes = start_cluster(3, |_| {}).await?;
+    let (mut sub, _) = Raw::connect(nodes[2].addr, Protocol::V5, "leaver", true).await?;
+    sub.subscribe(1, "gone/#", QoS::AtLeastOnce).await?;
+    let (mut publ, _) = Raw::connect(nodes[0].addr, Protocol::V5, "p", true).await?;
+    assert_eq!(publ.publish("gone/x", b"1", QoS::AtLeastOnce, false, 1).await?, 0);
+    let leaving = nodes.remove(2);
+    leaving.server.shutdown(Duration::from_secs(2)).await;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let views = nodes[0].server.broker.cluster_nodes();
+        let node3 = views.iter().find(|v| v.name == "node3");
+        if node3.is_none_or(|v| v.routes == 0 && v.status.label() == "down") {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "node3 still known: {views:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(publ.publish("gone/x", b"2", QoS::AtLeastOnce, false, 2).await?, reason::NO_MATCHING_SUBSCRIBERS);
+    Ok(())
+}
+
+/// Issue 12, item 1: a node without the cluster's secret is refused (and never joins);
+/// garbage on the cluster port is closed; the cluster carries on.
+#[tokio::test]
+async fn a_node_without_the_secret_and_garbage_on_the_port_are_refused() -> anyhow::Result<()> {
+    let nodes = start_cluster(2, |_| {}).await?;
+    let cluster_addr = nodes[0].server.cluster_addr().ok_or_else(|| anyhow::anyhow!("no cluster port"))?;
+    let intruder = start_broker(|c| {
+        c.node_name = "intruder".into();
+        c.cluster.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        c.cluster.seeds = vec![cluster_addr.to_string()];
+        c.cluster.secret = Some("wrong".into());
+    })
+    .await?;
+    // Garbage on the gRPC port: the connection is closed, nothing else changes.
+    let mut raw = tokio::net::TcpStream::connect(cluster_addr).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut raw, b"GET / HTTP/1.0\r\n\r\n\x00\xff\x00\xff garbage").await?;
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(DEADLINE, tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut sink)).await;
+    assert!(closed.is_ok(), "the cluster port closes a connection that speaks no HTTP/2");
+    // The intruder had time to try a few times: it knows nobody, and nobody knows it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(intruder.server.broker.cluster_nodes().iter().all(|v| v.name == "intruder" || v.status.label() == "down"));
+    assert!(nodes[0].server.broker.cluster_nodes().iter().all(|v| v.name != "intruder"));
+    wait_for_cluster(&nodes, 2).await?;
+    let (mut sub, _) = Raw::connect(nodes[1].addr, Protocol::V5, "s", true).await?;
+    sub.subscribe(1, "still/#", QoS::AtMostOnce).await?;
+    let (mut publ, _) = Raw::connect(nodes[0].addr, Protocol::V5, "p", true).await?;
+    publ.publish("still/here", b"ok", QoS::AtMostOnce, false, 0).await?;
+    assert_eq!(&sub.recv_publish().await?.payload[..], b"ok");
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! Three real `raftmq` processes on loopback, each with its own ports and data directory,
+//! started with a deadline and killed by pid.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use raftmq_cluster::message::QoS;
+use raftmq_node::codec::{reason, Protocol};
+use raftmq_tests::*;
+
+use super::DEADLINE;
+
+/// A process never outlives this, whatever happens to the test.
+const PROCESS_DEADLINE: Duration = Duration::from_secs(120);
+/// Failure detection the nodes are started with.
+const FAILURE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// The `raftmq` binary next to this test's (built first if `cargo test` did not).
+fn binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).ok_or_else(|| anyhow::anyhow!("no target directory"))?;
+    let binary = profile_dir.join("raftmq");
+    if !binary.exists() {
+        let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let status =
+            Command::new(env!("CARGO")).args(["build", "-q", "-p", "raftmq-node", "--bin", "raftmq"]).current_dir(workspace).status()?;
+        anyhow::ensure!(status.success(), "building raftmq failed");
+    }
+    Ok(binary)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// One `raftmq` process.
+struct Node {
+    child: Arc<Mutex<Child>>,
+    mqtt: SocketAddr,
+    admin: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn start(name: &str, ports: (u16, u16, u16), seeds: &str) -> anyhow::Result<Node> {
+        let (mqtt, admin, cluster) = ports;
+        let dir = tempfile::tempdir()?;
+        let child = Command::new(binary()?)
+            .args(["--node-name", name])
+            .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .args(["--cluster-listen", &format!("127.0.0.1:{cluster}")])
+            .args(["--seeds", seeds])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("RAFTMQ_LISTENERS", "[]")
+            .env("RAFTMQ_ADMIN__API_KEY", "k3y")
+            .env("RAFTMQ_CLUSTER__SECRET", "s3cret")
+            .env("RAFTMQ_CLUSTER__HEARTBEAT_MS", "200")
+            .env("RAFTMQ_CLUSTER__FAILURE_TIMEOUT_MS", FAILURE_TIMEOUT.as_millis().to_string())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let child = Arc::new(Mutex::new(child));
+        // The deadline: a watchdog kills the process by pid if the test forgot to.
+        let watched = Arc::downgrade(&child);
+        std::thread::spawn(move || {
+            std::thread::sleep(PROCESS_DEADLINE);
+            if let Some(child) = watched.upgrade() {
+                if let Ok(mut c) = child.lock() {
+                    let _ = c.kill();
+                }
+            }
+        });
+        Ok(Node { child, mqtt: SocketAddr::from(([127, 0, 0, 1], mqtt)), admin: format!("http://127.0.0.1:{admin}"), _dir: dir })
+    }
+
+    /// SIGKILL.
+    fn kill(&self) {
+        if let Ok(mut c) = self.child.lock() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let url = format!("{}{path}", self.admin);
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(u16, String)> {
+            let agent: ureq::Agent =
+                ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(2))).build().into();
+            let mut response = agent.get(&url).header("Authorization", "Bearer k3y").call()?;
+            Ok((response.status().as_u16(), response.body_mut().read_to_string().unwrap_or_default()))
+        })
+        .await?
+    }
+
+    /// The status of every node as this one sees it.
+    async fn cluster(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let (_, body) = self.get("/api/v1/cluster").await?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+        Ok(nodes
+            .iter()
+            .map(|n| (n["name"].as_str().unwrap_or_default().to_owned(), n["status"].as_str().unwrap_or_default().to_owned()))
+            .collect())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Issue 12, items 1, 2 and 8: three processes started with the same `--seeds` form one
+/// cluster with no other flag; `/readyz` turns ready once every peer's routes arrived; a
+/// message crosses nodes; a node killed with SIGKILL is seen down, and its routes gone,
+/// within the failure detection time plus a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_form_one_cluster_and_notice_a_killed_node() -> anyhow::Result<()> {
+    let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| Ok((free_port()?, free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
+    let seeds = ports.iter().map(|p| format!("127.0.0.1:{}", p.2)).collect::<Vec<_>>().join(",");
+    let nodes: Vec<Node> =
+        ports.iter().enumerate().map(|(i, p)| Node::start(&format!("n{}", i + 1), *p, &seeds)).collect::<anyhow::Result<_>>()?;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for node in &nodes {
+        loop {
+            let ready = matches!(node.get("/readyz").await, Ok((200, _)));
+            let all_up = node.cluster().await.is_ok_and(|c| c.len() == 3 && c.iter().all(|(_, s)| s == "up"));
+            if ready && all_up {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{} never saw the whole cluster: {:?}", node.admin, node.cluster().await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    let (mut sub, _) = Raw::connect(nodes[2].mqtt, Protocol::V5, "far-away", true).await?;
+    sub.subscribe(1, "proc/#", QoS::AtLeastOnce).await?;
+    let (mut publ, _) = Raw::connect(nodes[0].mqtt, Protocol::V5, "publisher", true).await?;
+    assert_eq!(publ.publish("proc/x", b"across", QoS::AtLeastOnce, false, 1).await?, 0);
+    assert_eq!(&sub.recv_publish().await?.payload[..], b"across");
+
+    nodes[2].kill();
+    let killed = Instant::now();
+    loop {
+        let view = nodes[0].cluster().await?;
+        if view.iter().any(|(name, status)| name == "n3" && status == "down") {
+            break;
+        }
+        anyhow::ensure!(killed.elapsed() < DEADLINE, "n3 never seen down: {view:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let noticed = killed.elapsed();
+    assert!(noticed <= FAILURE_TIMEOUT + Duration::from_secs(1), "noticed after {noticed:?}");
+    // Its routes are gone: nobody else subscribed.
+    let mut code = 0;
+    while killed.elapsed() < FAILURE_TIMEOUT + Duration::from_secs(1) {
+        code = publ.publish("proc/x", b"after", QoS::AtLeastOnce, false, 2).await?;
+        if code == reason::NO_MATCHING_SUBSCRIBERS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(code, reason::NO_MATCHING_SUBSCRIBERS, "n3's routes still there");
+    Ok(())
+}
