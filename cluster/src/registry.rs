@@ -29,8 +29,9 @@ pub struct Claim {
 /// Client id -> owner node and epoch.
 #[async_trait]
 pub trait ClientRegistry: Send + Sync + 'static {
-    /// Claims `client_id` for `node`: returns the new, higher epoch.
-    async fn claim(&self, client_id: &str, node: NodeId) -> Result<Epoch, StoreError>;
+    /// Claims `client_id` for `node`: returns the new epoch, higher than any before and than
+    /// `above` (the highest epoch another node reported for it).
+    async fn claim(&self, client_id: &str, node: NodeId, above: Epoch) -> Result<Epoch, StoreError>;
     /// The current claim of `client_id`.
     fn current(&self, client_id: &str) -> Option<Claim>;
     /// Forgets `client_id` if `epoch` is still its current epoch (the session ended);
@@ -66,9 +67,9 @@ impl MemoryRegistry {
 
 #[async_trait]
 impl ClientRegistry for MemoryRegistry {
-    async fn claim(&self, client_id: &str, node: NodeId) -> Result<Epoch, StoreError> {
+    async fn claim(&self, client_id: &str, node: NodeId, above: Epoch) -> Result<Epoch, StoreError> {
         let mut next = self.next.lock().map_err(|_| StoreError::Poisoned)?;
-        *next += 1;
+        *next = (*next).max(above) + 1;
         let epoch = *next;
         self.claims.lock().map_err(|_| StoreError::Poisoned)?.insert(Box::from(client_id), Claim { node, epoch });
         Ok(epoch)
@@ -99,16 +100,17 @@ mod tests {
     #[tokio::test]
     async fn claims_raise_the_epoch_and_stale_releases_change_nothing() -> Result<(), StoreError> {
         let r = MemoryRegistry::new();
-        let first = r.claim("c", 1).await?;
-        let second = r.claim("c", 2).await?;
+        let first = r.claim("c", 1, 0).await?;
+        let second = r.claim("c", 2, 0).await?;
         assert!(second > first);
         assert_eq!(r.current("c"), Some(Claim { node: 2, epoch: second }));
         assert!(!r.release("c", first).await?, "the old owner cannot release");
         assert!(r.is_current("c", second));
         assert!(r.release("c", second).await?);
         assert_eq!(r.current("c"), None);
-        let third = r.claim("c", 1).await?;
+        let third = r.claim("c", 1, 0).await?;
         assert!(third > second, "epochs never repeat");
+        assert!(r.claim("c", 1, 100).await? > 100, "above another node's epoch");
         Ok(())
     }
 }

@@ -19,8 +19,12 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
+use raftmq_proto::v1 as pb;
+
 use crate::message::Message;
+use crate::registry::Epoch;
 use crate::routes::{LocalRoutes, Route, RouteTable};
+use crate::session::SessionState;
 use crate::{NodeId, StoreError};
 
 pub mod config;
@@ -32,15 +36,65 @@ mod table;
 
 pub use config::{Discovery, MeshConfig, MeshTls};
 pub use peer::PeerStatus;
+
 pub use table::ClusterRoutes;
 
-/// What the node does with a message another node forwarded to it.
+/// What the mesh asks of the broker on this node.
 #[async_trait]
-pub trait Deliver: Send + Sync + 'static {
-    /// Delivers `message` to this node's plain subscribers, or (with `group`) to one local
-    /// member of that shared group; never forwards it again. Returns false if nobody here
-    /// could take it (the group has no member left here).
+pub trait LocalBroker: Send + Sync + 'static {
+    /// Delivers `message` another node forwarded to this node's plain subscribers, or (with
+    /// `group`) to one local member of that shared group; never forwards it again. Returns
+    /// false if nobody here could take it (the group has no member left here).
     async fn deliver(&self, message: Arc<Message>, group: Option<Route>) -> Result<bool, StoreError>;
+    /// A client connected to another node with `client_id`: disconnect it here (MQTT 5:
+    /// 0x8E) and, with `resume`, give up its session (returned) instead of ending it.
+    async fn hand_over(&self, request: HandOverRequest) -> HandOver;
+}
+
+/// A peer asks for a client id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandOverRequest {
+    /// The client id.
+    pub client_id: String,
+    /// User name of the connecting identity.
+    pub username: Option<String>,
+    /// The client resumes its session (Clean Start 0).
+    pub resume: bool,
+    /// Sessions are bound to the identity that created them.
+    pub check_owner: bool,
+}
+
+/// What became of a client id a peer asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HandOver {
+    /// No session for it here.
+    NotHere,
+    /// Disconnected here; with a resume, the session that moved.
+    Moved {
+        /// The session, when the client resumes it.
+        session: Option<Box<SessionState>>,
+        /// This node's epoch for the client id.
+        epoch: Epoch,
+    },
+    /// The session here belongs to another identity: nothing was touched.
+    NotOwner,
+}
+
+/// What the peers said about a client id this node is claiming.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Claimed {
+    /// The session handed over by the node that held it.
+    pub session: Option<SessionState>,
+    /// The highest epoch any peer held for the client id.
+    pub epoch: Epoch,
+}
+
+/// Why a claim was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    /// Another identity's session holds the client id on a peer.
+    #[error("the session belongs to another identity")]
+    NotOwner,
 }
 
 /// A node as the mesh knows it (`GET /api/v1/cluster`).
@@ -86,7 +140,7 @@ pub(crate) struct Shared {
     pub(crate) peers: DashMap<NodeId, Arc<peer::Peer>>,
     /// Addresses being dialled or known to be this node.
     pub(crate) dialled: DashMap<String, ()>,
-    pub(crate) deliver: OnceLock<Arc<dyn Deliver>>,
+    pub(crate) broker: OnceLock<Arc<dyn LocalBroker>>,
     /// TLS for outgoing links.
     pub(crate) client_tls: Option<tonic::transport::ClientTlsConfig>,
     pub(crate) events: tokio::sync::broadcast::Sender<NodeEvent>,
@@ -148,7 +202,7 @@ impl Mesh {
             remote: remote::RemoteRoutes::default(),
             peers: DashMap::new(),
             dialled: DashMap::new(),
-            deliver: OnceLock::new(),
+            broker: OnceLock::new(),
             client_tls: tls.as_ref().map(|t| t.client.clone()),
             events,
             shutdown: CancellationToken::new(),
@@ -168,9 +222,47 @@ impl Mesh {
         Arc::new(ClusterRoutes::new(Arc::clone(&self.shared)))
     }
 
-    /// Hands the mesh what to do with forwarded messages (once, at start-up).
-    pub fn set_deliver(&self, deliver: Arc<dyn Deliver>) {
-        let _ = self.shared.deliver.set(deliver);
+    /// Hands the mesh the local broker (once, at start-up).
+    pub fn set_broker(&self, broker: Arc<dyn LocalBroker>) {
+        let _ = self.shared.broker.set(broker);
+    }
+
+    /// Claims a client id cluster-wide: every live peer disconnects its connection with
+    /// that id, and the one holding its session hands it over when `request.resume`. One
+    /// round trip to all peers at once, each bounded by the failure timeout.
+    pub async fn claim(&self, request: HandOverRequest) -> Result<Claimed, ClaimError> {
+        let wire = pb::TakeoverRequest {
+            client_id: request.client_id.clone(),
+            username: request.username.clone().unwrap_or_default(),
+            has_username: request.username.is_some(),
+            resume: request.resume,
+            check_owner: request.check_owner,
+        };
+        let clients: Vec<_> = self.shared.peers.iter().filter_map(|p| p.client()).collect();
+        let bound = self.shared.config.failure_timeout;
+        let calls =
+            clients.into_iter().map(|mut client| {
+                let wire = wire.clone();
+                async move {
+                    tokio::time::timeout(bound, client.takeover(wire)).await.ok().and_then(Result::ok).map(tonic::Response::into_inner)
+                }
+            });
+        let mut claimed = Claimed::default();
+        for reply in futures_util::future::join_all(calls).await.into_iter().flatten() {
+            match pb::takeover_reply::Outcome::try_from(reply.outcome) {
+                Ok(pb::takeover_reply::Outcome::NotOwner) => return Err(ClaimError::NotOwner),
+                Ok(pb::takeover_reply::Outcome::Moved) => {
+                    claimed.epoch = claimed.epoch.max(reply.epoch);
+                    if let Some(session) = reply.session.and_then(|s| SessionState::try_from(s).ok()) {
+                        if claimed.session.as_ref().is_none_or(|held| held.epoch < session.epoch) {
+                            claimed.session = Some(session);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(claimed)
     }
 
     /// This node's id.

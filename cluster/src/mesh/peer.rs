@@ -75,6 +75,8 @@ pub(crate) struct Peer {
     forwarded: AtomicU64,
     forwarded_bytes: AtomicU64,
     dropped: AtomicU64,
+    /// The link's client while it is up, for one-off calls (takeover).
+    client: Mutex<Option<super::service::LinkClient>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +141,7 @@ impl Peer {
             forwarded: AtomicU64::new(0),
             forwarded_bytes: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            client: Mutex::new(None),
         }
     }
 
@@ -156,6 +159,20 @@ impl Peer {
                 tracing::warn!(peer = %self.name, "cluster peer down");
             }
             let _ = shared.events.send(NodeEvent { name: self.name.clone(), up: is_up });
+        }
+    }
+
+    /// A client for one-off calls, while the link is up.
+    pub(crate) fn client(&self) -> Option<super::service::LinkClient> {
+        if self.status() != PeerStatus::Up {
+            return None;
+        }
+        self.client.lock().ok().and_then(|c| c.clone())
+    }
+
+    fn set_client(&self, client: Option<super::service::LinkClient>) {
+        if let Ok(mut c) = self.client.lock() {
+            *c = client;
         }
     }
 
@@ -279,6 +296,7 @@ impl Peer {
         let mut batch_acks = client.forward(ReceiverStream::new(batches_rx)).await?.into_inner();
 
         let mut sent = self.send_routes(shared, &routes_tx, None).await?;
+        self.set_client(Some(client.clone()));
         self.set_status(shared, PeerStatus::Up);
         let mut local_seq = shared.local_seq.subscribe();
         let mut heartbeat = tokio::time::interval(config.heartbeat);
@@ -368,6 +386,7 @@ impl Peer {
                 },
             }
         };
+        self.set_client(None);
         // Sent and never acknowledged: the publishers waiting for them are told so.
         for (_, dones) in unacked {
             for done in dones {

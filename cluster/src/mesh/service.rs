@@ -43,14 +43,24 @@ pub(crate) fn tls_configs(tls: &MeshTls) -> Result<TlsConfigs, String> {
     })
 }
 
+/// Adds the shared secret to every outgoing call.
+#[derive(Debug, Clone)]
+pub(crate) struct AddSecret(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for AddSecret {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(secret) = &self.0 {
+            req.metadata_mut().insert(SECRET_KEY, secret.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A client of one peer.
+pub(crate) type LinkClient = ClusterClient<InterceptedService<Channel, AddSecret>>;
+
 /// A client for the node at `address`, carrying the secret on every call.
-pub(crate) async fn client(
-    shared: &Shared,
-    address: &str,
-) -> Result<
-    ClusterClient<InterceptedService<Channel, impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone>>,
-    tonic::transport::Error,
-> {
+pub(crate) async fn client(shared: &Shared, address: &str) -> Result<LinkClient, tonic::transport::Error> {
     let scheme = if shared.client_tls.is_some() { "https" } else { "http" };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))?
         .connect_timeout(shared.config.failure_timeout)
@@ -61,14 +71,10 @@ pub(crate) async fn client(
         endpoint = endpoint.tls_config(tls.clone())?;
     }
     let channel = endpoint.connect().await?;
-    let secret = shared.config.secret.clone().unwrap_or_default();
-    let add_secret = move |mut req: Request<()>| {
-        if let Ok(value) = secret.parse() {
-            req.metadata_mut().insert(SECRET_KEY, value);
-        }
-        Ok(req)
-    };
-    Ok(ClusterClient::with_interceptor(channel, add_secret).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
+    let secret = shared.config.secret.as_deref().and_then(|s| s.parse().ok());
+    Ok(ClusterClient::with_interceptor(channel, AddSecret(secret))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE))
 }
 
 /// Serves the `Cluster` service on `listener` until the mesh stops.
@@ -213,7 +219,7 @@ impl Cluster for Service {
                 };
                 let mut failed = 0u32;
                 for item in batch.messages {
-                    let delivered = match (shared.deliver.get(), item.message.map(crate::message::Message::try_from)) {
+                    let delivered = match (shared.broker.get(), item.message.map(crate::message::Message::try_from)) {
                         (Some(deliver), Some(Ok(message))) => {
                             let group = (!item.share_group.is_empty()).then(|| Route {
                                 group: Some(Arc::from(item.share_group.as_str())),
@@ -234,6 +240,28 @@ impl Cluster for Service {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn takeover(&self, request: Request<pb::TakeoverRequest>) -> Result<Response<pb::TakeoverReply>, Status> {
+        let r = request.into_inner();
+        let Some(broker) = self.shared.broker.get() else { return Err(Status::unavailable("starting")) };
+        let handed = broker
+            .hand_over(super::HandOverRequest {
+                client_id: r.client_id,
+                username: r.has_username.then_some(r.username),
+                resume: r.resume,
+                check_owner: r.check_owner,
+            })
+            .await;
+        use pb::takeover_reply::Outcome;
+        let reply = match handed {
+            super::HandOver::NotHere => pb::TakeoverReply { outcome: Outcome::NotHere as i32, session: None, epoch: 0 },
+            super::HandOver::NotOwner => pb::TakeoverReply { outcome: Outcome::NotOwner as i32, session: None, epoch: 0 },
+            super::HandOver::Moved { session, epoch } => {
+                pb::TakeoverReply { outcome: Outcome::Moved as i32, session: session.as_deref().map(pb::Session::from), epoch }
+            }
+        };
+        Ok(Response::new(reply))
     }
 
     async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::Ack>, Status> {

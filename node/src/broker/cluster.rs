@@ -4,22 +4,28 @@
 use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
-use raftmq_cluster::mesh::{Deliver, Mesh, NodeView};
+use raftmq_cluster::mesh::{HandOver, HandOverRequest, LocalBroker, Mesh, NodeView};
 use raftmq_cluster::message::Message;
 use raftmq_cluster::routes::Route;
 use raftmq_cluster::StoreError;
 
 use super::Broker;
 
-/// Forwarded messages go to the broker's local sessions. Weak: the mesh must not keep a
-/// stopped broker alive.
-struct LocalDelivery(Weak<Broker>);
+/// What the mesh asks of this broker. Weak: the mesh must not keep a stopped broker alive.
+struct Local(Weak<Broker>);
 
 #[async_trait]
-impl Deliver for LocalDelivery {
+impl LocalBroker for Local {
     async fn deliver(&self, message: Arc<Message>, group: Option<Route>) -> Result<bool, StoreError> {
         let Some(broker) = self.0.upgrade() else { return Ok(false) };
         broker.deliver_forwarded(&message, group).await
+    }
+
+    async fn hand_over(&self, request: HandOverRequest) -> HandOver {
+        match self.0.upgrade() {
+            Some(broker) => broker.hand_over(request).await,
+            None => HandOver::NotHere,
+        }
     }
 }
 
@@ -27,7 +33,7 @@ impl Broker {
     /// Joins the broker to `mesh`: forwarded messages are delivered here, node events
     /// are logged and published on `$SYS`.
     pub fn join(self: &Arc<Self>, mesh: Mesh) {
-        mesh.set_deliver(Arc::new(LocalDelivery(Arc::downgrade(self))));
+        mesh.set_broker(Arc::new(Local(Arc::downgrade(self))));
         let mut events = mesh.events();
         let broker = Arc::downgrade(self);
         let shutdown = self.shutdown.clone();
@@ -69,6 +75,36 @@ impl Broker {
                 forward_queue: 0,
             }],
         }
+    }
+
+    /// Another node's client connected with `request.client_id`: disconnects the
+    /// connection here (MQTT 5: 0x8E) and, when the client resumes its session, gives the
+    /// session up (returned, with its pending will) instead of ending it here.
+    pub async fn hand_over(&self, request: HandOverRequest) -> HandOver {
+        let Some(slot) = self.slot(&request.client_id) else { return HandOver::NotHere };
+        let _guard = slot.connect_lock.lock().await;
+        if slot.is_removed() {
+            return HandOver::NotHere;
+        }
+        if request.check_owner && slot.owner().is_some_and(|o| o.identity.username != request.username) {
+            return HandOver::NotOwner;
+        }
+        let epoch = slot.epoch();
+        self.take_over(&slot, crate::codec::reason::SESSION_TAKEN_OVER).await;
+        if slot.is_removed() {
+            // A transient session ended with its connection.
+            return HandOver::Moved { session: None, epoch };
+        }
+        if !request.resume {
+            // A clean start elsewhere ends the session here (a pending will goes out).
+            if let Err(e) = self.discard(&slot).await {
+                tracing::warn!(error = %e, "failed to end a session taken over by another node");
+            }
+            return HandOver::Moved { session: None, epoch };
+        }
+        let session = slot.snapshot();
+        self.forget_moved(&slot).await;
+        HandOver::Moved { session: Some(Box::new(session)), epoch }
     }
 
     /// Whether the cluster view is complete: every known peer up and its routes received.

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use raftmq_cluster::mesh::{ClaimError, HandOverRequest};
 use raftmq_cluster::message::now_ms;
 use raftmq_cluster::session::WillMessage;
 use raftmq_cluster::session_ops::{SessionCommand, SessionOp};
@@ -67,6 +68,33 @@ impl Broker {
                     return Err(AttachError::NotOwner);
                 }
             }
+            // Not held here: any other node's connection with this id is disconnected, and
+            // the node holding the session hands it over when the client resumes it.
+            let mut above = 0;
+            let mut handed_over = false;
+            if let (None, Some(mesh)) = (&live_owner, self.mesh()) {
+                let request = HandOverRequest {
+                    client_id: client_id.to_owned(),
+                    username: owner.identity.username.clone(),
+                    resume: !clean_start,
+                    check_owner: self.config.auth.bind_session_to_user,
+                };
+                match mesh.claim(request).await {
+                    Ok(claimed) => {
+                        above = claimed.epoch;
+                        if let Some(session) = claimed.session {
+                            stored = Some(session);
+                            handed_over = true;
+                        }
+                    }
+                    Err(ClaimError::NotOwner) => {
+                        if fresh {
+                            self.drop_if_unused(&slot);
+                        }
+                        return Err(AttachError::NotOwner);
+                    }
+                }
+            }
             self.take_over(&slot, crate::codec::reason::SESSION_TAKEN_OVER).await;
             if slot.is_removed() {
                 // The previous owner's session ended with its connection.
@@ -85,15 +113,20 @@ impl Broker {
             } else if existed {
                 session_present = true;
             } else if let Some(state) = stored.take() {
+                let mut last_change = None;
                 for (filter, opts) in &state.subscriptions {
-                    self.index_subscribe(&slot, filter, *opts);
+                    last_change = self.index_subscribe(&slot, filter, *opts).1.or(last_change);
                 }
-                slot.restore(state);
+                slot.restore(state, !handed_over);
+                if let Some(seq) = last_change {
+                    // The resumed subscriptions are routed everywhere before the CONNACK.
+                    self.routes.settle(seq).await;
+                }
                 session_present = true;
             }
             // This node owns the client id from now on, under a new epoch: whatever an
             // earlier owner still has pending for it (expiry, a delayed will) is void.
-            let epoch = self.registry.claim(client_id, self.node_id).await?;
+            let epoch = self.registry.claim(client_id, self.node_id, above).await?;
             if clean_start && stored.is_some() && expiry_secs == 0 {
                 let remove = SessionCommand { client_id: client_id.to_owned(), epoch, op: SessionOp::Remove };
                 self.journal.write(vec![remove]).await?;
@@ -115,6 +148,25 @@ impl Broker {
     pub(super) fn drop_if_unused(&self, slot: &Arc<SessionSlot>) {
         if slot.remove_if_unused() {
             self.sessions.remove_if(&slot.client_id, |_, s| Arc::ptr_eq(s, slot));
+        }
+    }
+
+    /// Drops a session that moved to another node: subscriptions, the local copy in the
+    /// store and the registry entry go; its will moved with it and is not published here.
+    pub(super) async fn forget_moved(&self, slot: &Arc<SessionSlot>) {
+        let Discarded { filters, epoch, stored, .. } = slot.discard();
+        for filter in filters {
+            self.index_unsubscribe(slot, &filter);
+        }
+        self.sessions.remove_if(&slot.client_id, |_, s| Arc::ptr_eq(s, slot));
+        if stored {
+            let remove = SessionCommand { client_id: slot.client_id.to_string(), epoch, op: SessionOp::Remove };
+            if let Err(e) = self.journal.write(vec![remove]).await {
+                tracing::warn!(error = %e, "failed to forget a session that moved");
+            }
+        }
+        if epoch != 0 {
+            let _ = self.registry.release(&slot.client_id, epoch).await;
         }
     }
 

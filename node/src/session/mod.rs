@@ -397,12 +397,12 @@ impl SessionSlot {
         }
     }
 
-    /// Restores a slot from stored state (a session that lived on another node or before a
-    /// restart).
-    pub fn restore(&self, state: SessionState) {
+    /// Restores a slot from a session that lived on another node or before a restart;
+    /// `in_store`: the session store holds it already (else the next attach writes it).
+    pub fn restore(&self, state: SessionState, in_store: bool) {
         let mut inner = self.lock();
         inner.persistent = true;
-        inner.stored = true;
+        inner.stored = in_store;
         inner.expiry_secs = state.expiry_secs;
         inner.subscriptions = state.subscriptions.into_iter().map(|(k, v)| (k.into_boxed_str(), v)).collect();
         inner.queue_bytes = state.queue.iter().map(|q| q.message.weight()).sum();
@@ -531,6 +531,11 @@ impl SessionSlot {
     /// Marks the slot removed.
     pub fn mark_removed(&self) {
         self.lock().removed = true;
+    }
+
+    /// This node's claim on the client id (0 before the first).
+    pub fn epoch(&self) -> Epoch {
+        self.lock().epoch
     }
 
     /// Bumped at every attach and detach: timers compare it to know they are stale.

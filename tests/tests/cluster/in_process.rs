@@ -175,3 +175,62 @@ async fn a_node_without_the_secret_and_garbage_on_the_port_are_refused() -> anyh
     assert_eq!(&sub.recv_publish().await?.payload[..], b"ok");
     Ok(())
 }
+
+/// Issue 12, item 6: a client id is connected once cluster-wide. A client that connects to
+/// another node while still connected to the first is taken over there (MQTT 5: 0x8E); when
+/// it resumes its session, the session moves: subscriptions, and the unacknowledged message
+/// is sent again with DUP; later messages published anywhere reach it on its new node.
+#[tokio::test]
+async fn a_client_moving_to_another_node_takes_its_session_with_it() -> anyhow::Result<()> {
+    let nodes = start_cluster(3, |_| {}).await?;
+    let mut c = connect_packet(Protocol::V5, "mover", false);
+    c.properties.session_expiry_interval = Some(300);
+    let (mut on1, _) = Raw::connect_with(nodes[0].addr, c.clone()).await?;
+    on1.subscribe(1, "mv/#", QoS::AtLeastOnce).await?;
+    let (mut publ, _) = Raw::connect(nodes[2].addr, Protocol::V5, "pub", true).await?;
+    assert_eq!(publ.publish("mv/1", b"m1", QoS::AtLeastOnce, false, 1).await?, 0);
+    let first = on1.recv_publish().await?;
+    assert_eq!(&first.payload[..], b"m1");
+    // Not acknowledged; the client shows up on node 2.
+    let (mut on2, ack) = Raw::connect_with(nodes[1].addr, c).await?;
+    assert!(ack.session_present, "the session moved from node 1");
+    assert_eq!(disconnect_reason(on1.expect_closed(DEADLINE).await?), Some(reason::SESSION_TAKEN_OVER));
+    let again = on2.recv_publish().await?;
+    assert_eq!((&again.payload[..], again.dup), (&b"m1"[..], true));
+    on2.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, again.packet_id, 0))).await?;
+    // Routes followed the session: published on node 3 and node 1, received on node 2 only.
+    assert_eq!(publ.publish("mv/2", b"m2", QoS::AtLeastOnce, false, 2).await?, 0);
+    let (mut p1, _) = Raw::connect(nodes[0].addr, Protocol::V5, "pub1", true).await?;
+    assert_eq!(p1.publish("mv/3", b"m3", QoS::AtLeastOnce, false, 1).await?, 0);
+    for want in [&b"m2"[..], &b"m3"[..]] {
+        let p = on2.recv_publish().await?;
+        assert_eq!(&p.payload[..], want);
+        on2.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, p.packet_id, 0))).await?;
+    }
+    assert!(nodes[0].server.broker.slot("mover").is_none(), "node 1 forgot the session");
+    Ok(())
+}
+
+/// Issue 12, item 6: a clean start on another node ends the session where it was; a client
+/// id held by another identity elsewhere is refused (0x87) and the holder keeps it.
+#[tokio::test]
+async fn clean_starts_and_other_identities_across_nodes() -> anyhow::Result<()> {
+    let nodes = start_cluster(2, |_| {}).await?;
+    let mut c = connect_packet(Protocol::V5, "owned", false);
+    c.properties.session_expiry_interval = Some(300);
+    c.username = Some("alice".into());
+    let (mut alice, _) = Raw::connect_with(nodes[0].addr, c.clone()).await?;
+    alice.subscribe(1, "own/#", QoS::AtLeastOnce).await?;
+    let mut intruder = c.clone();
+    intruder.username = Some("mallory".into());
+    let (_, ack) = Raw::connect_with(nodes[1].addr, intruder).await?;
+    assert_eq!(ack.code, reason::NOT_AUTHORIZED);
+    alice.ping().await?;
+    // Alice herself, clean start, on node 2: the old session ends; nothing moves.
+    c.clean_start = true;
+    let (_alice2, ack) = Raw::connect_with(nodes[1].addr, c).await?;
+    assert!(!ack.session_present);
+    assert_eq!(disconnect_reason(alice.expect_closed(DEADLINE).await?), Some(reason::SESSION_TAKEN_OVER));
+    assert!(nodes[0].server.broker.slot("owned").is_none());
+    Ok(())
+}
