@@ -33,6 +33,8 @@ pub struct CtlArgs {
 enum CtlCommand {
     /// Node information and statistics.
     Status,
+    /// The nodes of the cluster and how this one sees them.
+    Cluster,
     /// Connected clients.
     Clients {
         #[command(subcommand)]
@@ -269,6 +271,10 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
     let paging = |p: &Paging| vec![("page", p.page.map(|v| v.to_string())), ("limit", p.limit.map(|v| v.to_string()))];
     let (value, render): (Value, Render) = match &args.command {
         CtlCommand::Status => (client.call("GET", "/status", None)?, Box::new(fields)),
+        CtlCommand::Cluster => {
+            let cols = ["name", "address", "status", "routes", "forwarded_messages", "forward_dropped", "forward_queue"];
+            (client.call("GET", "/cluster", None)?, Box::new(move |v| table(v["nodes"].as_array().map_or(&[], |a| a), &cols)))
+        }
         CtlCommand::Clients { action } => match action {
             ClientAction::List { paging: p, username, client_id } => {
                 let mut q = paging(p);

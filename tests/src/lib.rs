@@ -321,6 +321,32 @@ impl Raw {
     }
 }
 
+/// Checks a Prometheus exposition with `promtool check metrics` (Debian's `prometheus`
+/// package); skipped when promtool is missing, unless `REQUIRE_PROMTOOL` is set.
+pub async fn promtool_check(text: &str) -> anyhow::Result<()> {
+    let found = std::process::Command::new("promtool").arg("--version").output().is_ok();
+    if !found {
+        anyhow::ensure!(std::env::var_os("REQUIRE_PROMTOOL").is_none(), "promtool not found but REQUIRE_PROMTOOL is set");
+        eprintln!("skipping promtool check: promtool not installed");
+        return Ok(());
+    }
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(text.as_bytes()).await?;
+    }
+    let out = tokio::time::timeout(DEADLINE, child.wait_with_output()).await??;
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(out.status.success(), "promtool check metrics failed:\n{report}");
+    anyhow::ensure!(!report.to_lowercase().contains("error"), "{report}");
+    Ok(())
+}
+
 /// Puts `state` into a session store the way a node that owned it would have: a claim
 /// under epoch 1, then the whole session.
 pub async fn store_session(

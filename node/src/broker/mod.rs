@@ -300,6 +300,23 @@ impl Broker {
             retained_messages: self.retained_count(),
             retained_bytes: self.retained_bytes(),
             journal_lost: self.journal.lost(),
+            cluster: self.mesh().map(|mesh| crate::telemetry::stats::ClusterGauges {
+                peers: mesh
+                    .nodes()
+                    .into_iter()
+                    .skip(1)
+                    .map(|n| crate::telemetry::stats::PeerGauges {
+                        up: n.status.label() == "up",
+                        name: n.name,
+                        routes: n.routes,
+                        forward_queue: n.forward_queue,
+                        forwarded: n.forwarded,
+                        forwarded_bytes: n.forwarded_bytes,
+                        forward_dropped: n.forward_dropped,
+                    })
+                    .collect(),
+                undeliverable: mesh.undeliverable(),
+            }),
         };
         self.metrics.render(&self.stats, &gauges)
     }

@@ -64,7 +64,11 @@ impl Broker {
         let (existed, change) = self.index_subscribe(slot, filter, options);
         if let Some(seq) = change {
             // Every live peer knows the route before the SUBACK goes out.
+            let started = std::time::Instant::now();
             self.routes.settle(seq).await;
+            if self.mesh().is_some() {
+                self.metrics.route_settled(started.elapsed().as_micros() as u64);
+            }
         }
         stored.map(|()| existed)
     }

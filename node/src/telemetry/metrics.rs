@@ -19,6 +19,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, Prometheu
 use crate::telemetry::stats::{ConnectResult, DropReason, Gauges, Stats, STORE_ERRORS};
 
 const LATENCY: &str = "raftmq_delivery_latency_seconds";
+const ROUTE_SETTLE: &str = "raftmq_cluster_route_settle_seconds";
 
 static META: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
@@ -74,6 +75,18 @@ pub const FAMILIES: &[(&str, &str)] = &[
         "raftmq_session_journal_lost_total",
         "Session operations lost to a full journal; each such session sent its whole state to the store next.",
     ),
+    ("raftmq_cluster_nodes", "Nodes of the cluster as this node sees them (itself included), by status."),
+    ("raftmq_cluster_peer_up", "1 while the link to a peer is up."),
+    ("raftmq_cluster_peer_routes", "Routes a peer has sent this node."),
+    ("raftmq_cluster_forwarded_messages_total", "Messages forwarded to a peer."),
+    ("raftmq_cluster_forwarded_bytes_total", "Payload bytes forwarded to a peer."),
+    (
+        "raftmq_cluster_forward_dropped_total",
+        "Messages for a peer dropped: its queue stayed full, its link was down, or it could not deliver them.",
+    ),
+    ("raftmq_cluster_forward_queue", "Messages waiting to be forwarded to a peer."),
+    ("raftmq_cluster_undeliverable_total", "Messages peers forwarded here that no local session could take."),
+    (ROUTE_SETTLE, "Time a SUBACK waited for every live peer to acknowledge its new route."),
     (LATENCY, "Time from receiving a PUBLISH to queueing it into a subscriber's socket buffer."),
 ];
 
@@ -101,18 +114,19 @@ impl LatencyHistogram {
         self.sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
-    /// Appends the family in the Prometheus text format.
-    fn render(&self, help: &str, out: &mut String) {
-        let _ = writeln!(out, "# HELP {LATENCY} {help}\n# TYPE {LATENCY} histogram");
+    /// Appends the family `name` in the Prometheus text format.
+    fn render(&self, name: &str, out: &mut String) {
+        let help = FAMILIES.iter().find(|(n, _)| *n == name).map_or("", |(_, help)| help);
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cumulative = 0;
         for (i, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
             cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{LATENCY}_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
         }
         cumulative += self.buckets[LATENCY_BOUNDS_US.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{LATENCY}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(out, "{LATENCY}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{LATENCY}_count {cumulative}\n");
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {cumulative}\n");
     }
 }
 
@@ -121,6 +135,7 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     latency: LatencyHistogram,
+    route_settle: LatencyHistogram,
     started: Instant,
 }
 
@@ -136,6 +151,10 @@ impl Default for Metrics {
     }
 }
 
+fn peer_key(name: &'static str, peer: &str) -> Key {
+    Key::from_parts(name, vec![Label::new("peer", peer.to_owned())])
+}
+
 fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
     Key::from_parts(name, labels.iter().map(|(k, v)| Label::new(*k, *v)).collect::<Vec<_>>())
 }
@@ -147,7 +166,7 @@ impl Metrics {
         for (name, help) in FAMILIES {
             let unit = if name.ends_with("_seconds") { Some(Unit::Seconds) } else { None };
             let (name, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
-            if name.as_str() == LATENCY {
+            if name.as_str() == LATENCY || name.as_str() == ROUTE_SETTLE {
                 continue;
             } else if name.as_str().ends_with("_total") {
                 recorder.describe_counter(name, unit, help);
@@ -156,7 +175,13 @@ impl Metrics {
             }
         }
         let handle = recorder.handle();
-        Metrics { recorder, handle, latency: LatencyHistogram::default(), started: Instant::now() }
+        Metrics {
+            recorder,
+            handle,
+            latency: LatencyHistogram::default(),
+            route_settle: LatencyHistogram::default(),
+            started: Instant::now(),
+        }
     }
 
     /// Records the latency of a delivery, at `now_us`, of a message received at
@@ -165,6 +190,11 @@ impl Metrics {
         if received_at_us > 0 {
             self.latency.record(now_us.saturating_sub(received_at_us));
         }
+    }
+
+    /// Records how long a SUBACK waited for the peers to acknowledge its route.
+    pub fn route_settled(&self, us: u64) {
+        self.route_settle.record(us);
     }
 
     /// Seconds since start.
@@ -178,6 +208,26 @@ impl Metrics {
 
     fn counter(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
         self.recorder.register_counter(&key(name, labels), &META)
+    }
+
+    /// The cluster families: per peer (names are few and chosen by the operator, so they
+    /// make a bounded label), and the route-settle time.
+    fn render_cluster(&self, g: &Gauges) {
+        let Some(cluster) = &g.cluster else { return };
+        let up = cluster.peers.iter().filter(|p| p.up).count() + 1;
+        self.gauge("raftmq_cluster_nodes", &[("status", "up")]).set(up as f64);
+        self.gauge("raftmq_cluster_nodes", &[("status", "down")]).set((cluster.peers.len() + 1 - up) as f64);
+        for p in &cluster.peers {
+            let gauge = |name| self.recorder.register_gauge(&peer_key(name, &p.name), &META);
+            let counter = |name| self.recorder.register_counter(&peer_key(name, &p.name), &META);
+            gauge("raftmq_cluster_peer_up").set(if p.up { 1.0 } else { 0.0 });
+            gauge("raftmq_cluster_peer_routes").set(p.routes as f64);
+            gauge("raftmq_cluster_forward_queue").set(p.forward_queue as f64);
+            counter("raftmq_cluster_forwarded_messages_total").absolute(p.forwarded);
+            counter("raftmq_cluster_forwarded_bytes_total").absolute(p.forwarded_bytes);
+            counter("raftmq_cluster_forward_dropped_total").absolute(p.forward_dropped);
+        }
+        self.counter("raftmq_cluster_undeliverable_total", &[]).absolute(cluster.undeliverable);
     }
 
     /// Copies the broker's counters and gauges into the recorder and renders the text
@@ -221,6 +271,7 @@ impl Metrics {
         self.counter("raftmq_wills_published_total", &[]).absolute(load(&s.wills_published));
         self.counter("raftmq_takeovers_total", &[]).absolute(load(&s.takeovers));
         self.counter("raftmq_session_journal_lost_total", &[]).absolute(g.journal_lost);
+        self.render_cluster(g);
         for (i, reason) in STORE_ERRORS.iter().enumerate() {
             self.counter("raftmq_store_errors_total", &[("reason", reason)]).absolute(load(&s.store_errors[i]));
         }
@@ -231,8 +282,10 @@ impl Metrics {
             }
         }
         let mut text = self.handle.render();
-        let help = FAMILIES.iter().find(|(name, _)| *name == LATENCY).map_or("", |(_, help)| help);
-        self.latency.render(help, &mut text);
+        self.latency.render(LATENCY, &mut text);
+        if g.cluster.is_some() {
+            self.route_settle.render(ROUTE_SETTLE, &mut text);
+        }
         text
     }
 }

@@ -250,7 +250,7 @@ impl Stats {
 }
 
 /// What the broker holds right now, for the metrics exposition (gauges, read when scraped).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Gauges {
     /// Sessions and what they hold.
     pub sessions: SessionSummary,
@@ -267,6 +267,36 @@ pub struct Gauges {
     /// Session operations lost to a full journal (each session caught up with its whole
     /// state afterwards).
     pub journal_lost: u64,
+    /// The cluster as this node sees it (`None` without one).
+    pub cluster: Option<ClusterGauges>,
+}
+
+/// One peer, for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerGauges {
+    /// Its node name.
+    pub name: String,
+    /// Its link is up.
+    pub up: bool,
+    /// Its routes held here.
+    pub routes: usize,
+    /// Messages waiting for it.
+    pub forward_queue: usize,
+    /// Messages forwarded to it.
+    pub forwarded: u64,
+    /// Payload bytes forwarded to it.
+    pub forwarded_bytes: u64,
+    /// Messages for it dropped.
+    pub forward_dropped: u64,
+}
+
+/// The cluster, for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterGauges {
+    /// Every peer.
+    pub peers: Vec<PeerGauges>,
+    /// Forwarded messages received that no local session could take.
+    pub undeliverable: u64,
 }
 
 /// Totals over every session, for metrics.

@@ -78,6 +78,18 @@ async fn forwarded_messages_keep_their_properties_and_the_subscription_options()
     }
     let forwarded: u64 = nodes[0].server.broker.cluster_nodes().iter().map(|v| v.forwarded).sum();
     assert_eq!(forwarded, 1, "one copy per node, however many subscribers it has");
+    // Issue 12, item 7: the same, as metrics.
+    let text = nodes[0].server.broker.render_metrics();
+    for line in [
+        "raftmq_cluster_forwarded_messages_total{peer=\"node2\"} 1",
+        "raftmq_cluster_peer_up{peer=\"node2\"} 1",
+        "raftmq_cluster_nodes{status=\"up\"} 2",
+        "raftmq_cluster_peer_routes{peer=\"node2\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+    let settles = nodes[1].server.broker.render_metrics();
+    assert!(settles.contains("raftmq_cluster_route_settle_seconds_count 1"), "{settles}");
     Ok(())
 }
 

@@ -18,18 +18,28 @@ const PROCESS_DEADLINE: Duration = Duration::from_secs(120);
 /// Failure detection the nodes are started with.
 const FAILURE_TIMEOUT: Duration = Duration::from_millis(1500);
 
-/// The `raftmq` binary next to this test's (built first if `cargo test` did not).
+/// The `raftmq` binary next to this test's, brought up to date first (`cargo test -p
+/// raftmq-tests` alone does not rebuild another package's binary; when it is fresh this is
+/// a no-op).
 fn binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).ok_or_else(|| anyhow::anyhow!("no target directory"))?;
-    let binary = profile_dir.join("raftmq");
-    if !binary.exists() {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let profile_dir = exe.parent().and_then(|deps| deps.parent()).ok_or("no target directory")?;
         let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let status =
-            Command::new(env!("CARGO")).args(["build", "-q", "-p", "raftmq-node", "--bin", "raftmq"]).current_dir(workspace).status()?;
-        anyhow::ensure!(status.success(), "building raftmq failed");
-    }
-    Ok(binary)
+        let release = profile_dir.ends_with("release");
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "-q", "-p", "raftmq-node", "--bin", "raftmq"]).current_dir(workspace);
+        if release {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err("building raftmq failed".into());
+        }
+        Ok(profile_dir.join("raftmq"))
+    });
+    built.clone().map_err(|e| anyhow::anyhow!(e))
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -140,11 +150,24 @@ async fn three_processes_form_one_cluster_and_notice_a_killed_node() -> anyhow::
         }
     }
 
+    // `raftmq ctl cluster` prints the same view.
+    let out = Command::new(binary()?).args(["ctl", "--url", &nodes[0].admin, "--api-key", "k3y", "cluster"]).output()?;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed}");
+    for name in ["n1", "n2", "n3"] {
+        assert!(printed.lines().any(|l| l.starts_with(name) && l.contains(" up ")), "{name} not up in:\n{printed}");
+    }
+
     let (mut sub, _) = Raw::connect(nodes[2].mqtt, Protocol::V5, "far-away", true).await?;
     sub.subscribe(1, "proc/#", QoS::AtLeastOnce).await?;
     let (mut publ, _) = Raw::connect(nodes[0].mqtt, Protocol::V5, "publisher", true).await?;
     assert_eq!(publ.publish("proc/x", b"across", QoS::AtLeastOnce, false, 1).await?, 0);
     assert_eq!(&sub.recv_publish().await?.payload[..], b"across");
+
+    // The cluster's metrics pass promtool.
+    let (_, metrics) = nodes[0].get("/metrics").await?;
+    assert!(metrics.contains("raftmq_cluster_peer_up{peer=\"n3\"} 1"), "{metrics}");
+    promtool_check(&metrics).await?;
 
     nodes[2].kill();
     let killed = Instant::now();
