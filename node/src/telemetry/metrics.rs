@@ -301,7 +301,7 @@ mod tests {
             h.record(us);
         }
         let mut text = String::new();
-        h.render("help", &mut text);
+        h.render(LATENCY, &mut text);
         assert!(text.contains("raftmq_delivery_latency_seconds_bucket{le=\"0.00005\"} 2\n"), "{text}");
         assert!(text.contains("raftmq_delivery_latency_seconds_bucket{le=\"0.0001\"} 3\n"), "{text}");
         assert!(text.contains("raftmq_delivery_latency_seconds_bucket{le=\"1\"} 3\n"), "{text}");
