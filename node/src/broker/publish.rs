@@ -216,7 +216,8 @@ impl Broker {
                 self.index.shared_members(&target).into_iter().map(|(c, _)| c).filter(|c| *c != slot.client_id).collect();
             let order = self.dispatcher.order(&target, &others, &item.message, |c| self.member_load(c));
             let placed = order.into_iter().any(|client| self.offer_shared(&client, QueuedMessage { seq: 0, ..item.clone() }, &mut durable));
-            if !placed {
+            // No other member here: one on another node.
+            if !placed && !self.forward_shared(&target, &item.message).await {
                 leftovers.push(item);
             }
         }
@@ -228,6 +229,18 @@ impl Broker {
         if let Err(e) = durable.wait().await {
             tracing::warn!(error = %e, "failed to persist redispatched shared messages");
         }
+    }
+}
+
+impl Broker {
+    /// Sends a shared delivery to a member of `target` on another node (chosen by the
+    /// strategy, weighted by members); false if there is none or it was not delivered.
+    async fn forward_shared(&self, target: &Arc<ShareTarget>, message: &Arc<Message>) -> bool {
+        let route = Route { group: Some(Arc::clone(&target.group)), filter: Arc::clone(&target.filter) };
+        let remote = self.routes.remote_matches(&message.topic);
+        let Some(group) = remote.group(&route) else { return false };
+        let Some(node) = self.dispatcher.pick_node(target, self.node_id, 0, &group.members, message) else { return false };
+        matches!(self.routes.forward(Arc::clone(message), vec![ForwardTarget { node, group: Some(route) }]).await, Ok(0))
     }
 }
 

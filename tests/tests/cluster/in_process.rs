@@ -246,3 +246,79 @@ async fn clean_starts_and_other_identities_across_nodes() -> anyhow::Result<()> 
     assert!(nodes[0].server.broker.slot("owned").is_none());
     Ok(())
 }
+
+/// Issue 12, item 5: a shared delivery its member did not acknowledge before leaving goes
+/// to another member of the group, on another node when there is none left on its own.
+#[tokio::test]
+async fn a_leaving_members_unacknowledged_shared_message_goes_to_a_member_on_another_node() -> anyhow::Result<()> {
+    let nodes = start_cluster(2, |_| {}).await?;
+    let (mut m1, _) = Raw::connect(nodes[0].addr, Protocol::V5, "m1", true).await?;
+    m1.subscribe(1, "$share/g/orders/#", QoS::AtLeastOnce).await?;
+    let (mut m2, _) = Raw::connect(nodes[1].addr, Protocol::V5, "m2", true).await?;
+    m2.subscribe(1, "$share/g/orders/#", QoS::AtLeastOnce).await?;
+    let (mut publ, _) = Raw::connect(nodes[0].addr, Protocol::V5, "p", true).await?;
+    // Round robin over the two members: one message each.
+    assert_eq!(publ.publish("orders/1", b"a", QoS::AtLeastOnce, false, 1).await?, 0);
+    assert_eq!(publ.publish("orders/2", b"b", QoS::AtLeastOnce, false, 2).await?, 0);
+    let held = m1.recv_publish().await?;
+    let mut got = vec![m2.recv_publish().await?];
+    // m1 leaves without acknowledging.
+    drop(m1);
+    got.push(m2.recv_publish().await?);
+    let mut payloads: Vec<&[u8]> = got.iter().map(|p| &p.payload[..]).collect();
+    payloads.sort_unstable();
+    assert_eq!(payloads, [&b"a"[..], &b"b"[..]]);
+    assert!(got.iter().any(|p| p.payload == held.payload));
+    Ok(())
+}
+
+/// Issue 12, item 1: mutual TLS between nodes. Nodes with certificates from the cluster's
+/// CA form a cluster and forward over it; a node that speaks plain gRPC never joins.
+#[tokio::test]
+async fn nodes_link_over_mutual_tls_and_a_plain_node_cannot_join() -> anyhow::Result<()> {
+    let pki = raftmq_tests::pki::TestPki::generate("unused")?;
+    let tls = raftmq_node::config::ClusterTlsConfig {
+        certfile: pki.server_cert.clone(),
+        keyfile: pki.server_key.clone(),
+        cacertfile: pki.ca.clone(),
+        server_name: "localhost".into(),
+    };
+    let nodes = start_cluster(2, |c| c.cluster.tls = Some(tls.clone())).await?;
+    let (mut sub, _) = Raw::connect(nodes[1].addr, Protocol::V5, "s", true).await?;
+    sub.subscribe(1, "tls/#", QoS::AtLeastOnce).await?;
+    let (mut publ, _) = Raw::connect(nodes[0].addr, Protocol::V5, "p", true).await?;
+    assert_eq!(publ.publish("tls/x", b"sealed", QoS::AtLeastOnce, false, 1).await?, 0);
+    assert_eq!(&sub.recv_publish().await?.payload[..], b"sealed");
+    let seed = nodes[0].server.cluster_addr().map(|a| a.to_string()).unwrap_or_default();
+    let plain = start_broker(|c| {
+        c.node_name = "plain".into();
+        c.cluster.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        c.cluster.seeds = vec![seed];
+        c.cluster.secret = Some("test-secret".into());
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(plain.server.broker.cluster_nodes().iter().all(|v| v.name == "plain" || v.status.label() == "down"));
+    assert!(nodes[0].server.broker.cluster_nodes().iter().all(|v| v.name != "plain"));
+    Ok(())
+}
+
+/// Issue 12, item 1: DNS discovery (a Kubernetes headless service): a node given a name and
+/// a port finds the node behind it and joins.
+#[tokio::test]
+async fn a_node_finds_its_peers_through_dns() -> anyhow::Result<()> {
+    let first = start_cluster(1, |_| {}).await?;
+    let port = first[0].server.cluster_addr().map(|a| a.port()).unwrap_or_default();
+    let second = start_broker(|c| {
+        c.node_name = "by-dns".into();
+        c.cluster.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        c.cluster.discovery = raftmq_node::config::DiscoveryKind::Dns;
+        c.cluster.dns_name = Some("localhost".into());
+        c.cluster.dns_port = port;
+        c.cluster.dns_interval_secs = 1;
+        c.cluster.secret = Some("test-secret".into());
+    })
+    .await?;
+    let all = [first.into_iter().next().ok_or_else(|| anyhow::anyhow!("no node"))?, second];
+    wait_for_cluster(&all, 2).await
+}
