@@ -41,9 +41,13 @@ struct Cli {
 
 #[derive(Debug, Clone, Args)]
 struct Common {
-    /// Broker address.
+    /// Broker address (publishers, and subscribers unless `--sub-brokers` is given).
     #[arg(long, global = true, default_value = "127.0.0.1:1883")]
     broker: SocketAddr,
+    /// Addresses the subscribers connect to instead, in turn (nodes of a cluster:
+    /// publishers on one node, subscribers spread over others).
+    #[arg(long, global = true, value_delimiter = ',')]
+    sub_brokers: Vec<SocketAddr>,
     /// QoS of publishes and subscriptions.
     #[arg(long, global = true, default_value_t = 0)]
     qos: u8,
@@ -419,7 +423,8 @@ async fn paired(c: &Common, scenario: &'static str, pubs: Vec<String>, subs: Vec
     let counters = Arc::new(Counters::default());
     let mut conns = Vec::new();
     for (i, filter) in subs.iter().enumerate() {
-        conns.push(subscriber(c.clone(), format!("bench-sub-{i}"), filter.clone()).await?);
+        let at = if c.sub_brokers.is_empty() { c.broker } else { c.sub_brokers[i % c.sub_brokers.len()] };
+        conns.push(subscriber(Common { broker: at, ..c.clone() }, format!("bench-sub-{i}"), filter.clone()).await?);
     }
     let duration = Duration::from_secs(c.duration.min(MAX_SECONDS));
     let start = Instant::now();
