@@ -79,6 +79,44 @@ pub struct ForwardTarget {
     pub group: Option<Route>,
 }
 
+/// Copies on their way to other nodes: how many could not be sent, and the delivery
+/// confirmations still to come (QoS >= 1).
+#[derive(Debug, Default)]
+pub struct ForwardReceipt {
+    /// Copies that could not be queued for their peer.
+    pub failed: usize,
+    pending: Vec<tokio::sync::oneshot::Receiver<bool>>,
+    bound: std::time::Duration,
+}
+
+impl ForwardReceipt {
+    /// `failed` copies, nothing to wait for.
+    pub fn failed(failed: usize) -> ForwardReceipt {
+        ForwardReceipt { failed, ..ForwardReceipt::default() }
+    }
+
+    /// Copies queued whose delivery is confirmed through `pending`, each within `bound`.
+    pub fn pending(failed: usize, pending: Vec<tokio::sync::oneshot::Receiver<bool>>, bound: std::time::Duration) -> ForwardReceipt {
+        ForwardReceipt { failed, pending, bound }
+    }
+
+    /// Nothing left to wait for.
+    pub fn is_settled(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Waits for the confirmations; returns how many copies were not delivered.
+    pub async fn wait(self) -> usize {
+        let mut failed = self.failed;
+        for delivered in self.pending {
+            if !matches!(tokio::time::timeout(self.bound, delivered).await, Ok(Ok(true))) {
+                failed += 1;
+            }
+        }
+        failed
+    }
+}
+
 /// Cluster-wide map of routes -> nodes.
 #[async_trait]
 pub trait RouteTable: Send + Sync + 'static {
@@ -94,10 +132,11 @@ pub trait RouteTable: Send + Sync + 'static {
     async fn settle(&self, _seq: u64) {}
     /// What other nodes want of `topic`.
     fn remote_matches(&self, topic: &str) -> RemoteMatch;
-    /// Sends `message` to `targets` (once per node and group, however many subscribers
-    /// there are there); resolves when the peers have delivered it (QoS >= 1) or queued it
-    /// for sending (QoS 0). Returns how many copies could not be sent.
-    async fn forward(&self, message: Arc<Message>, targets: Vec<ForwardTarget>) -> Result<usize, StoreError>;
+    /// Queues `message` for `targets` (once per node and group, however many subscribers
+    /// there are there); resolves once queued (waiting for room at most the configured
+    /// bound). The receipt says what could not be queued and, for QoS >= 1, resolves once
+    /// the peers delivered it.
+    async fn forward(&self, message: Arc<Message>, targets: Vec<ForwardTarget>) -> Result<ForwardReceipt, StoreError>;
     /// Number of routes this node holds (local and remote).
     fn count(&self) -> usize;
     /// The last change applied: what a peer's snapshot is consistent with.
@@ -236,9 +275,9 @@ impl RouteTable for LocalRoutes {
         RemoteMatch::default()
     }
 
-    async fn forward(&self, _message: Arc<Message>, targets: Vec<ForwardTarget>) -> Result<usize, StoreError> {
+    async fn forward(&self, _message: Arc<Message>, targets: Vec<ForwardTarget>) -> Result<ForwardReceipt, StoreError> {
         // A node without peers has nowhere to send to.
-        Ok(targets.len())
+        Ok(ForwardReceipt::failed(targets.len()))
     }
 
     fn count(&self) -> usize {

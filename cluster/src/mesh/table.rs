@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use super::peer::{Outgoing, PeerStatus};
 use super::Shared;
 use crate::message::{Message, QoS};
-use crate::routes::{ForwardTarget, RemoteMatch, RouteChange, RouteTable};
+use crate::routes::{ForwardReceipt, ForwardTarget, RemoteMatch, RouteChange, RouteTable};
 use crate::StoreError;
 
 /// [`RouteTable`] over the mesh.
@@ -50,7 +50,7 @@ impl RouteTable for ClusterRoutes {
         self.shared.remote.matches(topic)
     }
 
-    async fn forward(&self, message: Arc<Message>, targets: Vec<ForwardTarget>) -> Result<usize, StoreError> {
+    async fn forward(&self, message: Arc<Message>, targets: Vec<ForwardTarget>) -> Result<ForwardReceipt, StoreError> {
         let wait = self.shared.config.forward_wait;
         let mut failed = 0;
         let mut pending = Vec::new();
@@ -71,14 +71,8 @@ impl RouteTable for ClusterRoutes {
             }
             pending.extend(delivered);
         }
-        // QoS >= 1: the publisher is acknowledged once the peers delivered (or failed).
-        let bound = self.shared.config.failure_timeout + wait;
-        for delivered in pending {
-            if !matches!(tokio::time::timeout(bound, delivered).await, Ok(Ok(true))) {
-                failed += 1;
-            }
-        }
-        Ok(failed)
+        // QoS >= 1: confirmed once the peers delivered (or failed).
+        Ok(ForwardReceipt::pending(failed, pending, self.shared.config.failure_timeout + wait))
     }
 
     fn count(&self) -> usize {

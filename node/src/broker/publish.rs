@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use raftmq_cluster::message::{now_us, Message, QoS};
 use raftmq_cluster::retained::RetainOutcome;
-use raftmq_cluster::routes::{ForwardTarget, RemoteMatch, Route};
+use raftmq_cluster::routes::{ForwardReceipt, ForwardTarget, RemoteMatch, Route};
 use raftmq_cluster::session::{QueueLimits, QueuedMessage, ShareTarget, SubscriptionOptions};
 use raftmq_cluster::StoreError;
 
@@ -33,6 +33,16 @@ impl Broker {
     /// went, remote targets included. Every publisher on this node (clients, wills, `$SYS`,
     /// the admin API) goes through here.
     pub async fn publish(&self, message: &Arc<Message>) -> Result<Routed, StoreError> {
+        let (routed, receipt) = self.publish_routed(message).await?;
+        self.confirm(message.qos, receipt).await?;
+        Ok(routed)
+    }
+
+    /// [`Broker::publish`] up to the copies for other nodes being queued: the receipt
+    /// resolves once they are delivered, and [`Broker::confirm`] turns it into the
+    /// publisher's answer. A connection handling a burst of PUBLISHes waits for all their
+    /// receipts at once instead of one round trip each.
+    pub async fn publish_routed(&self, message: &Arc<Message>) -> Result<(Routed, ForwardReceipt), StoreError> {
         if message.retain {
             self.retain(message).await?;
         }
@@ -40,17 +50,22 @@ impl Broker {
         let mut targets: Vec<ForwardTarget> = remote.nodes.iter().map(|node| ForwardTarget { node: *node, group: None }).collect();
         let mut routed = self.route_with(message, &remote, &mut targets).await?;
         routed.matched += remote.nodes.len();
-        if !targets.is_empty() {
-            let failed = self.routes.forward(Arc::clone(message), targets).await?;
-            if failed > 0 {
-                self.stats.drop(DropReason::ForwardFailed, failed as u64);
-                if message.qos != QoS::AtMostOnce {
-                    // Not known to be delivered: never acknowledged as if it were.
-                    return Err(StoreError::Unavailable(format!("{failed} forwarded copies not confirmed")));
-                }
+        let receipt =
+            if targets.is_empty() { ForwardReceipt::default() } else { self.routes.forward(Arc::clone(message), targets).await? };
+        Ok((routed, receipt))
+    }
+
+    /// Waits for the copies sent to other nodes: any not delivered is counted and, for
+    /// QoS >= 1, an error (the publisher is not acknowledged as if it had been delivered).
+    pub async fn confirm(&self, qos: QoS, receipt: ForwardReceipt) -> Result<(), StoreError> {
+        let failed = receipt.wait().await;
+        if failed > 0 {
+            self.stats.drop(DropReason::ForwardFailed, failed as u64);
+            if qos != QoS::AtMostOnce {
+                return Err(StoreError::Unavailable(format!("{failed} forwarded copies not confirmed")));
             }
         }
-        Ok(routed)
+        Ok(())
     }
 
     /// Delivers a message another node forwarded here: to this node's sessions only, or to
@@ -240,7 +255,10 @@ impl Broker {
         let remote = self.routes.remote_matches(&message.topic);
         let Some(group) = remote.group(&route) else { return false };
         let Some(node) = self.dispatcher.pick_node(target, self.node_id, 0, &group.members, message) else { return false };
-        matches!(self.routes.forward(Arc::clone(message), vec![ForwardTarget { node, group: Some(route) }]).await, Ok(0))
+        match self.routes.forward(Arc::clone(message), vec![ForwardTarget { node, group: Some(route) }]).await {
+            Ok(receipt) => receipt.wait().await == 0,
+            Err(_) => false,
+        }
     }
 }
 

@@ -43,6 +43,8 @@ pub(super) struct Client {
     /// Who the client authenticated as and its address, for ACL checks; shared with the
     /// session slot, which records it as the session's owner.
     pub(super) owner: Arc<Owner>,
+    /// Acknowledgements of this read's PUBLISHes waiting for other nodes, in order.
+    pub(super) deferred: Vec<super::inbound::PendingAck>,
 }
 
 /// Topic aliases of one connection.

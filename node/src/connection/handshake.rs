@@ -428,6 +428,7 @@ pub(super) async fn accept<S: ClientStream>(
         congested: None,
         may_yield: false,
         owner,
+        deferred: Vec::new(),
     };
 
     // Resume: resend unacknowledged PUBLISH with DUP and PUBREL [MQTT-4.4.0-1].

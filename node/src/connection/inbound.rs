@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use raftmq_cluster::message::{Message, QoS};
+use raftmq_cluster::routes::ForwardReceipt;
 use raftmq_cluster::session::{InflightStage, QueuedMessage};
 use raftmq_cluster::topic::{self, TopicError};
+use raftmq_cluster::StoreError;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::broker::{Broker, EndKind};
@@ -272,38 +274,102 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if std::mem::take(&mut client.may_yield) {
         Box::pin(let_earlier_packets_land(broker, &message)).await;
     }
-    let routed = match broker.publish(&message).await {
-        Ok(routed) => routed,
-        Err(e) => {
-            // Not stored, so never acknowledged as if it were: MQTT 5 gets 0x80 and may
-            // retry; MQTT 3 has no way to say no but closing.
-            broker.stats.store_error(&e);
-            tracing::debug!(client_id = %Printable(&client.client_id), error = %e, "publish not stored");
-            match ack_kind {
-                Some(kind) if v5 => {
-                    framed.send(&client.ack(kind, p.packet_id, reason::UNSPECIFIED_ERROR, "message could not be stored"));
-                    return Ok(());
-                }
-                Some(_) => return Err(e.into()),
-                None => return Ok(()),
-            }
-        }
+    let (routed, receipt) = match broker.publish_routed(&message).await {
+        Ok(r) => r,
+        Err(e) => return refuse_publish(broker, client, framed, ack_kind, p.packet_id, e),
     };
-    let matched = routed.matched;
     if routed.congested.is_some() && cfg.publish_backpressure_ms > 0 {
         client.congested = routed.congested;
     }
-    if matched == 0 {
+    if routed.matched == 0 {
         broker.stats.drop(DropReason::NoSubscribers, 1);
     }
-    if let Some(kind) = ack_kind {
-        let code = if v5 && matched == 0 { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
-        framed.send(&Packet::PubResponse(PubResponse::new(kind, p.packet_id, code)));
-        if kind == PubKind::PubRec {
-            slot.inbound_received(p.packet_id);
-        }
+    let Some(kind) = ack_kind else {
+        // QoS 0: nothing to confirm; copies that could not be queued are counted.
+        broker.stats.drop(DropReason::ForwardFailed, receipt.failed as u64);
+        return Ok(());
+    };
+    if kind == PubKind::PubRec {
+        // Exactly once from here on, even before the PUBREC goes out [MQTT-4.3.3-10].
+        slot.inbound_received(p.packet_id);
+    }
+    let ack = PendingAck { kind, packet_id: p.packet_id, qos: p.qos, matched: routed.matched, receipt };
+    if ack.receipt.is_settled() && client.deferred.is_empty() {
+        return finish_ack(broker, slot, client, framed, ack).await;
+    }
+    // Waiting for other nodes: the acknowledgement goes out, in order, once every PUBLISH
+    // of this read was handled, so a burst waits for one round trip, not one each.
+    client.deferred.push(ack);
+    if client.deferred.len() >= MAX_DEFERRED {
+        settle_deferred(broker, slot, client, framed).await?;
     }
     Ok(())
+}
+
+/// Acknowledgements waiting for other nodes at most, per connection.
+const MAX_DEFERRED: usize = 256;
+
+/// A PUBLISH's acknowledgement waiting for the copies sent to other nodes.
+pub(super) struct PendingAck {
+    kind: PubKind,
+    packet_id: u16,
+    qos: QoS,
+    matched: usize,
+    receipt: ForwardReceipt,
+}
+
+/// Sends the acknowledgements waiting for other nodes, in the order the PUBLISHes came
+/// [MQTT-4.6.0-2].
+pub(super) async fn settle_deferred<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    broker: &Arc<Broker>,
+    slot: &Arc<SessionSlot>,
+    client: &mut Client,
+    framed: &mut Framed<S>,
+) -> Result<(), ConnectionError> {
+    for ack in std::mem::take(&mut client.deferred) {
+        finish_ack(broker, slot, client, framed, ack).await?;
+    }
+    Ok(())
+}
+
+async fn finish_ack<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    broker: &Arc<Broker>,
+    slot: &Arc<SessionSlot>,
+    client: &mut Client,
+    framed: &mut Framed<S>,
+    ack: PendingAck,
+) -> Result<(), ConnectionError> {
+    if let Err(e) = broker.confirm(ack.qos, ack.receipt).await {
+        if ack.kind == PubKind::PubRec {
+            slot.inbound_released(ack.packet_id);
+        }
+        return refuse_publish(broker, client, framed, Some(ack.kind), ack.packet_id, e);
+    }
+    let code = if client.protocol.is_v5() && ack.matched == 0 { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
+    framed.send(&Packet::PubResponse(PubResponse::new(ack.kind, ack.packet_id, code)));
+    Ok(())
+}
+
+/// A PUBLISH that was not stored or delivered is never acknowledged as if it were: MQTT 5
+/// gets 0x80 and may retry; MQTT 3 has no way to say no but closing.
+fn refuse_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    broker: &Broker,
+    client: &Client,
+    framed: &mut Framed<S>,
+    ack_kind: Option<PubKind>,
+    packet_id: u16,
+    e: StoreError,
+) -> Result<(), ConnectionError> {
+    broker.stats.store_error(&e);
+    tracing::debug!(client_id = %Printable(&client.client_id), error = %e, "publish not stored");
+    match ack_kind {
+        Some(kind) if client.protocol.is_v5() => {
+            framed.send(&client.ack(kind, packet_id, reason::UNSPECIFIED_ERROR, "message could not be stored"));
+            Ok(())
+        }
+        Some(_) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 pub(super) async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(

@@ -241,6 +241,9 @@ async fn connected_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
             // until they overflow.
             tokio::task::coop::consume_budget().await;
         }
+        if !client.deferred.is_empty() {
+            Box::pin(inbound::settle_deferred(broker, slot, client, framed)).await?;
+        }
         framed.release_read_buffer();
     }
 }
