@@ -1,7 +1,6 @@
 //! Conversions between domain messages and the `cluster.proto` wire types, kept at the
 //! boundary so neither side leaks into the other.
 
-use bytes::Bytes;
 use raftmq_proto::v1 as pb;
 
 use std::sync::Arc;
@@ -31,7 +30,7 @@ impl From<&Message> for pb::Message {
         let p = &m.properties;
         pb::Message {
             topic: m.topic.clone(),
-            payload: m.payload.to_vec(),
+            payload: m.payload.clone(),
             qos: m.qos as u32,
             retain: m.retain,
             properties: (!p.is_empty()).then(|| pb::MessageProperties {
@@ -39,7 +38,7 @@ impl From<&Message> for pb::Message {
                 message_expiry_interval: p.message_expiry_interval,
                 content_type: p.content_type.clone(),
                 response_topic: p.response_topic.clone(),
-                correlation_data: p.correlation_data.as_ref().map(|b| b.to_vec()),
+                correlation_data: p.correlation_data.clone(),
                 user_properties: p
                     .user_properties
                     .iter()
@@ -68,13 +67,13 @@ impl TryFrom<pb::Message> for Message {
                 message_expiry_interval: p.message_expiry_interval,
                 content_type: p.content_type,
                 response_topic: p.response_topic,
-                correlation_data: p.correlation_data.map(Bytes::from),
+                correlation_data: p.correlation_data,
                 user_properties: p.user_properties.into_iter().map(|u| (u.key, u.value)).collect(),
             },
         };
         Ok(Message {
             topic: m.topic,
-            payload: Bytes::from(m.payload),
+            payload: m.payload,
             qos,
             retain: m.retain,
             properties,
@@ -204,6 +203,7 @@ impl TryFrom<pb::Session> for SessionState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     #[test]
     fn message_round_trips_through_wire_type() {

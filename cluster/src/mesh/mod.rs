@@ -238,15 +238,9 @@ impl Mesh {
             resume: request.resume,
             check_owner: request.check_owner,
         };
-        let clients: Vec<_> = self.shared.peers.iter().filter_map(|p| p.client()).collect();
+        let peers: Vec<Arc<peer::Peer>> = self.shared.peers.iter().map(|p| Arc::clone(&p)).collect();
         let bound = self.shared.config.failure_timeout;
-        let calls =
-            clients.into_iter().map(|mut client| {
-                let wire = wire.clone();
-                async move {
-                    tokio::time::timeout(bound, client.takeover(wire)).await.ok().and_then(Result::ok).map(tonic::Response::into_inner)
-                }
-            });
+        let calls = peers.iter().map(|p| p.claim(wire.clone(), bound));
         let mut claimed = Claimed::default();
         for reply in futures_util::future::join_all(calls).await.into_iter().flatten() {
             match pb::takeover_reply::Outcome::try_from(reply.outcome) {

@@ -75,9 +75,32 @@ pub(crate) struct Peer {
     forwarded: AtomicU64,
     forwarded_bytes: AtomicU64,
     dropped: AtomicU64,
-    /// The link's client while it is up, for one-off calls (takeover).
-    client: Mutex<Option<super::service::LinkClient>>,
+    /// Client-id claims for the peer, sent in batches while the link is up.
+    claims_tx: mpsc::Sender<Claim>,
+    claims_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Claim>>>,
 }
+
+/// One client-id claim waiting for its batch.
+#[derive(Debug)]
+pub(crate) struct Claim {
+    request: pb::TakeoverRequest,
+    reply: oneshot::Sender<pb::TakeoverReply>,
+}
+
+/// Stops a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Claims one takeover call carries at most.
+const CLAIM_BATCH: usize = 512;
+/// Claims waiting for one peer at most; beyond, a claim does not ask that peer (as when its
+/// link is down).
+const CLAIM_QUEUE: usize = 8192;
 
 #[derive(Debug, thiserror::Error)]
 enum LinkError {
@@ -128,6 +151,7 @@ pub(crate) fn wire_change(c: &RouteChange) -> pb::RouteChange {
 impl Peer {
     pub(crate) fn new(id: NodeId, name: String, address: String, queue: usize) -> Peer {
         let (forward_tx, forward_rx) = mpsc::channel(queue.max(1));
+        let (claims_tx, claims_rx) = mpsc::channel(CLAIM_QUEUE);
         Peer {
             id,
             name,
@@ -141,7 +165,8 @@ impl Peer {
             forwarded: AtomicU64::new(0),
             forwarded_bytes: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
-            client: Mutex::new(None),
+            claims_tx,
+            claims_rx: Arc::new(tokio::sync::Mutex::new(claims_rx)),
         }
     }
 
@@ -162,18 +187,31 @@ impl Peer {
         }
     }
 
-    /// A client for one-off calls, while the link is up.
-    pub(crate) fn client(&self) -> Option<super::service::LinkClient> {
+    /// Asks the peer to let go of a client id (batched with the other claims queued now);
+    /// `None` if the link is down, the queue is full or no answer came within `bound`.
+    pub(crate) async fn claim(&self, request: pb::TakeoverRequest, bound: Duration) -> Option<pb::TakeoverReply> {
         if self.status() != PeerStatus::Up {
             return None;
         }
-        self.client.lock().ok().and_then(|c| c.clone())
+        let (reply, answer) = oneshot::channel();
+        self.claims_tx.try_send(Claim { request, reply }).ok()?;
+        tokio::time::timeout(bound, answer).await.ok()?.ok()
     }
 
-    fn set_client(&self, client: Option<super::service::LinkClient>) {
-        if let Ok(mut c) = self.client.lock() {
-            *c = client;
-        }
+    /// Sends queued claims in batches while the link lives.
+    fn spawn_claims(&self, client: super::service::LinkClient) -> tokio::task::JoinHandle<()> {
+        let queue = Arc::clone(&self.claims_rx);
+        tokio::spawn(async move {
+            let mut queue = queue.lock().await;
+            let mut claims = Vec::with_capacity(CLAIM_BATCH);
+            while queue.recv_many(&mut claims, CLAIM_BATCH).await > 0 {
+                let (requests, replies): (Vec<_>, Vec<_>) = claims.drain(..).map(|c| (c.request, c.reply)).unzip();
+                let Ok(answer) = client.clone().takeover(pb::TakeoverBatch { requests }).await else { continue };
+                for (reply, r) in replies.into_iter().zip(answer.into_inner().replies) {
+                    let _ = reply.send(r);
+                }
+            }
+        })
     }
 
     pub(crate) fn address(&self) -> String {
@@ -213,6 +251,15 @@ impl Peer {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
+        // Room now (the common case) costs no timer; a full queue waits, bounded.
+        let item = match self.forward_tx.try_send(item) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Full(item)) => item,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+        };
         match self.forward_tx.send_timeout(item, wait).await {
             Ok(()) => true,
             Err(_) => {
@@ -296,7 +343,9 @@ impl Peer {
         let mut batch_acks = client.forward(ReceiverStream::new(batches_rx)).await?.into_inner();
 
         let mut sent = self.send_routes(shared, &routes_tx, None).await?;
-        self.set_client(Some(client.clone()));
+        // Dropped (the task stopped) however this function ends, so the next link can
+        // take the claim queue over.
+        let _claims = AbortOnDrop(self.spawn_claims(client.clone()));
         self.set_status(shared, PeerStatus::Up);
         let mut local_seq = shared.local_seq.subscribe();
         let mut heartbeat = tokio::time::interval(config.heartbeat);
@@ -386,7 +435,6 @@ impl Peer {
                 },
             }
         };
-        self.set_client(None);
         // Sent and never acknowledged: the publishers waiting for them are told so.
         for (_, dones) in unacked {
             for done in dones {

@@ -242,26 +242,29 @@ impl Cluster for Service {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn takeover(&self, request: Request<pb::TakeoverRequest>) -> Result<Response<pb::TakeoverReply>, Status> {
-        let r = request.into_inner();
+    async fn takeover(&self, request: Request<pb::TakeoverBatch>) -> Result<Response<pb::TakeoverReplies>, Status> {
         let Some(broker) = self.shared.broker.get() else { return Err(Status::unavailable("starting")) };
-        let handed = broker
-            .hand_over(super::HandOverRequest {
+        let handovers = request.into_inner().requests.into_iter().map(|r| {
+            broker.hand_over(super::HandOverRequest {
                 client_id: r.client_id,
                 username: r.has_username.then_some(r.username),
                 resume: r.resume,
                 check_owner: r.check_owner,
             })
-            .await;
+        });
         use pb::takeover_reply::Outcome;
-        let reply = match handed {
-            super::HandOver::NotHere => pb::TakeoverReply { outcome: Outcome::NotHere as i32, session: None, epoch: 0 },
-            super::HandOver::NotOwner => pb::TakeoverReply { outcome: Outcome::NotOwner as i32, session: None, epoch: 0 },
-            super::HandOver::Moved { session, epoch } => {
-                pb::TakeoverReply { outcome: Outcome::Moved as i32, session: session.as_deref().map(pb::Session::from), epoch }
-            }
-        };
-        Ok(Response::new(reply))
+        let replies = futures_util::future::join_all(handovers)
+            .await
+            .into_iter()
+            .map(|handed| match handed {
+                super::HandOver::NotHere => pb::TakeoverReply { outcome: Outcome::NotHere as i32, session: None, epoch: 0 },
+                super::HandOver::NotOwner => pb::TakeoverReply { outcome: Outcome::NotOwner as i32, session: None, epoch: 0 },
+                super::HandOver::Moved { session, epoch } => {
+                    pb::TakeoverReply { outcome: Outcome::Moved as i32, session: session.as_deref().map(pb::Session::from), epoch }
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::TakeoverReplies { replies }))
     }
 
     async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::Ack>, Status> {
