@@ -114,6 +114,8 @@ impl TryFrom<pb::Queued> for QueuedMessage {
             subscription_ids: q.subscription_ids,
             shared: q.shared.then(|| Arc::new(ShareTarget { group: Arc::from(q.share_group), filter: Arc::from(q.share_filter) })),
             seq: q.seq,
+            // A session that moves is acknowledged for by its new node, as a new delivery.
+            origin: None,
         })
     }
 }
@@ -241,6 +243,7 @@ mod tests {
             subscription_ids: vec![3, 9],
             shared: shared.then(|| Arc::new(ShareTarget { group: Arc::from("g"), filter: Arc::from("a/#") })),
             seq,
+            origin: None,
         };
         let mut s = SessionState {
             client_id: "c".into(),

@@ -68,6 +68,19 @@ pub struct QueuedMessage {
     /// operations (sent, discarded) name it exactly; 0 = not in the store (a QoS 0 delivery
     /// to an online client, or a transient session).
     pub seq: u64,
+    /// For a shared delivery another node forwarded here: that node and its number for
+    /// it, told once the member acknowledged it (until then that node can give it to
+    /// another member if this one dies).
+    pub origin: Option<ForwardOrigin>,
+}
+
+/// Where a forwarded shared delivery came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ForwardOrigin {
+    /// The forwarding node.
+    pub node: crate::NodeId,
+    /// Its number for the delivery.
+    pub id: u64,
 }
 
 /// Where an unacknowledged outbound QoS 1/2 message stands.
@@ -260,6 +273,7 @@ mod tests {
             subscription_ids: vec![],
             shared: None,
             seq: u64::from(n),
+            origin: None,
         }
     }
 

@@ -235,7 +235,15 @@ mod tests {
 
     fn item(n: u8, qos: QoS) -> QueuedMessage {
         let message = Message { received_at_us: 0, ..Message::new(format!("t/{n}"), vec![n].into(), qos, false, "p".into()) };
-        QueuedMessage { message: Arc::new(message), qos, retain: false, subscription_ids: Vec::new(), shared: None, seq: u64::from(n) }
+        QueuedMessage {
+            message: Arc::new(message),
+            qos,
+            retain: false,
+            subscription_ids: Vec::new(),
+            shared: None,
+            seq: u64::from(n),
+            origin: None,
+        }
     }
 
     fn cmd(epoch: Epoch, op: SessionOp) -> SessionCommand {

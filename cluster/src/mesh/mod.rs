@@ -24,7 +24,7 @@ use raftmq_proto::v1 as pb;
 use crate::message::Message;
 use crate::registry::Epoch;
 use crate::routes::{LocalRoutes, Route, RouteTable};
-use crate::session::SessionState;
+use crate::session::{ForwardOrigin, SessionState};
 use crate::{NodeId, StoreError};
 
 pub mod config;
@@ -45,7 +45,10 @@ pub trait LocalBroker: Send + Sync + 'static {
     /// Delivers `message` another node forwarded to this node's plain subscribers, or (with
     /// `group`) to one local member of that shared group; never forwards it again. Returns
     /// false if nobody here could take it (the group has no member left here).
-    async fn deliver(&self, message: Arc<Message>, group: Option<Route>) -> Result<bool, StoreError>;
+    async fn deliver(&self, message: Arc<Message>, group: Option<Route>, origin: Option<ForwardOrigin>) -> Result<bool, StoreError>;
+    /// A shared delivery this node forwarded to `not_on`, which died before the member
+    /// acknowledged it: give it to another member (here or on another node).
+    async fn redeliver(&self, message: Arc<Message>, group: Route, not_on: NodeId) -> bool;
     /// A client connected to another node with `client_id`: disconnect it here (MQTT 5:
     /// 0x8E) and, with `resume`, give up its session (returned) instead of ending it.
     async fn hand_over(&self, request: HandOverRequest) -> HandOver;
@@ -147,6 +150,13 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// Forwarded messages this node received and could not deliver.
     pub(crate) undeliverable: AtomicU64,
+    /// When this process started (its incarnation, as peers see it).
+    pub(crate) incarnation: u64,
+    /// Per forwarding node, where settlements of its tracked shared deliveries go (the
+    /// acknowledgement stream of its forward call).
+    pub(crate) settlements: DashMap<NodeId, tokio::sync::mpsc::Sender<u64>>,
+    /// Tracked shared deliveries given to another member after their node died.
+    pub(crate) redelivered: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -207,6 +217,9 @@ impl Mesh {
             events,
             shutdown: CancellationToken::new(),
             undeliverable: AtomicU64::new(0),
+            incarnation: crate::message::now_ms(),
+            settlements: DashMap::new(),
+            redelivered: AtomicU64::new(0),
             config,
         });
         if config_has_no_secret(&shared.config) {
@@ -295,6 +308,20 @@ impl Mesh {
     /// `/readyz` waits for).
     pub fn ready(&self) -> bool {
         self.shared.peers.iter().all(|p| p.status() == PeerStatus::Up && self.shared.remote.has_origin(p.id))
+    }
+
+    /// A tracked shared delivery forwarded here was acknowledged by its member (or nobody
+    /// here could take it): its node forgets it.
+    pub fn settled(&self, origin: ForwardOrigin) {
+        if let Some(tx) = self.shared.settlements.get(&origin.node) {
+            let _ = tx.try_send(origin.id);
+        }
+    }
+
+    /// Shared deliveries given to another member because the node they were forwarded to
+    /// died first.
+    pub fn redelivered(&self) -> u64 {
+        self.shared.redelivered.load(Ordering::Relaxed)
     }
 
     /// Forwarded messages received here that no local session could take.

@@ -2,7 +2,7 @@
 //! to it, with heartbeats and failure detection; reconnects with backoff until the peer
 //! leaves or this node stops.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,7 +46,21 @@ pub(crate) struct Outgoing {
     pub(crate) group: Option<Route>,
     /// Told whether the peer delivered it (QoS >= 1 only).
     pub(crate) done: Option<oneshot::Sender<bool>>,
+    /// Held here until the member acknowledged it (a QoS 1/2 shared delivery), to give it
+    /// to another member if the peer dies first.
+    pub(crate) track: bool,
 }
+
+/// Tracked shared deliveries the peer has not settled yet.
+#[derive(Debug, Default)]
+struct Held {
+    next: u64,
+    items: HashMap<u64, (Arc<Message>, Route)>,
+}
+
+/// Tracked deliveries held per peer at most; beyond, new ones go untracked (counted as
+/// dropped from redelivery, never from delivery).
+const HELD_CAP: usize = 100_000;
 
 /// Batches sent and not yet acknowledged, at most.
 const MAX_UNACKED_BATCHES: usize = 16;
@@ -75,6 +89,9 @@ pub(crate) struct Peer {
     forwarded: AtomicU64,
     forwarded_bytes: AtomicU64,
     dropped: AtomicU64,
+    held: Mutex<Held>,
+    /// The peer's process start time from its last `Hello` (0 before the first).
+    incarnation: AtomicU64,
     /// Client-id claims for the peer, sent in batches while the link is up.
     claims_tx: mpsc::Sender<Claim>,
     claims_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Claim>>>,
@@ -136,7 +153,12 @@ fn status_code(s: PeerStatus) -> u8 {
 
 /// This node's introduction.
 pub(crate) fn hello_request(shared: &Shared) -> pb::HelloRequest {
-    pb::HelloRequest { node: Some(pb::NodeInfo { name: shared.config.name.clone(), address: shared.config.advertise.clone() }), version: 1 }
+    pb::HelloRequest { node: Some(me(shared)), version: 1 }
+}
+
+/// This node as peers see it.
+pub(crate) fn me(shared: &Shared) -> pb::NodeInfo {
+    pb::NodeInfo { name: shared.config.name.clone(), address: shared.config.advertise.clone(), incarnation: shared.incarnation }
 }
 
 pub(crate) fn wire_change(c: &RouteChange) -> pb::RouteChange {
@@ -165,6 +187,8 @@ impl Peer {
             forwarded: AtomicU64::new(0),
             forwarded_bytes: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            held: Mutex::new(Held::default()),
+            incarnation: AtomicU64::new(0),
             claims_tx,
             claims_rx: Arc::new(tokio::sync::Mutex::new(claims_rx)),
         }
@@ -294,6 +318,7 @@ impl Peer {
             let result = self.serve(&shared).await;
             self.set_status(&shared, PeerStatus::Down);
             self.fail_queued();
+            self.redeliver_if_still_down(&shared);
             if let Err(e) = result {
                 tracing::debug!(peer = %self.name, error = %e, "cluster link ended");
             }
@@ -309,6 +334,40 @@ impl Peer {
         self.set_status(&shared, PeerStatus::Down);
         self.fail_queued();
         shared.peers.remove_if(&self.id, |_, p| Arc::ptr_eq(p, &self));
+    }
+
+    /// Once the peer has been down for the failure timeout, gives the shared deliveries it
+    /// had not settled to other members (it is taken for dead: what it held is lost).
+    fn redeliver_if_still_down(self: &Arc<Self>, shared: &Arc<Shared>) {
+        if self.held.lock().map(|h| h.items.is_empty()).unwrap_or(true) {
+            return;
+        }
+        let (peer, shared) = (Arc::clone(self), Arc::clone(shared));
+        tokio::spawn(async move {
+            tokio::time::sleep(shared.config.failure_timeout).await;
+            if peer.status() != PeerStatus::Up {
+                peer.redeliver_held(&shared).await;
+            }
+        });
+    }
+
+    /// Gives every unsettled shared delivery to another member.
+    async fn redeliver_held(&self, shared: &Shared) {
+        let items: Vec<(Arc<Message>, Route)> = match self.held.lock() {
+            Ok(mut held) => held.items.drain().map(|(_, v)| v).collect(),
+            Err(_) => return,
+        };
+        let Some(broker) = shared.broker.get() else { return };
+        if !items.is_empty() {
+            tracing::info!(peer = %self.name, count = items.len(), "giving shared deliveries the peer held to other members");
+        }
+        for (message, route) in items {
+            if broker.redeliver(message, route, self.id).await {
+                shared.redelivered.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Fails every message still queued (the publishers waiting for them learn at once).
@@ -334,6 +393,12 @@ impl Peer {
         let name = reply.node.as_ref().map(|n| n.name.clone()).unwrap_or_default();
         if name != self.name {
             return Err(LinkError::Renamed(name));
+        }
+        let incarnation = reply.node.as_ref().map_or(0, |n| n.incarnation);
+        let before = self.incarnation.swap(incarnation, Ordering::AcqRel);
+        if before != 0 && before != incarnation {
+            // The peer restarted: what it held in memory is gone.
+            self.redeliver_held(shared).await;
         }
         super::discovery::learn(shared, reply.known.iter().map(|n| (n.name.clone(), n.address.clone())));
 
@@ -429,6 +494,13 @@ impl Peer {
                         if ack.failed > 0 {
                             self.dropped.fetch_add(u64::from(ack.failed), Ordering::Relaxed);
                         }
+                        if !ack.settled.is_empty() {
+                            if let Ok(mut held) = self.held.lock() {
+                                for id in &ack.settled {
+                                    held.items.remove(id);
+                                }
+                            }
+                        }
                     }
                     Ok(None) => break Err(LinkError::Closed),
                     Err(status) => break Err(status.into()),
@@ -458,13 +530,23 @@ impl Peer {
         let rest = items.split_off(fit);
         let mut messages = Vec::with_capacity(items.len());
         let mut dones = Vec::new();
+        let mut held = self.held.lock().ok();
         for item in std::mem::replace(items, rest) {
+            let id = match (&item.group, held.as_deref_mut()) {
+                (Some(route), Some(held)) if item.track && held.items.len() < HELD_CAP => {
+                    held.next += 1;
+                    held.items.insert(held.next, (Arc::clone(&item.message), route.clone()));
+                    held.next
+                }
+                _ => 0,
+            };
             self.forwarded.fetch_add(1, Ordering::Relaxed);
             self.forwarded_bytes.fetch_add(item.message.payload.len() as u64, Ordering::Relaxed);
             messages.push(pb::Forwarded {
                 message: Some(pb::Message::from(item.message.as_ref())),
                 share_group: item.group.as_ref().and_then(|g| g.group.as_deref()).unwrap_or_default().to_owned(),
                 share_filter: item.group.as_ref().map(|g| g.filter.to_string()).unwrap_or_default(),
+                id,
             });
             dones.extend(item.done);
         }

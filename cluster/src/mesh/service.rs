@@ -21,6 +21,10 @@ use crate::routes::Route;
 
 /// The metadata key the shared secret travels in.
 const SECRET_KEY: &str = "x-raftmq-secret";
+/// Settlements waiting to go back to one forwarding node at most (beyond, they are lost:
+/// that node redelivers a little more if this one dies).
+const SETTLE_QUEUE: usize = 65_536;
+
 /// Largest gRPC message accepted or sent: a batch of forwarded messages, or one message of
 /// the largest size MQTT allows.
 const MAX_MESSAGE: usize = 300 << 20;
@@ -137,9 +141,8 @@ impl Cluster for Service {
         let shared = &self.shared;
         // A node that found us first: link back to it.
         super::discovery::learn(shared, std::iter::once((caller.name, caller.address)));
-        let known = shared.peers.iter().map(|p| pb::NodeInfo { name: p.name.clone(), address: p.address() }).collect();
-        let me = pb::NodeInfo { name: shared.config.name.clone(), address: shared.config.advertise.clone() };
-        Ok(Response::new(pb::HelloReply { node: Some(me), known, version: 1 }))
+        let known = shared.peers.iter().map(|p| pb::NodeInfo { name: p.name.clone(), address: p.address(), incarnation: 0 }).collect();
+        Ok(Response::new(pb::HelloReply { node: Some(super::peer::me(shared)), known, version: 1 }))
     }
 
     type RoutesStream = Stream<pb::RouteAck>;
@@ -209,34 +212,62 @@ impl Cluster for Service {
         let (tx, rx) = mpsc::channel(16);
         let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
+            // Settlements of the origin's tracked deliveries travel back on this stream.
+            let (settle_tx, mut settle_rx) = mpsc::channel::<u64>(SETTLE_QUEUE);
+            let mut origin: Option<crate::NodeId> = None;
+            let mut last_seq = 0;
             loop {
                 let batch = tokio::select! {
                     next = batches.message() => match next {
                         Ok(Some(batch)) => batch,
                         _ => break,
                     },
+                    Some(id) = settle_rx.recv() => {
+                        let mut settled = vec![id];
+                        while let Ok(id) = settle_rx.try_recv() {
+                            settled.push(id);
+                        }
+                        if tx.send(Ok(pb::ForwardAck { seq: last_seq, failed: 0, settled })).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
                     _ = shared.shutdown.cancelled() => break,
                 };
+                let node = crate::stable_hash(batch.origin.as_bytes());
+                if origin.is_none() {
+                    shared.settlements.insert(node, settle_tx.clone());
+                    origin = Some(node);
+                }
                 let mut failed = 0u32;
+                let mut settled = Vec::new();
                 for item in batch.messages {
                     let delivered = match (shared.broker.get(), item.message.map(crate::message::Message::try_from)) {
-                        (Some(deliver), Some(Ok(message))) => {
+                        (Some(broker), Some(Ok(message))) => {
                             let group = (!item.share_group.is_empty()).then(|| Route {
                                 group: Some(Arc::from(item.share_group.as_str())),
                                 filter: Arc::from(item.share_filter.as_str()),
                             });
-                            matches!(deliver.deliver(Arc::new(message), group).await, Ok(true))
+                            let tracked = (item.id != 0).then_some(crate::session::ForwardOrigin { node, id: item.id });
+                            matches!(broker.deliver(Arc::new(message), group, tracked).await, Ok(true))
                         }
                         _ => false,
                     };
                     if !delivered {
                         failed += 1;
+                        if item.id != 0 {
+                            settled.push(item.id);
+                        }
                     }
                 }
                 shared.undeliverable.fetch_add(u64::from(failed), Ordering::Relaxed);
-                if tx.send(Ok(pb::ForwardAck { seq: batch.seq, failed })).await.is_err() {
+                last_seq = batch.seq;
+                if tx.send(Ok(pb::ForwardAck { seq: batch.seq, failed, settled })).await.is_err() {
                     break;
                 }
+            }
+            if let Some(node) = origin {
+                shared.settlements.remove_if(&node, |_, s| s.same_channel(&settle_tx));
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

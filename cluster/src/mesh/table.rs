@@ -65,7 +65,8 @@ impl RouteTable for ClusterRoutes {
                 let (tx, rx) = oneshot::channel();
                 (Some(tx), Some(rx))
             };
-            if !peer.enqueue(Outgoing { message: Arc::clone(&message), group: target.group, done }, wait).await {
+            let track = done.is_some() && target.group.is_some();
+            if !peer.enqueue(Outgoing { message: Arc::clone(&message), group: target.group, done, track }, wait).await {
                 failed += 1;
                 continue;
             }

@@ -7,6 +7,8 @@ use async_trait::async_trait;
 use raftmq_cluster::mesh::{HandOver, HandOverRequest, LocalBroker, Mesh, NodeView};
 use raftmq_cluster::message::Message;
 use raftmq_cluster::routes::Route;
+use raftmq_cluster::session::ForwardOrigin;
+use raftmq_cluster::NodeId;
 use raftmq_cluster::StoreError;
 
 use super::Broker;
@@ -16,9 +18,16 @@ struct Local(Weak<Broker>);
 
 #[async_trait]
 impl LocalBroker for Local {
-    async fn deliver(&self, message: Arc<Message>, group: Option<Route>) -> Result<bool, StoreError> {
+    async fn deliver(&self, message: Arc<Message>, group: Option<Route>, origin: Option<ForwardOrigin>) -> Result<bool, StoreError> {
         let Some(broker) = self.0.upgrade() else { return Ok(false) };
-        broker.deliver_forwarded(&message, group).await
+        broker.deliver_forwarded(&message, group, origin).await
+    }
+
+    async fn redeliver(&self, message: Arc<Message>, group: Route, not_on: NodeId) -> bool {
+        match self.0.upgrade() {
+            Some(broker) => broker.redeliver(&message, group, not_on).await,
+            None => false,
+        }
     }
 
     async fn hand_over(&self, request: HandOverRequest) -> HandOver {

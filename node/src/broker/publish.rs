@@ -6,7 +6,7 @@ use std::sync::Arc;
 use raftmq_cluster::message::{now_us, Message, QoS};
 use raftmq_cluster::retained::RetainOutcome;
 use raftmq_cluster::routes::{ForwardReceipt, ForwardTarget, RemoteMatch, Route};
-use raftmq_cluster::session::{QueueLimits, QueuedMessage, ShareTarget, SubscriptionOptions};
+use raftmq_cluster::session::{ForwardOrigin, QueueLimits, QueuedMessage, ShareTarget, SubscriptionOptions};
 use raftmq_cluster::StoreError;
 
 use super::{Broker, Routed};
@@ -71,17 +71,55 @@ impl Broker {
     /// Delivers a message another node forwarded here: to this node's sessions only, or to
     /// one local member of `group`. It is not retained again (its publisher's node did
     /// that) and never forwarded again. False if nobody here took it.
-    pub async fn deliver_forwarded(&self, message: &Arc<Message>, group: Option<Route>) -> Result<bool, StoreError> {
+    pub async fn deliver_forwarded(
+        &self,
+        message: &Arc<Message>,
+        group: Option<Route>,
+        origin: Option<ForwardOrigin>,
+    ) -> Result<bool, StoreError> {
         match group {
             None => Ok(self.route_with(message, &RemoteMatch::default(), &mut Vec::new()).await?.matched > 0),
             Some(route) => {
                 let Some(group) = route.group else { return Ok(false) };
                 let target = Arc::new(ShareTarget { group, filter: route.filter });
                 let mut durable = Durable::default();
-                let delivered = self.dispatch_shared(message, &target, &mut durable);
+                let delivered = self.dispatch_shared(message, &target, origin, &mut durable);
+                if !delivered {
+                    // Nobody here took it: its node need not hold it for us any longer.
+                    if let Some(origin) = origin {
+                        self.settled(origin);
+                    }
+                }
                 durable.wait().await?;
                 Ok(delivered)
             }
+        }
+    }
+
+    /// A shared delivery forwarded to `not_on`, which died before its member acknowledged
+    /// it: given to another member, here or on another node.
+    pub async fn redeliver(&self, message: &Arc<Message>, route: Route, not_on: raftmq_cluster::NodeId) -> bool {
+        let Some(group) = route.group.clone() else { return false };
+        let target = Arc::new(ShareTarget { group, filter: Arc::clone(&route.filter) });
+        let mut durable = Durable::default();
+        if self.dispatch_shared(message, &target, None, &mut durable) {
+            return durable.wait().await.is_ok();
+        }
+        let remote = self.routes.remote_matches(&message.topic);
+        let Some(members) = remote.group(&route) else { return false };
+        let elsewhere: Vec<(raftmq_cluster::NodeId, u32)> = members.members.iter().copied().filter(|(n, _)| *n != not_on).collect();
+        let Some(node) = self.dispatcher.pick_node(&target, self.node_id, 0, &elsewhere, message) else { return false };
+        match self.routes.forward(Arc::clone(message), vec![ForwardTarget { node, group: Some(route) }]).await {
+            Ok(receipt) => receipt.wait().await == 0,
+            Err(_) => false,
+        }
+    }
+
+    /// A forwarded shared delivery's member acknowledged it (or it was dropped here): its
+    /// node stops holding it.
+    pub fn settled(&self, origin: ForwardOrigin) {
+        if let Some(mesh) = self.mesh() {
+            mesh.settled(origin);
         }
     }
 
@@ -132,7 +170,7 @@ impl Broker {
             let elsewhere = remote.group(&route).map(|g| g.members.as_slice()).unwrap_or_default();
             if let Some(node) = self.dispatcher.pick_node(target, self.node_id, members.len(), elsewhere, message) {
                 targets.push(ForwardTarget { node, group: Some(route) });
-            } else if !self.dispatch_shared_to(message, target, members, &mut durable) {
+            } else if !self.dispatch_shared_to(message, target, members, None, &mut durable) {
                 self.stats.drop(DropReason::QueueFull, 1);
             }
         }
@@ -153,9 +191,15 @@ impl Broker {
     }
 
     /// Gives a shared delivery to one local member of `target`; false if none took it.
-    fn dispatch_shared(&self, message: &Arc<Message>, target: &Arc<ShareTarget>, durable: &mut Durable) -> bool {
+    fn dispatch_shared(
+        &self,
+        message: &Arc<Message>,
+        target: &Arc<ShareTarget>,
+        origin: Option<ForwardOrigin>,
+        durable: &mut Durable,
+    ) -> bool {
         let members = self.index.shared_members(target);
-        self.dispatch_shared_to(message, target, &members, durable)
+        self.dispatch_shared_to(message, target, &members, origin, durable)
     }
 
     fn dispatch_shared_to(
@@ -163,6 +207,7 @@ impl Broker {
         message: &Arc<Message>,
         target: &Arc<ShareTarget>,
         members: &[(Arc<str>, SubscriptionOptions)],
+        origin: Option<ForwardOrigin>,
         durable: &mut Durable,
     ) -> bool {
         let ids: Vec<Arc<str>> = members.iter().map(|(c, _)| Arc::clone(c)).collect();
@@ -177,6 +222,7 @@ impl Broker {
                 subscription_ids: opts.subscription_identifier.into_iter().collect(),
                 shared: Some(Arc::clone(target)),
                 seq: 0,
+                origin,
             };
             if self.offer_shared(&client, item, durable) {
                 return true;
@@ -231,9 +277,15 @@ impl Broker {
                 self.index.shared_members(&target).into_iter().map(|(c, _)| c).filter(|c| *c != slot.client_id).collect();
             let order = self.dispatcher.order(&target, &others, &item.message, |c| self.member_load(c));
             let placed = order.into_iter().any(|client| self.offer_shared(&client, QueuedMessage { seq: 0, ..item.clone() }, &mut durable));
-            // No other member here: one on another node.
-            if !placed && !self.forward_shared(&target, &item.message).await {
-                leftovers.push(item);
+            // No other member here: one on another node (which answers for it from now on).
+            if !placed {
+                if self.forward_shared(&target, &item.message).await {
+                    if let Some(origin) = item.origin {
+                        self.settled(origin);
+                    }
+                } else {
+                    leftovers.push(item);
+                }
             }
         }
         if keep_leftovers {

@@ -87,12 +87,19 @@ pub(super) fn handle_quick<S: AsyncRead + AsyncWrite + Unpin>(
             let failed = v5 && r.reason >= 0x80;
             match r.kind {
                 PubKind::PubAck => {
-                    if slot.complete(r.packet_id, InflightStage::Published) == Ack::WrongKind {
+                    let (ack, origin) = slot.complete(r.packet_id, InflightStage::Published);
+                    if ack == Ack::WrongKind {
                         return Err(violation(reason::PROTOCOL_ERROR, "PUBACK for a QoS 2 message"));
+                    }
+                    if let Some(origin) = origin {
+                        broker.settled(origin);
                     }
                 }
                 PubKind::PubRec => {
-                    let ack = slot.received(r.packet_id, failed);
+                    let (ack, origin) = slot.received(r.packet_id, failed);
+                    if let Some(origin) = origin {
+                        broker.settled(origin);
+                    }
                     if ack == Ack::WrongKind {
                         return Err(violation(reason::PROTOCOL_ERROR, "PUBREC for a QoS 1 message"));
                     }
@@ -109,7 +116,7 @@ pub(super) fn handle_quick<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
                 PubKind::PubComp => {
-                    if slot.complete(r.packet_id, InflightStage::Released) == Ack::WrongKind {
+                    if slot.complete(r.packet_id, InflightStage::Released).0 == Ack::WrongKind {
                         return Err(violation(reason::PROTOCOL_ERROR, "PUBCOMP for a message not released"));
                     }
                 }
@@ -431,6 +438,7 @@ pub(super) async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     shared: None,
                     message: m,
                     seq: 0,
+                    origin: None,
                 });
             }
         }

@@ -217,6 +217,7 @@ impl SubscriptionIndex {
                         subscription_ids: opts.subscription_identifier.into_iter().collect(),
                         shared: None,
                         seq: 0,
+                        origin: None,
                     },
                 )),
             }

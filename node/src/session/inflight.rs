@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use raftmq_cluster::message::QoS;
-use raftmq_cluster::session::{InflightMessage, InflightStage};
+use raftmq_cluster::session::{ForwardOrigin, InflightMessage, InflightStage};
 use raftmq_cluster::session_ops::SessionOp;
 
 use super::{SessionSlot, SlotInner};
@@ -134,24 +134,28 @@ impl SlotInner {
 
 impl SessionSlot {
     /// Records PUBACK (stage `Published`: QoS 1) or PUBCOMP (stage `Released`: QoS 2).
-    pub fn complete(&self, packet_id: u16, stage: InflightStage) -> Ack {
+    /// Returns where a forwarded shared delivery came from, when it was its PUBACK.
+    pub fn complete(&self, packet_id: u16, stage: InflightStage) -> (Ack, Option<ForwardOrigin>) {
         let mut inner = self.lock();
+        let origin = inner.inflight.get(&packet_id).and_then(|m| m.queued.origin).filter(|_| stage == InflightStage::Published);
         let ack = inner.complete(packet_id, stage);
         if ack == Ack::Known {
             self.log(&mut inner, SessionOp::Acked { packet_id });
         }
-        ack
+        (ack, origin.filter(|_| ack == Ack::Known))
     }
 
-    /// Records PUBREC; a PUBREC with an error reason ends the exchange.
-    pub fn received(&self, packet_id: u16, failed: bool) -> Ack {
+    /// Records PUBREC; a PUBREC with an error reason ends the exchange. Returns where a
+    /// forwarded shared delivery came from (the client has it, or refused it, now).
+    pub fn received(&self, packet_id: u16, failed: bool) -> (Ack, Option<ForwardOrigin>) {
         let mut inner = self.lock();
+        let origin = inner.inflight.get(&packet_id).and_then(|m| m.queued.origin);
         let ack = inner.received(packet_id, failed);
         if ack == Ack::Known {
             let op = if failed { SessionOp::Acked { packet_id } } else { SessionOp::Received { packet_id } };
             self.log(&mut inner, op);
         }
-        ack
+        (ack, origin.filter(|_| ack == Ack::Known))
     }
 
     /// Calls `f` with every message in flight, oldest first (a resume resends them).
@@ -204,7 +208,15 @@ mod tests {
             received_at_us: 0,
             publisher: String::new(),
         };
-        let queued = QueuedMessage { message: Arc::new(message), qos, retain: false, subscription_ids: Vec::new(), shared: None, seq: 0 };
+        let queued = QueuedMessage {
+            message: Arc::new(message),
+            qos,
+            retain: false,
+            subscription_ids: Vec::new(),
+            shared: None,
+            seq: 0,
+            origin: None,
+        };
         InflightMessage { queued, stage: InflightStage::Published }
     }
 

@@ -198,6 +198,7 @@ mod tests {
             subscription_ids: Vec::new(),
             shared: None,
             seq: 0,
+            origin: None,
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use raftmq_cluster::message::QoS;
-use raftmq_node::codec::{reason, Protocol};
+use raftmq_node::codec::{reason, Packet, Protocol, PubKind, PubResponse, Publish};
 use raftmq_tests::*;
 
 use super::DEADLINE;
@@ -267,5 +267,68 @@ async fn three_processes_form_one_cluster_and_notice_a_killed_node() -> anyhow::
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(code, reason::NO_MATCHING_SUBSCRIBERS, "n3's routes still there");
+    Ok(())
+}
+
+/// Issue 12, items 5 and 8: shared QoS 1 deliveries a member on a node that is killed
+/// (SIGKILL) had not acknowledged go to another member, on another node, within the
+/// failure detection time plus a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_unacknowledged_shared_messages_go_to_another_member() -> anyhow::Result<()> {
+    let nodes = start_three().await?;
+    let mut members = Vec::new();
+    for (i, node) in nodes.iter().enumerate().skip(1) {
+        let (mut m, _) = Raw::connect(node.mqtt, Protocol::V5, &format!("member{i}"), true).await?;
+        m.subscribe(1, "$share/workers/jobs/#", QoS::AtLeastOnce).await?;
+        members.push(m);
+    }
+    let (mut publ, _) = Raw::connect(nodes[0].mqtt, Protocol::V5, "dispatcher", true).await?;
+    for n in 1..=10u16 {
+        assert_eq!(publ.publish("jobs/x", format!("job{n}").as_bytes(), QoS::AtLeastOnce, false, n).await?, 0);
+    }
+    // The member on n2 takes its jobs and never acknowledges them; the one on n3 does.
+    let mut doomed = members.remove(0);
+    let mut survivor = members.remove(0);
+    let mut held = Vec::new();
+    while let Ok(Some(Packet::Publish(p))) = doomed.recv_within(Duration::from_millis(300)).await {
+        held.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    let mut done = Vec::new();
+    let drain = |done: &mut Vec<String>, p: Publish| {
+        done.push(String::from_utf8_lossy(&p.payload).into_owned());
+        p.packet_id
+    };
+    while let Ok(Some(Packet::Publish(p))) = survivor.recv_within(Duration::from_millis(300)).await {
+        let id = drain(&mut done, p);
+        survivor
+            .send(&raftmq_node::codec::Packet::PubResponse(raftmq_node::codec::PubResponse::new(
+                raftmq_node::codec::PubKind::PubAck,
+                id,
+                0,
+            )))
+            .await?;
+    }
+    assert!(!held.is_empty() && !done.is_empty(), "both members got jobs: {held:?} {done:?}");
+    nodes[1].kill();
+    let killed = Instant::now();
+    while held.iter().any(|job| !done.contains(job)) {
+        anyhow::ensure!(killed.elapsed() < DEADLINE, "jobs {held:?} never reached the survivor (got {done:?})");
+        if let Ok(Some(Packet::Publish(p))) = survivor.recv_within(Duration::from_millis(100)).await {
+            let id = drain(&mut done, p);
+            survivor
+                .send(&raftmq_node::codec::Packet::PubResponse(raftmq_node::codec::PubResponse::new(
+                    raftmq_node::codec::PubKind::PubAck,
+                    id,
+                    0,
+                )))
+                .await?;
+        }
+    }
+    let took = killed.elapsed();
+    assert!(took <= FAILURE_TIMEOUT + Duration::from_secs(1), "redelivered after {took:?}");
+    let mut all = done.clone();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 10, "every job reached a live member: {done:?}");
     Ok(())
 }
