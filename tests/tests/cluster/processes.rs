@@ -300,13 +300,7 @@ async fn a_killed_nodes_unacknowledged_shared_messages_go_to_another_member() ->
     };
     while let Ok(Some(Packet::Publish(p))) = survivor.recv_within(Duration::from_millis(300)).await {
         let id = drain(&mut done, p);
-        survivor
-            .send(&raftmq_node::codec::Packet::PubResponse(raftmq_node::codec::PubResponse::new(
-                raftmq_node::codec::PubKind::PubAck,
-                id,
-                0,
-            )))
-            .await?;
+        survivor.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, id, 0))).await?;
     }
     assert!(!held.is_empty() && !done.is_empty(), "both members got jobs: {held:?} {done:?}");
     nodes[1].kill();
@@ -315,13 +309,7 @@ async fn a_killed_nodes_unacknowledged_shared_messages_go_to_another_member() ->
         anyhow::ensure!(killed.elapsed() < DEADLINE, "jobs {held:?} never reached the survivor (got {done:?})");
         if let Ok(Some(Packet::Publish(p))) = survivor.recv_within(Duration::from_millis(100)).await {
             let id = drain(&mut done, p);
-            survivor
-                .send(&raftmq_node::codec::Packet::PubResponse(raftmq_node::codec::PubResponse::new(
-                    raftmq_node::codec::PubKind::PubAck,
-                    id,
-                    0,
-                )))
-                .await?;
+            survivor.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, id, 0))).await?;
         }
     }
     let took = killed.elapsed();
