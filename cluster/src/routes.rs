@@ -100,6 +100,13 @@ impl ForwardReceipt {
         ForwardReceipt { failed, pending, bound }
     }
 
+    /// Adds another receipt's copies to this one.
+    pub fn merge(&mut self, other: ForwardReceipt) {
+        self.failed += other.failed;
+        self.pending.extend(other.pending);
+        self.bound = self.bound.max(other.bound);
+    }
+
     /// Nothing left to wait for.
     pub fn is_settled(&self) -> bool {
         self.pending.is_empty()
@@ -132,6 +139,10 @@ pub trait RouteTable: Send + Sync + 'static {
     async fn settle(&self, _seq: u64) {}
     /// What other nodes want of `topic`.
     fn remote_matches(&self, topic: &str) -> RemoteMatch;
+    /// Queues `message` for `targets` without waiting (the common case, and no
+    /// allocation for a future): returns the receipt of what was queued or failed, and the
+    /// targets whose queues were full, for [`RouteTable::forward`] to wait for.
+    fn try_forward(&self, message: &Arc<Message>, targets: Vec<ForwardTarget>) -> (ForwardReceipt, Vec<ForwardTarget>);
     /// Queues `message` for `targets` (once per node and group, however many subscribers
     /// there are there); resolves once queued (waiting for room at most the configured
     /// bound). The receipt says what could not be queued and, for QoS >= 1, resolves once
@@ -273,6 +284,10 @@ impl RouteTable for LocalRoutes {
 
     fn remote_matches(&self, _topic: &str) -> RemoteMatch {
         RemoteMatch::default()
+    }
+
+    fn try_forward(&self, _message: &Arc<Message>, targets: Vec<ForwardTarget>) -> (ForwardReceipt, Vec<ForwardTarget>) {
+        (ForwardReceipt::failed(targets.len()), Vec::new())
     }
 
     async fn forward(&self, _message: Arc<Message>, targets: Vec<ForwardTarget>) -> Result<ForwardReceipt, StoreError> {

@@ -25,7 +25,7 @@ use crate::message::Message;
 use crate::registry::Epoch;
 use crate::routes::{LocalRoutes, Route, RouteTable};
 use crate::session::{ForwardOrigin, SessionState};
-use crate::{NodeId, StoreError};
+use crate::NodeId;
 
 pub mod config;
 mod discovery;
@@ -42,16 +42,28 @@ pub use table::ClusterRoutes;
 /// What the mesh asks of the broker on this node.
 #[async_trait]
 pub trait LocalBroker: Send + Sync + 'static {
-    /// Delivers `message` another node forwarded to this node's plain subscribers, or (with
-    /// `group`) to one local member of that shared group; never forwards it again. Returns
-    /// false if nobody here could take it (the group has no member left here).
-    async fn deliver(&self, message: Arc<Message>, group: Option<Route>, origin: Option<ForwardOrigin>) -> Result<bool, StoreError>;
+    /// Delivers a batch another node forwarded, in order: each message to this node's plain
+    /// subscribers, or (with a group) to one local member of that shared group; never
+    /// forwards them again. Says for each whether anybody here took it (a group may have no
+    /// member left here). One call per batch: the per-message path stays free of boxing.
+    async fn deliver(&self, batch: Vec<Incoming>) -> Vec<bool>;
     /// A shared delivery this node forwarded to `not_on`, which died before the member
     /// acknowledged it: give it to another member (here or on another node).
     async fn redeliver(&self, message: Arc<Message>, group: Route, not_on: NodeId) -> bool;
     /// A client connected to another node with `client_id`: disconnect it here (MQTT 5:
     /// 0x8E) and, with `resume`, give up its session (returned) instead of ending it.
     async fn hand_over(&self, request: HandOverRequest) -> HandOver;
+}
+
+/// A message another node forwarded here.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// The message.
+    pub message: Arc<Message>,
+    /// The shared group it is for (plain subscribers without).
+    pub group: Option<Route>,
+    /// Where a tracked shared delivery came from (to settle it once acknowledged).
+    pub origin: Option<ForwardOrigin>,
 }
 
 /// A peer asks for a client id.

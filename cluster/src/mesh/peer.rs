@@ -268,6 +268,23 @@ impl Peer {
         self.restart.notify_one();
     }
 
+    /// Queues a message for the peer if there is room now: `Ok(false)` (counted as
+    /// dropped) if the link is down, `Err` with the message if the queue is full.
+    pub(crate) fn try_enqueue(&self, item: Outgoing) -> Result<bool, Outgoing> {
+        if self.status() != PeerStatus::Up {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        match self.forward_tx.try_send(item) {
+            Ok(()) => Ok(true),
+            Err(mpsc::error::TrySendError::Full(item)) => Err(item),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                Ok(false)
+            }
+        }
+    }
+
     /// Queues a message for the peer, waiting at most `wait` for room; false (counted as
     /// dropped) if the link is down or the queue stayed full.
     pub(crate) async fn enqueue(&self, item: Outgoing, wait: Duration) -> bool {

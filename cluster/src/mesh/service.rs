@@ -241,22 +241,36 @@ impl Cluster for Service {
                 }
                 let mut failed = 0u32;
                 let mut settled = Vec::new();
+                let mut incoming = Vec::with_capacity(batch.messages.len());
+                let mut ids = Vec::with_capacity(batch.messages.len());
                 for item in batch.messages {
-                    let delivered = match (shared.broker.get(), item.message.map(crate::message::Message::try_from)) {
-                        (Some(broker), Some(Ok(message))) => {
+                    match item.message.map(crate::message::Message::try_from) {
+                        Some(Ok(message)) => {
                             let group = (!item.share_group.is_empty()).then(|| Route {
                                 group: Some(Arc::from(item.share_group.as_str())),
                                 filter: Arc::from(item.share_filter.as_str()),
                             });
-                            let tracked = (item.id != 0).then_some(crate::session::ForwardOrigin { node, id: item.id });
-                            matches!(broker.deliver(Arc::new(message), group, tracked).await, Ok(true))
+                            let origin = (item.id != 0).then_some(crate::session::ForwardOrigin { node, id: item.id });
+                            incoming.push(super::Incoming { message: Arc::new(message), group, origin });
+                            ids.push(item.id);
                         }
-                        _ => false,
-                    };
-                    if !delivered {
+                        _ => {
+                            failed += 1;
+                            if item.id != 0 {
+                                settled.push(item.id);
+                            }
+                        }
+                    }
+                }
+                let delivered = match shared.broker.get() {
+                    Some(broker) => broker.deliver(incoming).await,
+                    None => vec![false; ids.len()],
+                };
+                for (ok, id) in delivered.into_iter().zip(ids) {
+                    if !ok {
                         failed += 1;
-                        if item.id != 0 {
-                            settled.push(item.id);
+                        if id != 0 {
+                            settled.push(id);
                         }
                     }
                 }

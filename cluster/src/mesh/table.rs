@@ -50,6 +50,32 @@ impl RouteTable for ClusterRoutes {
         self.shared.remote.matches(topic)
     }
 
+    fn try_forward(&self, message: &Arc<Message>, targets: Vec<ForwardTarget>) -> (ForwardReceipt, Vec<ForwardTarget>) {
+        let mut failed = 0;
+        let mut pending = Vec::new();
+        let mut full = Vec::new();
+        for target in targets {
+            let Some(peer) = self.shared.peers.get(&target.node).map(|p| Arc::clone(&p)) else {
+                failed += 1;
+                continue;
+            };
+            let (done, delivered) = if message.qos == QoS::AtMostOnce {
+                (None, None)
+            } else {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            };
+            let track = done.is_some() && target.group.is_some();
+            match peer.try_enqueue(Outgoing { message: Arc::clone(message), group: target.group.clone(), done, track }) {
+                Ok(true) => pending.extend(delivered),
+                Ok(false) => failed += 1,
+                Err(_) => full.push(target),
+            }
+        }
+        let bound = self.shared.config.failure_timeout + self.shared.config.forward_wait;
+        (ForwardReceipt::pending(failed, pending, bound), full)
+    }
+
     async fn forward(&self, message: Arc<Message>, targets: Vec<ForwardTarget>) -> Result<ForwardReceipt, StoreError> {
         let wait = self.shared.config.forward_wait;
         let mut failed = 0;

@@ -4,12 +4,10 @@
 use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
-use raftmq_cluster::mesh::{HandOver, HandOverRequest, LocalBroker, Mesh, NodeView};
+use raftmq_cluster::mesh::{HandOver, HandOverRequest, Incoming, LocalBroker, Mesh, NodeView};
 use raftmq_cluster::message::Message;
 use raftmq_cluster::routes::Route;
-use raftmq_cluster::session::ForwardOrigin;
 use raftmq_cluster::NodeId;
-use raftmq_cluster::StoreError;
 
 use super::Broker;
 
@@ -18,9 +16,13 @@ struct Local(Weak<Broker>);
 
 #[async_trait]
 impl LocalBroker for Local {
-    async fn deliver(&self, message: Arc<Message>, group: Option<Route>, origin: Option<ForwardOrigin>) -> Result<bool, StoreError> {
-        let Some(broker) = self.0.upgrade() else { return Ok(false) };
-        broker.deliver_forwarded(&message, group, origin).await
+    async fn deliver(&self, batch: Vec<Incoming>) -> Vec<bool> {
+        let Some(broker) = self.0.upgrade() else { return vec![false; batch.len()] };
+        let mut delivered = Vec::with_capacity(batch.len());
+        for m in batch {
+            delivered.push(matches!(broker.deliver_forwarded(&m.message, m.group, m.origin).await, Ok(true)));
+        }
+        delivered
     }
 
     async fn redeliver(&self, message: Arc<Message>, group: Route, not_on: NodeId) -> bool {

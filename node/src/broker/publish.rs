@@ -50,8 +50,15 @@ impl Broker {
         let mut targets: Vec<ForwardTarget> = remote.nodes.iter().map(|node| ForwardTarget { node: *node, group: None }).collect();
         let mut routed = self.route_with(message, &remote, &mut targets).await?;
         routed.matched += remote.nodes.len();
-        let receipt =
-            if targets.is_empty() { ForwardReceipt::default() } else { self.routes.forward(Arc::clone(message), targets).await? };
+        if targets.is_empty() {
+            return Ok((routed, ForwardReceipt::default()));
+        }
+        let (mut receipt, full) = self.routes.try_forward(message, targets);
+        if !full.is_empty() {
+            // A peer's queue is full: the publisher waits for room (bounded), like for a
+            // slow local subscriber.
+            receipt.merge(self.routes.forward(Arc::clone(message), full).await?);
+        }
         Ok((routed, receipt))
     }
 
