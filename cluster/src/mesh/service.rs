@@ -110,7 +110,15 @@ pub(crate) fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener, tls:
                 }
             };
         }
-        let incoming = TcpListenerStream::new(listener);
+        // Served from our own listener, so tonic's `tcp_nodelay` does not reach these
+        // sockets: without it, small acknowledgements wait for Nagle and delayed ACKs
+        // (tens of milliseconds per round trip).
+        let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |socket| {
+            if let Ok(s) = &socket {
+                let _ = s.set_nodelay(true);
+            }
+            socket
+        });
         if let Err(e) = builder.add_service(service).serve_with_incoming_shutdown(incoming, shutdown.cancelled()).await {
             tracing::error!(error = %e, "cluster listener stopped");
         }
