@@ -3,8 +3,9 @@
 # the load generator (raftmq-bench) to CPU 1, the same scenarios for both, three
 # repetitions, medians written into docs/benchmarks.md.
 #
-#   bash tests/bench/compare.sh            # about 10 minutes on a 2-core machine
+#   bash tests/bench/compare.sh            # about 15 minutes on a 2-core machine
 #   REPS=1 DURATION=3 bash tests/bench/compare.sh   # a quick look
+#   CLUSTER=0 bash tests/bench/compare.sh  # without the cluster rows (tests/bench/cluster.sh)
 #
 # Needs: the Rust toolchain, mosquitto (Debian package; installed if missing and root),
 # taskset, python3. Traffic stays on 127.0.0.1; every run is bounded in time.
@@ -156,3 +157,8 @@ else:
 open(out, "w").write(text)
 print(block)
 PY
+
+# The cluster rows: three nodes against one on the same core (same repetitions).
+if [ "${CLUSTER:-1}" != 0 ]; then
+  SKIP_BUILD=1 REPS="$REPS" DURATION="$DURATION" OUT="$OUT" bash tests/bench/cluster.sh
+fi

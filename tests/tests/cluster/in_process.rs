@@ -140,6 +140,9 @@ async fn a_leaving_node_takes_its_routes_with_it() -> anyhow::Result<()> {
     sub.subscribe(1, "gone/#", QoS::AtLeastOnce).await?;
     let (mut publ, _) = Raw::connect(nodes[0].addr, Protocol::V5, "p", true).await?;
     assert_eq!(publ.publish("gone/x", b"1", QoS::AtLeastOnce, false, 1).await?, 0);
+    // Node events on $SYS (retained: the "up" of each peer is there already).
+    let (mut sys, _) = Raw::connect(nodes[0].addr, Protocol::V5, "watcher", true).await?;
+    sys.subscribe(1, "$SYS/brokers/node1/cluster/nodes/#", QoS::AtMostOnce).await?;
     let leaving = nodes.remove(2);
     leaving.server.shutdown(Duration::from_secs(2)).await;
     let deadline = std::time::Instant::now() + DEADLINE;
@@ -153,6 +156,13 @@ async fn a_leaving_node_takes_its_routes_with_it() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(publ.publish("gone/x", b"2", QoS::AtLeastOnce, false, 2).await?, reason::NO_MATCHING_SUBSCRIBERS);
+    loop {
+        let event = sys.recv_publish().await?;
+        let body: serde_json::Value = serde_json::from_slice(&event.payload)?;
+        if event.topic.ends_with("/node3") && body["status"] == "down" {
+            break;
+        }
+    }
     Ok(())
 }
 
