@@ -66,6 +66,11 @@ impl Broker {
     /// QoS >= 1, an error (the publisher is not acknowledged as if it had been delivered).
     pub async fn confirm(&self, qos: QoS, receipt: ForwardReceipt) -> Result<(), StoreError> {
         let failed = receipt.wait().await;
+        self.confirmed(qos, failed)
+    }
+
+    /// [`Broker::confirm`] once the copies not delivered are counted.
+    pub fn confirmed(&self, qos: QoS, failed: usize) -> Result<(), StoreError> {
         if failed > 0 {
             self.stats.drop(DropReason::ForwardFailed, failed as u64);
             if qos != QoS::AtMostOnce {

@@ -302,7 +302,10 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     let ack = PendingAck { kind, packet_id: p.packet_id, qos: p.qos, matched: routed.matched, receipt };
     if ack.receipt.is_settled() && client.deferred.is_empty() {
-        return finish_ack(broker, slot, client, framed, ack).await;
+        // Nothing to wait for (the common case): answered at once, with no await that
+        // would grow every PUBLISH's future.
+        let failed = ack.receipt.failed;
+        return answer(broker, slot, client, framed, &ack, broker.confirmed(ack.qos, failed));
     }
     // Waiting for other nodes: the acknowledgement goes out, in order, once every PUBLISH
     // of this read was handled, so a burst waits for one round trip, not one each.
@@ -344,9 +347,22 @@ async fn finish_ack<S: AsyncRead + AsyncWrite + Unpin + Send>(
     slot: &Arc<SessionSlot>,
     client: &mut Client,
     framed: &mut Framed<S>,
-    ack: PendingAck,
+    mut ack: PendingAck,
 ) -> Result<(), ConnectionError> {
-    if let Err(e) = broker.confirm(ack.qos, ack.receipt).await {
+    let failed = std::mem::take(&mut ack.receipt).wait().await;
+    answer(broker, slot, client, framed, &ack, broker.confirmed(ack.qos, failed))
+}
+
+/// Sends the acknowledgement of a PUBLISH whose copies for other nodes are accounted for.
+fn answer<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    broker: &Broker,
+    slot: &SessionSlot,
+    client: &Client,
+    framed: &mut Framed<S>,
+    ack: &PendingAck,
+    confirmed: Result<(), StoreError>,
+) -> Result<(), ConnectionError> {
+    if let Err(e) = confirmed {
         if ack.kind == PubKind::PubRec {
             slot.inbound_released(ack.packet_id);
         }
