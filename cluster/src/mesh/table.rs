@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
-use super::peer::{Outgoing, PeerStatus};
+use super::peer::{Outgoing, Peer, PeerStatus};
 use super::Shared;
 use crate::message::{Message, QoS};
 use crate::routes::{ForwardReceipt, ForwardTarget, RemoteMatch, RouteChange, RouteTable};
@@ -21,6 +21,26 @@ pub struct ClusterRoutes {
 impl ClusterRoutes {
     pub(crate) fn new(shared: Arc<Shared>) -> ClusterRoutes {
         ClusterRoutes { shared }
+    }
+
+    /// The copy of `message` for `target`'s peer, with the confirmation to wait for
+    /// (QoS >= 1); `None` if the peer is unknown.
+    fn outgoing(&self, message: &Arc<Message>, target: &ForwardTarget) -> Option<(Arc<Peer>, Outgoing, Option<oneshot::Receiver<bool>>)> {
+        let peer = self.shared.peers.get(&target.node).map(|p| Arc::clone(&p))?;
+        let (done, delivered) = if message.qos == QoS::AtMostOnce {
+            (None, None)
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        };
+        // A QoS 1/2 shared delivery is held until its member acknowledged it.
+        let track = done.is_some() && target.group.is_some();
+        Some((peer, Outgoing { message: Arc::clone(message), group: target.group.clone(), done, track }, delivered))
+    }
+
+    /// A receipt bounded by how long a peer may take: its queue wait plus failure detection.
+    fn receipt(&self, pending: Vec<oneshot::Receiver<bool>>) -> ForwardReceipt {
+        ForwardReceipt::pending(0, pending, self.shared.config.failure_timeout + self.shared.config.forward_wait)
     }
 }
 
@@ -51,55 +71,36 @@ impl RouteTable for ClusterRoutes {
     }
 
     fn try_forward(&self, message: &Arc<Message>, targets: Vec<ForwardTarget>) -> (ForwardReceipt, Vec<ForwardTarget>) {
-        let mut failed = 0;
-        let mut pending = Vec::new();
+        let mut receipt = self.receipt(Vec::new());
         let mut full = Vec::new();
         for target in targets {
-            let Some(peer) = self.shared.peers.get(&target.node).map(|p| Arc::clone(&p)) else {
-                failed += 1;
+            let Some((peer, item, delivered)) = self.outgoing(message, &target) else {
+                receipt.failed += 1;
                 continue;
             };
-            let (done, delivered) = if message.qos == QoS::AtMostOnce {
-                (None, None)
-            } else {
-                let (tx, rx) = oneshot::channel();
-                (Some(tx), Some(rx))
-            };
-            let track = done.is_some() && target.group.is_some();
-            match peer.try_enqueue(Outgoing { message: Arc::clone(message), group: target.group.clone(), done, track }) {
-                Ok(true) => pending.extend(delivered),
-                Ok(false) => failed += 1,
+            match peer.try_enqueue(item) {
+                Ok(true) => receipt.merge(self.receipt(delivered.into_iter().collect())),
+                Ok(false) => receipt.failed += 1,
                 Err(_) => full.push(target),
             }
         }
-        let bound = self.shared.config.failure_timeout + self.shared.config.forward_wait;
-        (ForwardReceipt::pending(failed, pending, bound), full)
+        (receipt, full)
     }
 
     async fn forward(&self, message: Arc<Message>, targets: Vec<ForwardTarget>) -> Result<ForwardReceipt, StoreError> {
-        let wait = self.shared.config.forward_wait;
-        let mut failed = 0;
-        let mut pending = Vec::new();
+        let mut receipt = self.receipt(Vec::new());
         for target in targets {
-            let Some(peer) = self.shared.peers.get(&target.node).map(|p| Arc::clone(&p)) else {
-                failed += 1;
+            let Some((peer, item, delivered)) = self.outgoing(&message, &target) else {
+                receipt.failed += 1;
                 continue;
             };
-            let (done, delivered) = if message.qos == QoS::AtMostOnce {
-                (None, None)
+            if peer.enqueue(item, self.shared.config.forward_wait).await {
+                receipt.merge(self.receipt(delivered.into_iter().collect()));
             } else {
-                let (tx, rx) = oneshot::channel();
-                (Some(tx), Some(rx))
-            };
-            let track = done.is_some() && target.group.is_some();
-            if !peer.enqueue(Outgoing { message: Arc::clone(&message), group: target.group, done, track }, wait).await {
-                failed += 1;
-                continue;
+                receipt.failed += 1;
             }
-            pending.extend(delivered);
         }
-        // QoS >= 1: confirmed once the peers delivered (or failed).
-        Ok(ForwardReceipt::pending(failed, pending, self.shared.config.failure_timeout + wait))
+        Ok(receipt)
     }
 
     fn count(&self) -> usize {
