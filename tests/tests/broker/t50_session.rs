@@ -301,18 +301,26 @@ async fn store_errors_are_refusals_the_client_sees() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Issue 11, item 6: an old owner's session-expiry timer cannot remove a session claimed
-/// since under a newer epoch. Two brokers share one session store and one client registry
-/// (as nodes of a cluster will): the client leaves node A with a one-second expiry and
-/// resumes on node B; when A's timer fires, A drops only its own copy.
-#[tokio::test]
-async fn an_old_owners_expiry_timer_cannot_remove_a_session_claimed_elsewhere() -> anyhow::Result<()> {
+/// Two brokers ("node-a", "node-b") over one session store and one client registry, as the
+/// nodes of a cluster share them; and that store.
+async fn two_brokers_sharing_stores(
+) -> anyhow::Result<(raftmq_node::server::Server, raftmq_node::server::Server, std::sync::Arc<dyn raftmq_cluster::session::SessionStore>)> {
     let base = |name: &str| test_config(|c| c.node_name = name.into());
     let (config_a, config_b) = (base("node-a"), base("node-b"));
     let stores = raftmq_node::broker::Stores::memory(&config_a);
     let sessions = std::sync::Arc::clone(&stores.sessions);
     let a = start_broker_over(config_a, stores.clone()).await?.server;
     let b = start_broker_over(config_b, stores).await?.server;
+    Ok((a, b, sessions))
+}
+
+/// Issue 11, item 6: an old owner's session-expiry timer cannot remove a session claimed
+/// since under a newer epoch. Two brokers share one session store and one client registry
+/// (as nodes of a cluster will): the client leaves node A with a one-second expiry and
+/// resumes on node B; when A's timer fires, A drops only its own copy.
+#[tokio::test]
+async fn an_old_owners_expiry_timer_cannot_remove_a_session_claimed_elsewhere() -> anyhow::Result<()> {
+    let (a, b, sessions) = two_brokers_sharing_stores().await?;
 
     let mut c = connect_packet(Protocol::V5, "roamer", false);
     c.properties.session_expiry_interval = Some(1);
@@ -402,12 +410,7 @@ async fn inbound_qos2_ids_reach_the_store_as_operations() -> anyhow::Result<()> 
 /// acknowledged, with DUP, then the rest of the queue, in order [MQTT-4.4.0-1].
 #[tokio::test]
 async fn online_deliveries_reach_the_store_so_another_node_resumes_them() -> anyhow::Result<()> {
-    let base = |name: &str| test_config(|c| c.node_name = name.into());
-    let (config_a, config_b) = (base("node-a"), base("node-b"));
-    let stores = raftmq_node::broker::Stores::memory(&config_a);
-    let sessions = std::sync::Arc::clone(&stores.sessions);
-    let a = start_broker_over(config_a, stores.clone()).await?.server;
-    let b = start_broker_over(config_b, stores).await?.server;
+    let (a, b, sessions) = two_brokers_sharing_stores().await?;
 
     let mut c = connect_packet(Protocol::V5, "worker", false);
     c.properties.session_expiry_interval = Some(300);
