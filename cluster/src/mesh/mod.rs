@@ -164,6 +164,8 @@ pub(crate) struct Shared {
     pub(crate) undeliverable: AtomicU64,
     /// When this process started (its incarnation, as peers see it).
     pub(crate) incarnation: u64,
+    /// When the mesh started (readiness gives the seeds this long).
+    pub(crate) started: std::time::Instant,
     /// Per forwarding node, where settlements of its tracked shared deliveries go (the
     /// acknowledgement stream of its forward call).
     pub(crate) settlements: DashMap<NodeId, tokio::sync::mpsc::Sender<u64>>,
@@ -230,6 +232,7 @@ impl Mesh {
             shutdown: CancellationToken::new(),
             undeliverable: AtomicU64::new(0),
             incarnation: crate::message::now_ms(),
+            started: std::time::Instant::now(),
             settlements: DashMap::new(),
             redelivered: AtomicU64::new(0),
             config,
@@ -316,10 +319,23 @@ impl Mesh {
         self.shared.events.subscribe()
     }
 
-    /// Whether every peer known now is up and has sent this node its routes (what
-    /// `/readyz` waits for).
+    /// Whether this node can route for its clients (what `/readyz` waits for): every live
+    /// peer has sent its routes, and a node that has seeds reached one of them or gave it
+    /// the failure timeout. A peer that is down does not hold readiness back (the rest of
+    /// the cluster keeps serving while a node is dead).
     pub fn ready(&self) -> bool {
-        self.shared.peers.iter().all(|p| p.status() == PeerStatus::Up && self.shared.remote.has_origin(p.id))
+        let mut any_up = false;
+        for p in self.shared.peers.iter() {
+            if p.status() == PeerStatus::Up {
+                any_up = true;
+                if !self.shared.remote.has_origin(p.id) {
+                    return false;
+                }
+            }
+        }
+        let alone =
+            matches!(&self.shared.config.discovery, Discovery::Static(seeds) if seeds.iter().all(|s| *s == self.shared.config.advertise));
+        any_up || alone || self.shared.started.elapsed() >= self.shared.config.failure_timeout
     }
 
     /// A tracked shared delivery forwarded here was acknowledged by its member (or nobody

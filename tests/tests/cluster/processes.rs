@@ -257,6 +257,8 @@ async fn three_processes_form_one_cluster_and_notice_a_killed_node() -> anyhow::
     }
     let noticed = killed.elapsed();
     assert!(noticed <= FAILURE_TIMEOUT + Duration::from_secs(1), "noticed after {noticed:?}");
+    // A dead peer does not make the others unready: they keep serving.
+    assert_eq!(nodes[0].get("/readyz").await?.0, 200);
     // Its routes are gone: nobody else subscribed.
     let mut code = 0;
     while killed.elapsed() < FAILURE_TIMEOUT + Duration::from_secs(1) {
