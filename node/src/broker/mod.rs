@@ -316,6 +316,7 @@ impl Broker {
                     })
                     .collect(),
                 undeliverable: mesh.undeliverable(),
+                redelivered: mesh.redelivered(),
             }),
         };
         self.metrics.render(&self.stats, &gauges)

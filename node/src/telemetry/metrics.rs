@@ -86,6 +86,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ),
     ("raftmq_cluster_forward_queue", "Messages waiting to be forwarded to a peer."),
     ("raftmq_cluster_undeliverable_total", "Messages peers forwarded here that no local session could take."),
+    ("raftmq_cluster_redelivered_total", "Shared deliveries given to another member because the node they were forwarded to died first."),
     (ROUTE_SETTLE, "Time a SUBACK waited for every live peer to acknowledge its new route."),
     (LATENCY, "Time from receiving a PUBLISH to queueing it into a subscriber's socket buffer."),
 ];
@@ -228,6 +229,7 @@ impl Metrics {
             counter("raftmq_cluster_forward_dropped_total").absolute(p.forward_dropped);
         }
         self.counter("raftmq_cluster_undeliverable_total", &[]).absolute(cluster.undeliverable);
+        self.counter("raftmq_cluster_redelivered_total", &[]).absolute(cluster.redelivered);
     }
 
     /// Copies the broker's counters and gauges into the recorder and renders the text

@@ -297,6 +297,8 @@ pub struct ClusterGauges {
     pub peers: Vec<PeerGauges>,
     /// Forwarded messages received that no local session could take.
     pub undeliverable: u64,
+    /// Shared deliveries given to another member because their node died.
+    pub redelivered: u64,
 }
 
 /// Totals over every session, for metrics.

@@ -320,5 +320,7 @@ async fn a_killed_nodes_unacknowledged_shared_messages_go_to_another_member() ->
     all.sort();
     all.dedup();
     assert_eq!(all.len(), 10, "every job reached a live member: {done:?}");
+    let (_, metrics) = nodes[0].get("/metrics").await?;
+    assert!(metrics.contains(&format!("raftmq_cluster_redelivered_total {}", held.len())), "{metrics}");
     Ok(())
 }
