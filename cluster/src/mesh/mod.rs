@@ -77,6 +77,8 @@ pub struct HandOverRequest {
     pub resume: bool,
     /// Sessions are bound to the identity that created them.
     pub check_owner: bool,
+    /// The claiming node (filled in by the mesh).
+    pub from: NodeId,
 }
 
 /// What became of a client id a peer asked for.
@@ -265,6 +267,7 @@ impl Mesh {
             has_username: request.username.is_some(),
             resume: request.resume,
             check_owner: request.check_owner,
+            from: self.shared.config.name.clone(),
         };
         let peers: Vec<Arc<peer::Peer>> = self.shared.peers.iter().map(|p| Arc::clone(&p)).collect();
         let bound = self.shared.config.failure_timeout;

@@ -303,6 +303,7 @@ impl Cluster for Service {
                 username: r.has_username.then_some(r.username),
                 resume: r.resume,
                 check_owner: r.check_owner,
+                from: crate::stable_hash(r.from.as_bytes()),
             })
         });
         use pb::takeover_reply::Outcome;

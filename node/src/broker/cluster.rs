@@ -93,7 +93,15 @@ impl Broker {
     /// session up (returned, with its pending will) instead of ending it here.
     pub async fn hand_over(&self, request: HandOverRequest) -> HandOver {
         let Some(slot) = self.slot(&request.client_id) else { return HandOver::NotHere };
-        let _guard = slot.connect_lock.lock().await;
+        let _guard = match slot.connect_lock.try_lock() {
+            Ok(guard) => guard,
+            // A CONNECT with this id is being attached here while the other node claims it:
+            // both wait for each other's answer. The node with the higher id wins: a lower
+            // one lets its attach finish and hands over after; a higher one answers at once
+            // and claims on the other node, which then hands its new connection over.
+            Err(_) if request.from > self.node_id => slot.connect_lock.lock().await,
+            Err(_) => return HandOver::NotHere,
+        };
         if slot.is_removed() {
             return HandOver::NotHere;
         }

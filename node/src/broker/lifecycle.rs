@@ -78,6 +78,7 @@ impl Broker {
                     username: owner.identity.username.clone(),
                     resume: !clean_start,
                     check_owner: self.config.auth.bind_session_to_user,
+                    from: self.node_id,
                 };
                 match mesh.claim(request).await {
                     Ok(claimed) => {

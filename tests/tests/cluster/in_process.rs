@@ -332,3 +332,28 @@ async fn a_node_finds_its_peers_through_dns() -> anyhow::Result<()> {
     let all = [first.into_iter().next().ok_or_else(|| anyhow::anyhow!("no node"))?, second];
     wait_for_cluster(&all, 2).await
 }
+
+/// Issue 12, item 6: two CONNECTs with one client id racing on two nodes end with exactly
+/// one connection, at once (not after a claim timeout): the node with the higher id wins
+/// the tie, the other's connection is taken over (0x8E).
+#[tokio::test]
+async fn a_client_id_connecting_on_two_nodes_at_once_ends_connected_once() -> anyhow::Result<()> {
+    let nodes = start_cluster(2, |_| {}).await?;
+    for round in 0..10 {
+        let id = format!("twin-{round}");
+        let started = std::time::Instant::now();
+        let (one, two) =
+            tokio::join!(Raw::connect(nodes[0].addr, Protocol::V5, &id, true), Raw::connect(nodes[1].addr, Protocol::V5, &id, true));
+        let ((mut one, a1), (mut two, a2)) = (one?, two?);
+        assert!(a1.code == 0 && a2.code == 0);
+        assert!(started.elapsed() < Duration::from_millis(1000), "a claim waited for its timeout: {:?}", started.elapsed());
+        // Exactly one of the two is closed with 0x8E; the other stays.
+        let (closed1, closed2) = tokio::join!(one.recv_within(Duration::from_millis(300)), two.recv_within(Duration::from_millis(300)));
+        let kicked =
+            |r: &anyhow::Result<Option<Packet>>| matches!(r, Ok(Some(Packet::Disconnect(d))) if d.reason == reason::SESSION_TAKEN_OVER);
+        assert!(kicked(&closed1) != kicked(&closed2), "round {round}: {closed1:?} / {closed2:?}");
+        let survivor = if kicked(&closed1) { &mut two } else { &mut one };
+        survivor.ping().await?;
+    }
+    Ok(())
+}
