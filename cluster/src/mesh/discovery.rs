@@ -74,6 +74,7 @@ pub(crate) fn dial(shared: &Arc<Shared>, address: String) {
                 // Linked, or one of our own addresses (never dialled again).
                 return;
             }
+            shared.failed_dials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = shared.shutdown.cancelled() => return,

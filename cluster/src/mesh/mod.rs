@@ -77,7 +77,7 @@ pub struct HandOverRequest {
     pub resume: bool,
     /// Sessions are bound to the identity that created them.
     pub check_owner: bool,
-    /// The claiming node (filled in by the mesh).
+    /// The claiming node (on the wire, its name).
     pub from: NodeId,
 }
 
@@ -173,6 +173,9 @@ pub(crate) struct Shared {
     pub(crate) settlements: DashMap<NodeId, tokio::sync::mpsc::Sender<u64>>,
     /// Tracked shared deliveries given to another member after their node died.
     pub(crate) redelivered: AtomicU64,
+    /// Introductions to a new address that failed (unreachable, refused, wrong secret or
+    /// certificate).
+    pub(crate) failed_dials: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -237,6 +240,7 @@ impl Mesh {
             started: std::time::Instant::now(),
             settlements: DashMap::new(),
             redelivered: AtomicU64::new(0),
+            failed_dials: AtomicU64::new(0),
             config,
         });
         if config_has_no_secret(&shared.config) {
@@ -353,6 +357,11 @@ impl Mesh {
     /// died first.
     pub fn redelivered(&self) -> u64 {
         self.shared.redelivered.load(Ordering::Relaxed)
+    }
+
+    /// Introductions to new addresses that failed (a node that cannot join sees them grow).
+    pub fn failed_dials(&self) -> u64 {
+        self.shared.failed_dials.load(Ordering::Relaxed)
     }
 
     /// Forwarded messages received here that no local session could take.

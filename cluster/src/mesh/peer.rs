@@ -76,7 +76,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub(crate) struct Peer {
     pub(crate) id: NodeId,
     pub(crate) name: String,
-    pub(crate) address: Mutex<String>,
+    pub(crate) address: String,
     status: AtomicU8,
     /// The peer has applied this node's route changes up to here.
     pub(crate) acked: watch::Sender<u64>,
@@ -177,7 +177,7 @@ impl Peer {
         Peer {
             id,
             name,
-            address: Mutex::new(address),
+            address,
             status: AtomicU8::new(status_code(PeerStatus::Connecting)),
             acked: watch::channel(0).0,
             forward_tx,
@@ -238,14 +238,14 @@ impl Peer {
         })
     }
 
-    pub(crate) fn address(&self) -> String {
-        self.address.lock().map(|a| a.clone()).unwrap_or_default()
+    pub(crate) fn address(&self) -> &str {
+        &self.address
     }
 
     pub(crate) fn view(&self, routes: usize) -> NodeView {
         NodeView {
             name: self.name.clone(),
-            address: self.address(),
+            address: self.address.clone(),
             status: self.status(),
             routes,
             forwarded: self.forwarded.load(Ordering::Relaxed),
@@ -315,9 +315,8 @@ impl Peer {
         if self.status() != PeerStatus::Up {
             return;
         }
-        let address = self.address();
         let call = async {
-            let mut client = super::service::client(shared, &address).await.ok()?;
+            let mut client = super::service::client(shared, &self.address).await.ok()?;
             client.leave(pb::LeaveRequest { name: shared.config.name.clone() }).await.ok()
         };
         let _ = tokio::time::timeout(shared.config.failure_timeout, call).await;
@@ -401,8 +400,7 @@ impl Peer {
 
     async fn serve(&self, shared: &Arc<Shared>) -> Result<(), LinkError> {
         let config = &shared.config;
-        let address = self.address();
-        let mut client = super::service::client(shared, &address).await?;
+        let mut client = super::service::client(shared, &self.address).await?;
         let reply = tokio::time::timeout(config.failure_timeout, client.hello(hello_request(shared)))
             .await
             .map_err(|_| LinkError::Silent)??

@@ -149,7 +149,8 @@ impl Cluster for Service {
         let shared = &self.shared;
         // A node that found us first: link back to it.
         super::discovery::learn(shared, std::iter::once((caller.name, caller.address)));
-        let known = shared.peers.iter().map(|p| pb::NodeInfo { name: p.name.clone(), address: p.address(), incarnation: 0 }).collect();
+        let known =
+            shared.peers.iter().map(|p| pb::NodeInfo { name: p.name.clone(), address: p.address.clone(), incarnation: 0 }).collect();
         Ok(Response::new(pb::HelloReply { node: Some(super::peer::me(shared)), known, version: 1 }))
     }
 
@@ -181,7 +182,6 @@ impl Cluster for Service {
                         o
                     }
                 };
-                let mut ack = pb::RouteAck { seq: last, resync: false };
                 if update.snapshot {
                     let routes = update.changes.iter().map(|c| (route_of(c), c.members)).collect();
                     shared.remote.replace(node, generation, routes);
@@ -200,9 +200,7 @@ impl Cluster for Service {
                         want_snapshot = true;
                     }
                 }
-                ack.seq = last;
-                ack.resync = want_snapshot;
-                if tx.send(Ok(ack)).await.is_err() {
+                if tx.send(Ok(pb::RouteAck { seq: last, resync: want_snapshot })).await.is_err() {
                     break;
                 }
             }
@@ -327,7 +325,7 @@ impl Cluster for Service {
         let shared = &self.shared;
         shared.remote.drop_origin(node, None);
         if let Some((_, peer)) = shared.peers.remove(&node) {
-            super::discovery::forget(shared, &peer.address());
+            super::discovery::forget(shared, peer.address());
             peer.mark_left(shared);
         }
         tracing::info!(peer = %name, "cluster peer left");

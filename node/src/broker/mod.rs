@@ -301,22 +301,10 @@ impl Broker {
             retained_bytes: self.retained_bytes(),
             journal_lost: self.journal.lost(),
             cluster: self.mesh().map(|mesh| crate::telemetry::stats::ClusterGauges {
-                peers: mesh
-                    .nodes()
-                    .into_iter()
-                    .skip(1)
-                    .map(|n| crate::telemetry::stats::PeerGauges {
-                        up: n.status.label() == "up",
-                        name: n.name,
-                        routes: n.routes,
-                        forward_queue: n.forward_queue,
-                        forwarded: n.forwarded,
-                        forwarded_bytes: n.forwarded_bytes,
-                        forward_dropped: n.forward_dropped,
-                    })
-                    .collect(),
+                peers: mesh.nodes().into_iter().skip(1).collect(),
                 undeliverable: mesh.undeliverable(),
                 redelivered: mesh.redelivered(),
+                failed_dials: mesh.failed_dials(),
             }),
         };
         self.metrics.render(&self.stats, &gauges)

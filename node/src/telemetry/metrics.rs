@@ -86,6 +86,10 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ),
     ("raftmq_cluster_forward_queue", "Messages waiting to be forwarded to a peer."),
     ("raftmq_cluster_undeliverable_total", "Messages peers forwarded here that no local session could take."),
+    (
+        "raftmq_cluster_failed_dials_total",
+        "Introductions to a new node address that failed: unreachable, or refused for a wrong secret or certificate.",
+    ),
     ("raftmq_cluster_redelivered_total", "Shared deliveries given to another member because the node they were forwarded to died first."),
     (ROUTE_SETTLE, "Time a SUBACK waited for every live peer to acknowledge its new route."),
     (LATENCY, "Time from receiving a PUBLISH to queueing it into a subscriber's socket buffer."),
@@ -215,13 +219,14 @@ impl Metrics {
     /// make a bounded label), and the route-settle time.
     fn render_cluster(&self, g: &Gauges) {
         let Some(cluster) = &g.cluster else { return };
-        let up = cluster.peers.iter().filter(|p| p.up).count() + 1;
+        let is_up = |p: &raftmq_cluster::mesh::NodeView| p.status == raftmq_cluster::mesh::PeerStatus::Up;
+        let up = cluster.peers.iter().filter(|p| is_up(p)).count() + 1;
         self.gauge("raftmq_cluster_nodes", &[("status", "up")]).set(up as f64);
         self.gauge("raftmq_cluster_nodes", &[("status", "down")]).set((cluster.peers.len() + 1 - up) as f64);
         for p in &cluster.peers {
             let gauge = |name| self.recorder.register_gauge(&peer_key(name, &p.name), &META);
             let counter = |name| self.recorder.register_counter(&peer_key(name, &p.name), &META);
-            gauge("raftmq_cluster_peer_up").set(if p.up { 1.0 } else { 0.0 });
+            gauge("raftmq_cluster_peer_up").set(if is_up(p) { 1.0 } else { 0.0 });
             gauge("raftmq_cluster_peer_routes").set(p.routes as f64);
             gauge("raftmq_cluster_forward_queue").set(p.forward_queue as f64);
             counter("raftmq_cluster_forwarded_messages_total").absolute(p.forwarded);
@@ -230,6 +235,7 @@ impl Metrics {
         }
         self.counter("raftmq_cluster_undeliverable_total", &[]).absolute(cluster.undeliverable);
         self.counter("raftmq_cluster_redelivered_total", &[]).absolute(cluster.redelivered);
+        self.counter("raftmq_cluster_failed_dials_total", &[]).absolute(cluster.failed_dials);
     }
 
     /// Copies the broker's counters and gauges into the recorder and renders the text

@@ -271,34 +271,17 @@ pub struct Gauges {
     pub cluster: Option<ClusterGauges>,
 }
 
-/// One peer, for metrics.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerGauges {
-    /// Its node name.
-    pub name: String,
-    /// Its link is up.
-    pub up: bool,
-    /// Its routes held here.
-    pub routes: usize,
-    /// Messages waiting for it.
-    pub forward_queue: usize,
-    /// Messages forwarded to it.
-    pub forwarded: u64,
-    /// Payload bytes forwarded to it.
-    pub forwarded_bytes: u64,
-    /// Messages for it dropped.
-    pub forward_dropped: u64,
-}
-
 /// The cluster, for metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClusterGauges {
-    /// Every peer.
-    pub peers: Vec<PeerGauges>,
+    /// Every peer, as the mesh sees it.
+    pub peers: Vec<raftmq_cluster::mesh::NodeView>,
     /// Forwarded messages received that no local session could take.
     pub undeliverable: u64,
     /// Shared deliveries given to another member because their node died.
     pub redelivered: u64,
+    /// Introductions to new addresses that failed.
+    pub failed_dials: u64,
 }
 
 /// Totals over every session, for metrics.

@@ -166,6 +166,16 @@ async fn a_leaving_node_takes_its_routes_with_it() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits until `node` has failed to introduce itself `n` times.
+async fn wait_for_failed_dials(node: &TestBroker, n: u64) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while node.server.broker.mesh().map_or(0, |m| m.failed_dials()) < n {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "fewer than {n} failed introductions");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// Issue 12, item 1: a node without the cluster's secret is refused (and never joins);
 /// garbage on the cluster port is closed; the cluster carries on.
 #[tokio::test]
@@ -185,8 +195,8 @@ async fn a_node_without_the_secret_and_garbage_on_the_port_are_refused() -> anyh
     let mut sink = Vec::new();
     let closed = tokio::time::timeout(DEADLINE, tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut sink)).await;
     assert!(closed.is_ok(), "the cluster port closes a connection that speaks no HTTP/2");
-    // The intruder had time to try a few times: it knows nobody, and nobody knows it.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Once the intruder was refused twice, it knows nobody, and nobody knows it.
+    wait_for_failed_dials(&intruder, 2).await?;
     assert!(intruder.server.broker.cluster_nodes().iter().all(|v| v.name == "intruder" || v.status.label() == "down"));
     assert!(nodes[0].server.broker.cluster_nodes().iter().all(|v| v.name != "intruder"));
     wait_for_cluster(&nodes, 2).await?;
@@ -307,7 +317,7 @@ async fn nodes_link_over_mutual_tls_and_a_plain_node_cannot_join() -> anyhow::Re
         c.cluster.secret = Some("test-secret".into());
     })
     .await?;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_for_failed_dials(&plain, 2).await?;
     assert!(plain.server.broker.cluster_nodes().iter().all(|v| v.name == "plain" || v.status.label() == "down"));
     assert!(nodes[0].server.broker.cluster_nodes().iter().all(|v| v.name != "plain"));
     Ok(())
