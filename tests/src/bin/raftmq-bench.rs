@@ -131,6 +131,19 @@ enum Scenario {
         #[arg(long, default_value_t = 4)]
         members: usize,
     },
+    /// Route convergence: clients on the subscriber node(s) each subscribe to new topics one
+    /// after another; after every SUBACK a client on `--broker` publishes to the new topic at
+    /// once and the message must arrive. Latency is SUBSCRIBE to SUBACK (in a cluster the
+    /// SUBACK waits for every peer, so it is the time until the route is deliverable
+    /// everywhere); `received` counts the probes that arrived.
+    Routes {
+        /// Subscriptions in all.
+        #[arg(short = 'c', long, default_value_t = 2000)]
+        count: usize,
+        /// Subscribing clients working at once.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+    },
     /// One paced publisher (default 1000 msg/s) and one subscriber: one-way latency.
     Latency {
         /// Run both clients in one thread that spins on non-blocking sockets instead of
@@ -498,6 +511,57 @@ async fn conn_scenario(
     Ok(Summary { scenario: "conn", sent: 0, received: count as u64, seconds, latency: None, conn_per_sec: Some(count as f64 / seconds) })
 }
 
+/// Subscribes one topic at a time per client and proves each route deliverable from
+/// `--broker` right after its SUBACK.
+async fn routes_scenario(c: &Common, count: usize, clients: usize) -> anyhow::Result<Summary> {
+    let per_client = count.div_ceil(clients.max(1));
+    let probe_wait = Duration::from_secs(2);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..clients.max(1) {
+        let at = if c.sub_brokers.is_empty() { c.broker } else { c.sub_brokers[i % c.sub_brokers.len()] };
+        let sub_common = Common { broker: at, ..c.clone() };
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut sub = Conn::open(&sub_common, &format!("bench-routes-sub-{i}")).await?;
+            let mut probe = Conn::open(&c, &format!("bench-routes-pub-{i}")).await?;
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut arrived = 0u64;
+            for k in 0..per_client {
+                let topic = format!("bench/routes/{i}/{k}");
+                let asked = Instant::now();
+                sub.subscribe(&topic, QoS::AtMostOnce).await?;
+                let _ = hist.record((asked.elapsed().as_micros() as u64).max(1));
+                let mut unused = 0;
+                probe.send(&Packet::Publish(timed_publish(&topic, QoS::AtMostOnce, &mut unused, c.size))).await?;
+                let deadline = tokio::time::Instant::now() + probe_wait;
+                loop {
+                    match tokio::time::timeout_at(deadline, sub.next()).await {
+                        Ok(Ok(Some(Packet::Publish(p)))) if p.topic == topic => {
+                            arrived += 1;
+                            break;
+                        }
+                        Ok(Ok(Some(_))) => {}
+                        Ok(Ok(None)) => bail!("the broker closed {topic}'s subscriber"),
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => break,
+                    }
+                }
+            }
+            anyhow::Ok((hist, per_client as u64, arrived))
+        }));
+    }
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut sent, mut received) = (0, 0);
+    for t in tasks {
+        let (h, s, r) = t.await??;
+        latency.add(h)?;
+        sent += s;
+        received += r;
+    }
+    Ok(Summary { scenario: "routes", sent, received, seconds: started.elapsed().as_secs_f64(), latency: Some(latency), conn_per_sec: None })
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let c = cli.common;
@@ -512,6 +576,7 @@ fn main() -> anyhow::Result<()> {
         | Scenario::Fanout { count } => *count,
         Scenario::Fanin { count, members } => count + members,
         Scenario::Latency { .. } => 2,
+        Scenario::Routes { clients, .. } => 2 * clients,
     };
     if count == 0 || count > MAX_CLIENTS {
         bail!("between 1 and {MAX_CLIENTS} clients");
@@ -544,6 +609,7 @@ fn main() -> anyhow::Result<()> {
                 )
                 .await?
             }
+            Scenario::Routes { count, clients } => routes_scenario(&c, count, clients).await?,
             Scenario::Latency { busy_poll: true } => {
                 let c = c.clone();
                 tokio::task::spawn_blocking(move || busy::latency(&c, c.rate.unwrap_or(1000))).await??
