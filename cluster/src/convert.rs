@@ -87,6 +87,45 @@ fn qos(v: u32) -> Result<QoS, ConvertError> {
     u8::try_from(v).ok().and_then(QoS::from_u8).ok_or(ConvertError::InvalidQos(v))
 }
 
+/// A subscription as the wire carries it.
+pub fn subscription_to_wire(filter: &str, o: &SubscriptionOptions) -> pb::Subscription {
+    pb::Subscription {
+        filter: filter.to_owned(),
+        qos: o.qos as u32,
+        no_local: o.no_local,
+        retain_as_published: o.retain_as_published,
+        retain_handling: u32::from(o.retain_handling),
+        subscription_identifier: o.subscription_identifier,
+    }
+}
+
+/// A subscription from the wire: its filter and options.
+pub fn subscription_from_wire(sub: pb::Subscription) -> Result<(String, SubscriptionOptions), ConvertError> {
+    let retain_handling = u8::try_from(sub.retain_handling).ok().filter(|r| *r <= 2).ok_or(ConvertError::OutOfRange("retain handling"))?;
+    let options = SubscriptionOptions {
+        qos: qos(sub.qos)?,
+        no_local: sub.no_local,
+        retain_as_published: sub.retain_as_published,
+        retain_handling,
+        subscription_identifier: sub.subscription_identifier,
+    };
+    Ok((sub.filter, options))
+}
+
+impl From<&WillMessage> for pb::Will {
+    fn from(w: &WillMessage) -> Self {
+        pb::Will { message: Some(pb::Message::from(&w.message)), delay_secs: w.delay_secs }
+    }
+}
+
+impl TryFrom<pb::Will> for WillMessage {
+    type Error = ConvertError;
+
+    fn try_from(w: pb::Will) -> Result<Self, Self::Error> {
+        Ok(WillMessage { message: Message::try_from(w.message.ok_or(ConvertError::Missing("will message"))?)?, delay_secs: w.delay_secs })
+    }
+}
+
 impl From<&QueuedMessage> for pb::Queued {
     fn from(q: &QueuedMessage) -> Self {
         pb::Queued {
@@ -124,18 +163,7 @@ impl From<&SessionState> for pb::Session {
     fn from(s: &SessionState) -> Self {
         pb::Session {
             client_id: s.client_id.clone(),
-            subscriptions: s
-                .subscriptions
-                .iter()
-                .map(|(filter, o)| pb::Subscription {
-                    filter: filter.clone(),
-                    qos: o.qos as u32,
-                    no_local: o.no_local,
-                    retain_as_published: o.retain_as_published,
-                    retain_handling: u32::from(o.retain_handling),
-                    subscription_identifier: o.subscription_identifier,
-                })
-                .collect(),
+            subscriptions: s.subscriptions.iter().map(|(filter, o)| subscription_to_wire(filter, o)).collect(),
             queue: s.queue.iter().map(pb::Queued::from).collect(),
             inflight: s
                 .inflight
@@ -148,7 +176,7 @@ impl From<&SessionState> for pb::Session {
                 .collect(),
             awaiting_rel: s.awaiting_rel.iter().map(|id| u32::from(*id)).collect(),
             expiry_secs: s.expiry_secs,
-            will: s.will.as_ref().map(|w| pb::Will { message: Some(pb::Message::from(&w.message)), delay_secs: w.delay_secs }),
+            will: s.will.as_ref().map(pb::Will::from),
             owner: s.owner.clone(),
             epoch: s.epoch,
             disconnected_at_ms: s.disconnected_at_ms,
@@ -163,16 +191,8 @@ impl TryFrom<pb::Session> for SessionState {
         let packet_id = |v: u32| u16::try_from(v).ok().filter(|id| *id != 0).ok_or(ConvertError::OutOfRange("packet id"));
         let mut subscriptions = std::collections::BTreeMap::new();
         for sub in s.subscriptions {
-            let retain_handling =
-                u8::try_from(sub.retain_handling).ok().filter(|r| *r <= 2).ok_or(ConvertError::OutOfRange("retain handling"))?;
-            let options = SubscriptionOptions {
-                qos: qos(sub.qos)?,
-                no_local: sub.no_local,
-                retain_as_published: sub.retain_as_published,
-                retain_handling,
-                subscription_identifier: sub.subscription_identifier,
-            };
-            subscriptions.insert(sub.filter, options);
+            let (filter, options) = subscription_from_wire(sub)?;
+            subscriptions.insert(filter, options);
         }
         let mut inflight = std::collections::BTreeMap::new();
         for m in s.inflight {
@@ -180,13 +200,7 @@ impl TryFrom<pb::Session> for SessionState {
             let stage = if m.released { InflightStage::Released } else { InflightStage::Published };
             inflight.insert(packet_id(m.packet_id)?, InflightMessage { queued, stage });
         }
-        let will = match s.will {
-            Some(w) => Some(WillMessage {
-                message: Message::try_from(w.message.ok_or(ConvertError::Missing("will message"))?)?,
-                delay_secs: w.delay_secs,
-            }),
-            None => None,
-        };
+        let will = s.will.map(WillMessage::try_from).transpose()?;
         Ok(SessionState {
             client_id: s.client_id,
             subscriptions,

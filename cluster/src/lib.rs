@@ -15,6 +15,7 @@
 pub mod convert;
 pub mod mesh;
 pub mod message;
+pub mod raft;
 pub mod registry;
 pub mod retained;
 pub mod routes;

@@ -63,6 +63,19 @@ impl MemoryRegistry {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Every claim and the epoch counter.
+    pub fn export(&self) -> (Vec<(String, Claim)>, Epoch) {
+        let claims = self.claims.lock().map(|c| c.iter().map(|(id, c)| (id.to_string(), *c)).collect()).unwrap_or_default();
+        (claims, self.next.lock().map(|n| *n).unwrap_or(0))
+    }
+
+    /// Replaces every claim and the counter (a snapshot being installed).
+    pub fn replace_all(&self, claims: Vec<(String, Claim)>, next: Epoch) -> Result<(), StoreError> {
+        *self.claims.lock().map_err(|_| StoreError::Poisoned)? = claims.into_iter().map(|(id, c)| (id.into_boxed_str(), c)).collect();
+        *self.next.lock().map_err(|_| StoreError::Poisoned)? = next;
+        Ok(())
+    }
 }
 
 #[async_trait]

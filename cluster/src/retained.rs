@@ -174,6 +174,35 @@ impl MemoryRetainedStore {
     pub fn new(limits: RetainedLimits) -> Self {
         MemoryRetainedStore { index: RwLock::new(Index::default()), limits }
     }
+
+    /// Sets `message` within `limits` (the replicated store applies the proposer's caps, so
+    /// every node decides alike).
+    pub fn set_within(&self, message: Arc<Message>, limits: RetainedLimits) -> Result<RetainOutcome, StoreError> {
+        Ok(self.index.write().map_err(|_| StoreError::Poisoned)?.set(message, limits))
+    }
+
+    /// Every retained message (expired ones too: expiry is decided when read).
+    pub fn export(&self) -> Vec<Arc<Message>> {
+        let Ok(index) = self.index.read() else { return Vec::new() };
+        let mut out = Vec::with_capacity(index.count);
+        let mut stack = vec![&index.root];
+        while let Some(node) = stack.pop() {
+            out.extend(node.value.iter().cloned());
+            stack.extend(node.children.values());
+        }
+        out
+    }
+
+    /// Replaces everything with `messages` (a snapshot being installed), without caps.
+    pub fn replace_all(&self, messages: Vec<Arc<Message>>) -> Result<(), StoreError> {
+        let mut index = self.index.write().map_err(|_| StoreError::Poisoned)?;
+        *index = Index::default();
+        let unbounded = RetainedLimits { max_messages: usize::MAX, max_bytes: usize::MAX, max_payload: usize::MAX };
+        for m in messages {
+            index.set(m, unbounded);
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]

@@ -224,6 +224,20 @@ impl MemorySessionStore {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Every stored session.
+    pub fn export(&self) -> Vec<SessionState> {
+        self.sessions.iter().map(|s| s.value().0.clone()).collect()
+    }
+
+    /// Replaces every session with `sessions` (a snapshot being installed).
+    pub fn replace_all(&self, sessions: Vec<SessionState>) {
+        self.sessions.clear();
+        for s in sessions {
+            let bytes = queue_bytes(&s);
+            self.sessions.insert(s.client_id.clone(), (s, bytes));
+        }
+    }
 }
 
 #[async_trait]

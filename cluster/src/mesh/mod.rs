@@ -31,7 +31,7 @@ pub mod config;
 mod discovery;
 mod peer;
 mod remote;
-mod service;
+pub(crate) mod service;
 mod table;
 
 pub use config::{Discovery, MeshConfig, MeshTls};
@@ -176,6 +176,8 @@ pub(crate) struct Shared {
     /// Introductions to a new address that failed (unreachable, refused, wrong secret or
     /// certificate).
     pub(crate) failed_dials: AtomicU64,
+    /// The Raft group this node's store runs, once started (its RPCs arrive here).
+    pub(crate) raft: OnceLock<openraft::Raft<crate::raft::TypeConfig>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -241,6 +243,7 @@ impl Mesh {
             settlements: DashMap::new(),
             redelivered: AtomicU64::new(0),
             failed_dials: AtomicU64::new(0),
+            raft: OnceLock::new(),
             config,
         });
         if config_has_no_secret(&shared.config) {
@@ -292,6 +295,16 @@ impl Mesh {
             }
         }
         Ok(claimed)
+    }
+
+    /// What the mesh shares with its tasks (the Raft network dials through it).
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Serves the Raft RPCs of `raft` from now on.
+    pub fn set_raft(&self, raft: openraft::Raft<crate::raft::TypeConfig>) {
+        let _ = self.shared.raft.set(raft);
     }
 
     /// This node's id.

@@ -133,6 +133,18 @@ struct Service {
     shared: Arc<Shared>,
 }
 
+impl Service {
+    fn raft(&self) -> Result<&openraft::Raft<crate::raft::TypeConfig>, Status> {
+        self.shared.raft.get().ok_or_else(|| Status::unavailable("no raft group on this node yet"))
+    }
+
+    async fn raft_rpc(&self, kind: &'static str, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+        let raft = self.raft()?;
+        let payload = crate::raft::network::serve_rpc(raft, kind, &request.into_inner().payload).await?;
+        Ok(Response::new(pb::RaftPayload { payload: payload.into() }))
+    }
+}
+
 type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 fn route_of(change: &pb::RouteChange) -> Route {
@@ -212,6 +224,47 @@ impl Cluster for Service {
     }
 
     type ForwardStream = Stream<pb::ForwardAck>;
+
+    async fn raft_append(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+        self.raft_rpc("append", request).await
+    }
+
+    async fn raft_vote(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+        self.raft_rpc("vote", request).await
+    }
+
+    async fn raft_snapshot(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+        self.raft_rpc("snapshot", request).await
+    }
+
+    async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
+        let raft = self.raft()?;
+        let batch = request.into_inner().batch.unwrap_or_default();
+        let command = crate::raft::Command { batch: prost::Message::encode_to_vec(&batch).into() };
+        match raft.client_write(command).await {
+            Ok(response) => {
+                let replies = postcard::to_allocvec(&response.data).map_err(|e| Status::internal(e.to_string()))?;
+                Ok(Response::new(pb::ProposeReply { replies: replies.into(), leader: 0 }))
+            }
+            Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(f))) => {
+                Ok(Response::new(pb::ProposeReply { replies: Default::default(), leader: f.leader_id.unwrap_or(0) }))
+            }
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        let raft = self.raft()?;
+        let request = request.into_inner();
+        let node = openraft::BasicNode { addr: request.address };
+        match raft.add_learner(request.node, node, true).await {
+            Ok(_) => Ok(Response::new(pb::JoinReply { leader: 0, joined: true })),
+            Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(f))) => {
+                Ok(Response::new(pb::JoinReply { leader: f.leader_id.unwrap_or(0), joined: false }))
+            }
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
 
     async fn forward(&self, request: Request<Streaming<pb::ForwardBatch>>) -> Result<Response<Self::ForwardStream>, Status> {
         let mut batches = request.into_inner();

@@ -1,0 +1,401 @@
+//! [`RaftStore`]: the Raft group on this node's data directory, the writer that batches
+//! operations into log entries, and the broker's store traits over it (sessions, retained
+//! messages, client registry: reads from the applied state, writes through the log).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{Config, Raft, SnapshotPolicy};
+use tokio::sync::{mpsc, oneshot};
+
+use super::network::Network;
+use super::ops::{encode_batch, Reply, StoreOp};
+use super::{Command, LogStore, Node, NodeId, Replicated, StateMachine, TypeConfig};
+use crate::message::Message;
+use crate::registry::{Claim, ClientRegistry, Epoch};
+use crate::retained::{RetainOutcome, RetainedLimits, RetainedStore};
+use crate::session::{SessionState, SessionStore};
+use crate::session_ops::{Applied, OpError, SessionCommand};
+use crate::StoreError;
+
+/// Where and how this node keeps the replicated store.
+#[derive(Debug, Clone)]
+pub struct RaftConfig {
+    /// The data directory (the store lives in `raft/` inside it).
+    pub data_dir: PathBuf,
+    /// This node's id ([`crate::stable_hash`] of its name).
+    pub node_id: NodeId,
+    /// This node's name (checked against the data directory's owner).
+    pub node_name: String,
+    /// The address peers reach this node's cluster listener at.
+    pub address: String,
+    /// Entries applied between snapshots.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind the last snapshot (for peers slightly behind).
+    pub keep_behind_snapshot: u64,
+    /// Most operations in one log entry.
+    pub max_batch: usize,
+    /// Operations waiting for the writer at most (beyond, writers wait: backpressure).
+    pub queue: usize,
+    /// Raft heartbeat interval.
+    pub heartbeat: Duration,
+    /// Election timeout range, lower bound (the upper is twice it).
+    pub election_timeout: Duration,
+    /// Caps of retained messages this node proposes.
+    pub retained: RetainedLimits,
+}
+
+/// Why the store could not start: each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RaftStartError {
+    /// The directory cannot be created or opened (permissions, a full disk, another
+    /// process using it).
+    #[error("data directory {dir}: {source} (is another raftmq using it? check its permissions and free space, or pass --data-dir)")]
+    Open {
+        /// The directory.
+        dir: String,
+        /// What sled said.
+        source: sled::Error,
+    },
+    /// The directory belongs to another node.
+    #[error("data directory {dir} belongs to node {owner:?}, not {name:?}: start with --node-name {owner} or use another --data-dir")]
+    Foreign {
+        /// The directory.
+        dir: String,
+        /// The node that wrote it.
+        owner: String,
+        /// This node's name.
+        name: String,
+    },
+    /// A record failed its checksum or could not be read.
+    #[error("data directory {dir} is corrupt ({detail}): restore it from a backup, or move it away to start empty (a cluster member then catches up from its peers)")]
+    Corrupt {
+        /// The directory.
+        dir: String,
+        /// What failed.
+        detail: String,
+    },
+    /// openraft refused to start.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// A batch of operations waiting for its entry.
+struct Proposal {
+    ops: Vec<StoreOp>,
+    done: oneshot::Sender<Result<Vec<Reply>, StoreError>>,
+}
+
+/// The replicated store of this node.
+pub struct RaftStore {
+    raft: Raft<TypeConfig>,
+    data: Arc<Replicated>,
+    writer: mpsc::Sender<Proposal>,
+    log: LogStore,
+    sm: StateMachine,
+    config: RaftConfig,
+    stats: Arc<WriterStats>,
+}
+
+/// What the writer did since start.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Log entries proposed.
+    pub entries: AtomicU64,
+    /// Operations in them.
+    pub ops: AtomicU64,
+    /// Microseconds from proposal to applied, summed over entries.
+    pub micros: AtomicU64,
+    /// Proposals that failed.
+    pub errors: AtomicU64,
+}
+
+impl std::fmt::Debug for RaftStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftStore").field("node", &self.config.node_name).field("dir", &self.config.data_dir).finish()
+    }
+}
+
+/// What `GET /api/v1/cluster` and the metrics show of the group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RaftView {
+    /// Leader, follower, candidate or learner.
+    pub role: &'static str,
+    /// Current term.
+    pub term: u64,
+    /// The leader's id, if known.
+    pub leader: Option<NodeId>,
+    /// Index of the last entry in the log.
+    pub last_log_index: u64,
+    /// Index of the last applied entry.
+    pub applied_index: u64,
+    /// Index of the last committed entry this node knows of (openraft 0.9 reports what
+    /// is applied; entries are applied as soon as they commit).
+    pub committed_index: u64,
+    /// Entries held in the log.
+    pub log_entries: usize,
+    /// Snapshots built since start.
+    pub snapshots: u64,
+    /// Index the last snapshot covers.
+    pub snapshot_index: u64,
+    /// Voters of the group.
+    pub voters: Vec<NodeId>,
+    /// Log entries this node's writer proposed.
+    pub proposals: u64,
+    /// Operations in them.
+    pub proposed_ops: u64,
+    /// Seconds from proposal to applied, summed.
+    pub proposal_seconds: f64,
+    /// Proposals that failed.
+    pub proposal_errors: u64,
+}
+
+impl RaftStore {
+    /// Opens (or creates) the store in `config.data_dir` and starts the group: a node whose
+    /// group was never initialized becomes a group of one.
+    pub async fn open(config: RaftConfig, mesh: Option<&crate::mesh::Mesh>) -> Result<Arc<RaftStore>, RaftStartError> {
+        let dir = config.data_dir.join("raft");
+        let shown = dir.display().to_string();
+        let open_err = |source| RaftStartError::Open { dir: shown.clone(), source };
+        std::fs::create_dir_all(&dir).map_err(|e| open_err(sled::Error::Io(e)))?;
+        let db = sled::Config::new().path(&dir).open().map_err(open_err)?;
+        let owner = db.open_tree("identity").map_err(open_err)?;
+        match owner.get(b"node_name").map_err(open_err)? {
+            Some(name) if name.as_ref() != config.node_name.as_bytes() => {
+                return Err(RaftStartError::Foreign {
+                    dir: shown,
+                    owner: String::from_utf8_lossy(&name).into_owned(),
+                    name: config.node_name.clone(),
+                });
+            }
+            Some(_) => {}
+            None => {
+                owner.insert(b"node_name", config.node_name.as_bytes()).map_err(open_err)?;
+                db.flush_async().await.map_err(open_err)?;
+            }
+        }
+        let log = LogStore::open(&db).map_err(open_err)?;
+        let sm = StateMachine::open(&db).map_err(|e| RaftStartError::Corrupt { dir: shown.clone(), detail: e.to_string() })?;
+        let data = sm.data();
+        let raft_config = Config {
+            cluster_name: "raftmq".into(),
+            heartbeat_interval: config.heartbeat.as_millis() as u64,
+            election_timeout_min: config.election_timeout.as_millis() as u64,
+            election_timeout_max: 2 * config.election_timeout.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every.max(1)),
+            max_in_snapshot_log_to_keep: config.keep_behind_snapshot,
+            ..Default::default()
+        };
+        let raft_config = Arc::new(raft_config.validate().map_err(|e| RaftStartError::Raft(e.to_string()))?);
+        let network = Network { mesh: mesh.map(|m| m.shared()) };
+        let raft = Raft::new(config.node_id, raft_config, network, log.clone(), sm.clone())
+            .await
+            .map_err(|e| RaftStartError::Corrupt { dir: shown.clone(), detail: e.to_string() })?;
+        if !raft.is_initialized().await.map_err(|e| RaftStartError::Raft(e.to_string()))? {
+            let members = BTreeMap::from([(config.node_id, Node { addr: config.address.clone() })]);
+            raft.initialize(members).await.map_err(|e| RaftStartError::Raft(e.to_string()))?;
+        }
+        let (writer, proposals) = mpsc::channel(config.queue.max(1));
+        let store = Arc::new(RaftStore { raft: raft.clone(), data, writer, log, sm, config, stats: Arc::default() });
+        if let Some(mesh) = mesh {
+            mesh.set_raft(raft.clone());
+        }
+        tokio::spawn(write_batches(raft, proposals, store.config.max_batch.max(1), Arc::clone(&store.stats)));
+        Ok(store)
+    }
+
+    /// Waits until the group has a leader (bounded): a node serves clients only once its
+    /// writes can commit.
+    pub async fn wait_for_leader(&self, bound: Duration) -> bool {
+        let mut metrics = self.raft.metrics();
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            if metrics.borrow().current_leader.is_some() {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return metrics.borrow().current_leader.is_some(),
+            }
+        }
+    }
+
+    /// Proposes `ops` (batched with others into one entry); resolves with their outcomes
+    /// once the entry is committed and applied.
+    pub async fn propose(&self, ops: Vec<StoreOp>) -> Result<Vec<Reply>, StoreError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (done, answer) = oneshot::channel();
+        self.writer.send(Proposal { ops, done }).await.map_err(|_| StoreError::Unavailable("the store stopped".into()))?;
+        answer.await.map_err(|_| StoreError::Unavailable("the store stopped".into()))?
+    }
+
+    /// The applied state.
+    pub fn data(&self) -> &Arc<Replicated> {
+        &self.data
+    }
+
+    /// The group as this node sees it.
+    pub fn view(&self) -> RaftView {
+        let m = self.raft.metrics().borrow().clone();
+        let role = match m.state {
+            openraft::ServerState::Leader => "leader",
+            openraft::ServerState::Follower => "follower",
+            openraft::ServerState::Candidate => "candidate",
+            openraft::ServerState::Learner => "learner",
+            openraft::ServerState::Shutdown => "shutdown",
+        };
+        let applied_index = m.last_applied.map_or(0, |l| l.index);
+        RaftView {
+            role,
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index,
+            committed_index: applied_index,
+            log_entries: self.log.len(),
+            snapshots: self.sm.snapshots_built(),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            voters: m.membership_config.membership().voter_ids().collect(),
+            proposals: self.stats.entries.load(Ordering::Relaxed),
+            proposed_ops: self.stats.ops.load(Ordering::Relaxed),
+            proposal_seconds: self.stats.micros.load(Ordering::Relaxed) as f64 / 1e6,
+            proposal_errors: self.stats.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the group (pending proposals fail) and flushes the data directory.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+
+    /// The broker's store traits over this store.
+    pub fn stores(self: &Arc<Self>) -> (Arc<dyn SessionStore>, Arc<dyn RetainedStore>, Arc<dyn ClientRegistry>) {
+        let s = Arc::new(Stores(Arc::clone(self)));
+        (s.clone(), s.clone(), s)
+    }
+}
+
+/// Collects proposals into entries of at most `max_batch` operations: while one entry is
+/// being committed the next fills, so the batch grows with the load and a lone write waits
+/// for nobody.
+async fn write_batches(raft: Raft<TypeConfig>, mut proposals: mpsc::Receiver<Proposal>, max_batch: usize, stats: Arc<WriterStats>) {
+    let mut waiting: Vec<Proposal> = Vec::new();
+    while proposals.recv_many(&mut waiting, max_batch).await > 0 {
+        // Operations, not proposals, bound the entry; what does not fit waits for the next.
+        let mut ops = Vec::new();
+        let mut batch = Vec::new();
+        let mut rest = Vec::new();
+        for p in waiting.drain(..) {
+            if !batch.is_empty() && ops.len() + p.ops.len() > max_batch {
+                rest.push(p);
+                continue;
+            }
+            ops.extend(p.ops.iter().cloned());
+            batch.push(p);
+        }
+        waiting = rest;
+        let started = Instant::now();
+        let outcome = raft.client_write(Command { batch: encode_batch(&ops) }).await;
+        stats.entries.fetch_add(1, Ordering::Relaxed);
+        stats.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        stats.micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match outcome {
+            Ok(response) => {
+                let mut replies = response.data.into_iter();
+                for p in batch {
+                    let mine: Vec<Reply> = replies.by_ref().take(p.ops.len()).collect();
+                    let _ = p.done.send(Ok(mine));
+                }
+            }
+            Err(e) => {
+                let error = match e {
+                    RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => StoreError::NotLeader,
+                    other => StoreError::Unavailable(other.to_string()),
+                };
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                for p in batch {
+                    let _ = p.done.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// [`SessionStore`], [`RetainedStore`] and [`ClientRegistry`] over a [`RaftStore`].
+#[derive(Debug)]
+struct Stores(Arc<RaftStore>);
+
+fn one(mut replies: Vec<Reply>) -> Result<Reply, StoreError> {
+    replies.pop().ok_or_else(|| StoreError::Unavailable("no outcome for the operation".into()))
+}
+
+#[async_trait]
+impl SessionStore for Stores {
+    async fn load(&self, client_id: &str) -> Result<Option<SessionState>, StoreError> {
+        self.0.data.sessions.load(client_id).await
+    }
+
+    async fn apply(&self, batch: Vec<SessionCommand>) -> Result<Vec<Result<Applied, OpError>>, StoreError> {
+        let replies = self.0.propose(batch.into_iter().map(StoreOp::Session).collect()).await?;
+        Ok(replies.into_iter().map(Reply::session).collect())
+    }
+
+    fn len(&self) -> usize {
+        self.0.data.sessions.len()
+    }
+}
+
+#[async_trait]
+impl RetainedStore for Stores {
+    async fn set(&self, message: Arc<Message>) -> Result<RetainOutcome, StoreError> {
+        let limits = self.0.config.retained;
+        // Refused here already: a message over the caps never costs a log entry.
+        if message.payload.len() > limits.max_payload {
+            return Ok(RetainOutcome::Refused);
+        }
+        Ok(one(self.0.propose(vec![StoreOp::Retain { message, limits }]).await?)?.retain_outcome())
+    }
+
+    fn matching(&self, filter: &str, now_ms: u64) -> Vec<Arc<Message>> {
+        self.0.data.retained.matching(filter, now_ms)
+    }
+
+    fn count(&self) -> usize {
+        self.0.data.retained.count()
+    }
+
+    fn bytes(&self) -> usize {
+        self.0.data.retained.bytes()
+    }
+}
+
+#[async_trait]
+impl ClientRegistry for Stores {
+    async fn claim(&self, client_id: &str, node: NodeId, above: Epoch) -> Result<Epoch, StoreError> {
+        match one(self.0.propose(vec![StoreOp::Claim { client_id: client_id.to_owned(), node, above }]).await?)? {
+            Reply::Claimed(epoch) => Ok(epoch),
+            other => Err(StoreError::Unavailable(format!("unexpected claim outcome {other:?}"))),
+        }
+    }
+
+    fn current(&self, client_id: &str) -> Option<Claim> {
+        self.0.data.registry.current(client_id)
+    }
+
+    async fn release(&self, client_id: &str, epoch: Epoch) -> Result<bool, StoreError> {
+        Ok(matches!(one(self.0.propose(vec![StoreOp::Release { client_id: client_id.to_owned(), epoch }]).await?)?, Reply::Released(true)))
+    }
+
+    fn len(&self) -> usize {
+        self.0.data.registry.len()
+    }
+}
