@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use raftmq_cluster::mesh::Mesh;
+use raftmq_cluster::raft::{RaftConfig, RaftStore};
+use raftmq_cluster::retained::RetainedLimits;
 use tokio::net::TcpListener;
 
 use crate::broker::{Broker, Stores};
@@ -34,6 +36,12 @@ pub enum StartError {
     /// The cluster listener could not start.
     #[error(transparent)]
     Cluster(#[from] raftmq_cluster::mesh::MeshError),
+    /// The replicated store on the data directory could not start.
+    #[error(transparent)]
+    Store(#[from] raftmq_cluster::raft::RaftStartError),
+    /// The store's group found no leader in time.
+    #[error("the replicated store elected no leader within {0} s (are a majority of the nodes up?)")]
+    NoLeader(u64),
     /// A listener's certificate or key is unusable.
     #[error("listener {addr}: {source}")]
     Tls {
@@ -100,7 +108,20 @@ impl Server {
         } else {
             None
         };
-        let server = Server::start_with(config, auth, stores).await?;
+        let raft = RaftStore::open(raft_config(&config, mesh.as_ref()), mesh.as_ref()).await?;
+        if !raft.wait_for_leader(Duration::from_secs(config.raft.start_timeout_secs)).await {
+            raft.shutdown().await;
+            return Err(StartError::NoLeader(config.raft.start_timeout_secs));
+        }
+        (stores.sessions, stores.retained, stores.registry) = raft.stores();
+        let server = match Server::start_with(config, auth, stores).await {
+            Ok(server) => server,
+            Err(e) => {
+                raft.shutdown().await;
+                return Err(e);
+            }
+        };
+        server.broker.use_raft(raft);
         if let Some(mesh) = mesh {
             server.broker.join(mesh);
         }
@@ -163,11 +184,36 @@ impl Server {
             mesh.leave().await;
         }
         self.broker.shutdown(grace).await;
+        if let Some(raft) = self.broker.raft() {
+            raft.shutdown().await;
+        }
     }
 
     /// The bound cluster gRPC address, when the node is in a cluster.
     pub fn cluster_addr(&self) -> Option<SocketAddr> {
         self.broker.mesh().map(|m| m.local_addr)
+    }
+}
+
+/// Where and how this node keeps its replicated store.
+fn raft_config(config: &Config, mesh: Option<&Mesh>) -> RaftConfig {
+    let r = &config.raft;
+    RaftConfig {
+        data_dir: config.data_dir.clone(),
+        node_id: raftmq_cluster::stable_hash(config.node_name.as_bytes()),
+        node_name: config.node_name.clone(),
+        address: mesh.map_or_else(|| config.cluster.listen.to_string(), |m| m.advertise().to_owned()),
+        snapshot_every: r.snapshot_every,
+        keep_behind_snapshot: r.keep_behind_snapshot,
+        max_batch: r.max_batch,
+        queue: r.queue,
+        heartbeat: r.heartbeat(),
+        election_timeout: r.election_timeout(),
+        retained: RetainedLimits {
+            max_messages: if config.retained.enabled { config.retained.max_messages } else { 0 },
+            max_bytes: config.retained.max_bytes,
+            max_payload: config.retained.max_payload,
+        },
     }
 }
 

@@ -66,6 +66,7 @@ pub fn jwt_hs256(secret: &str, claims: serde_json::Value) -> anyhow::Result<Stri
 /// listener, no admin API; then `tweak`.
 pub fn test_config(tweak: impl FnOnce(&mut Config)) -> Config {
     let mut config = Config::default();
+    config.data_dir = fresh_data_dir();
     config.mqtt.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     // No default WebSocket listener on a fixed port: tests add listeners on port 0.
     config.listeners.clear();
@@ -74,10 +75,46 @@ pub fn test_config(tweak: impl FnOnce(&mut Config)) -> Config {
     config
 }
 
+/// The directory under which test brokers keep their data (one fresh directory each,
+/// removed when the broker is dropped).
+fn test_data_root() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("raftmq-test-data-{}", std::process::id()))
+}
+
+/// A data directory no other broker of this run uses.
+pub fn fresh_data_dir() -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    test_data_root().join(format!("broker-{n}"))
+}
+
+/// Removes a directory handed out by [`fresh_data_dir`] when dropped.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Removes `config`'s data directory when the test's runtime ends (a task holding the
+/// guard is dropped with it), if the harness handed it out: a test that restarts a broker
+/// on a directory of its own keeps it.
+fn clean_up_later(config: &Config) {
+    if config.data_dir.starts_with(test_data_root()) {
+        let guard = RemoveOnDrop(config.data_dir.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+        });
+    }
+}
+
 /// Starts a broker with default settings adjusted by `tweak`.
 pub async fn start_broker(tweak: impl FnOnce(&mut Config)) -> anyhow::Result<TestBroker> {
     let config = test_config(tweak);
     config.validate()?;
+    clean_up_later(&config);
     let server = Server::start(config).await?;
     let addr = server.mqtt_addr;
     Ok(TestBroker { server, addr })
@@ -120,6 +157,7 @@ pub async fn start_cluster(n: usize, tweak: impl Fn(&mut Config)) -> anyhow::Res
 
 async fn start_config(config: Config) -> anyhow::Result<TestBroker> {
     config.validate()?;
+    clean_up_later(&config);
     let server = Server::start(config).await?;
     let addr = server.mqtt_addr;
     Ok(TestBroker { server, addr })

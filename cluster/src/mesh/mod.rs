@@ -297,6 +297,11 @@ impl Mesh {
         Ok(claimed)
     }
 
+    /// The address peers dial this node at.
+    pub fn advertise(&self) -> &str {
+        &self.shared.config.advertise
+    }
+
     /// What the mesh shares with its tasks (the Raft network dials through it).
     pub(crate) fn shared(&self) -> Arc<Shared> {
         Arc::clone(&self.shared)

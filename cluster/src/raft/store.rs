@@ -96,8 +96,9 @@ pub struct RaftStore {
     raft: Raft<TypeConfig>,
     data: Arc<Replicated>,
     writer: mpsc::Sender<Proposal>,
-    log: LogStore,
-    sm: StateMachine,
+    /// Handles for [`RaftStore::view`]; dropped at shutdown so the data directory's lock
+    /// goes with the group (a restart in the same process can open it again).
+    handles: std::sync::Mutex<Option<(LogStore, StateMachine)>>,
     config: RaftConfig,
     stats: Arc<WriterStats>,
 }
@@ -201,7 +202,14 @@ impl RaftStore {
             raft.initialize(members).await.map_err(|e| RaftStartError::Raft(e.to_string()))?;
         }
         let (writer, proposals) = mpsc::channel(config.queue.max(1));
-        let store = Arc::new(RaftStore { raft: raft.clone(), data, writer, log, sm, config, stats: Arc::default() });
+        let store = Arc::new(RaftStore {
+            raft: raft.clone(),
+            data,
+            writer,
+            handles: std::sync::Mutex::new(Some((log, sm))),
+            config,
+            stats: Arc::default(),
+        });
         if let Some(mesh) = mesh {
             mesh.set_raft(raft.clone());
         }
@@ -259,8 +267,8 @@ impl RaftStore {
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index,
             committed_index: applied_index,
-            log_entries: self.log.len(),
-            snapshots: self.sm.snapshots_built(),
+            log_entries: self.handles().map_or(0, |(log, _)| log.len()),
+            snapshots: self.handles().map_or(0, |(_, sm)| sm.snapshots_built()),
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
             voters: m.membership_config.membership().voter_ids().collect(),
             proposals: self.stats.entries.load(Ordering::Relaxed),
@@ -270,10 +278,17 @@ impl RaftStore {
         }
     }
 
-    /// Stops the group (pending proposals fail) and flushes the data directory.
+    fn handles(&self) -> Option<(LogStore, StateMachine)> {
+        self.handles.lock().ok()?.clone()
+    }
+
+    /// Stops the group (pending proposals fail) and closes the data directory.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
+        }
+        if let Ok(mut handles) = self.handles.lock() {
+            handles.take();
         }
     }
 

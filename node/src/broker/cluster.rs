@@ -71,6 +71,21 @@ impl Broker {
         self.mesh.get()
     }
 
+    /// The replicated store this node runs, if any.
+    pub fn raft(&self) -> Option<&Arc<raftmq_cluster::raft::RaftStore>> {
+        self.raft.get()
+    }
+
+    /// Runs on `store` from now on; brings back the persistent sessions it holds.
+    pub fn use_raft(self: &Arc<Self>, store: Arc<raftmq_cluster::raft::RaftStore>) {
+        let sessions = store.data().sessions.export();
+        let _ = self.raft.set(store);
+        let n = self.recover_sessions(sessions);
+        if n > 0 {
+            tracing::info!(sessions = n, "persistent sessions recovered from the data directory");
+        }
+    }
+
     /// Every node of the cluster, this one first (only this one without a cluster).
     pub fn cluster_nodes(&self) -> Vec<NodeView> {
         match self.mesh.get() {

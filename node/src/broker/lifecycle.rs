@@ -252,6 +252,36 @@ impl Broker {
         slot.released.notify_waiters();
     }
 
+    /// Brings back the persistent sessions the store held at start: each is detached, its
+    /// subscriptions route again (messages published meanwhile are queued), its expiry and
+    /// a held will run from the time the client went away (the start, when unknown: the
+    /// connection was lost with the node). Returns how many came back.
+    pub fn recover_sessions(self: &Arc<Self>, sessions: Vec<raftmq_cluster::session::SessionState>) -> usize {
+        let now = now_ms();
+        let mut recovered = 0;
+        for state in sessions {
+            let client_id: Arc<str> = Arc::from(state.client_id.as_str());
+            let gone_at = if state.disconnected_at_ms == 0 { now } else { state.disconnected_at_ms.min(now) };
+            let elapsed = Duration::from_millis(now - gone_at);
+            let expiry = Duration::from_secs(u64::from(state.expiry_secs));
+            let will_delay = state.will.as_ref().map(|w| Duration::from_secs(u64::from(w.delay_secs.min(state.expiry_secs))));
+            let filters: Vec<(String, raftmq_cluster::session::SubscriptionOptions)> =
+                state.subscriptions.iter().map(|(f, o)| (f.clone(), *o)).collect();
+            let slot = Arc::new(SessionSlot::new(Arc::clone(&client_id), Arc::clone(&self.journal)));
+            let generation = slot.recover(state);
+            for (filter, options) in filters {
+                self.index_subscribe(&slot, &filter, options);
+            }
+            self.sessions.insert(client_id, Arc::clone(&slot));
+            if let Some(delay) = will_delay {
+                self.spawn_will_timer(Arc::clone(&slot), generation, delay.saturating_sub(elapsed));
+            }
+            self.spawn_expiry_timer(slot, generation, expiry.saturating_sub(elapsed));
+            recovered += 1;
+        }
+        recovered
+    }
+
     pub(super) fn spawn_will_timer(self: &Arc<Self>, slot: Arc<SessionSlot>, generation: u64, delay: Duration) {
         let broker = Arc::clone(self);
         self.tasks.spawn(async move {

@@ -110,6 +110,8 @@ pub struct Broker {
     journal: Arc<Journal>,
     /// The cluster this node is part of, if any (set once at start).
     mesh: std::sync::OnceLock<raftmq_cluster::mesh::Mesh>,
+    /// The replicated store, when the node runs one (set once at start).
+    raft: std::sync::OnceLock<Arc<raftmq_cluster::raft::RaftStore>>,
     /// This node's id in the registry (a hash of `node_name`).
     node_id: NodeId,
     dispatcher: Dispatcher,
@@ -228,6 +230,7 @@ impl Broker {
             registry,
             journal,
             mesh: std::sync::OnceLock::new(),
+            raft: std::sync::OnceLock::new(),
             node_id,
             next_conn_id: AtomicU64::new(1),
             handling: AtomicUsize::new(0),

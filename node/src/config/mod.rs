@@ -13,7 +13,9 @@ use serde::Deserialize;
 
 mod cluster;
 mod load;
+mod raft;
 pub use cluster::{ClusterConfig, ClusterTlsConfig, DiscoveryKind};
+pub use raft::RaftSettings;
 
 /// A configuration that could not be loaded; the broker refuses to start.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,8 @@ pub struct Config {
     pub flapping: FlappingConfig,
     /// Other nodes: discovery, the gRPC link, forwarding.
     pub cluster: ClusterConfig,
+    /// The replicated store on the data directory.
+    pub raft: RaftSettings,
     /// `RAFTMQ_*` variables that named no configuration key and were skipped (reported
     /// once at start).
     #[serde(skip)]
@@ -87,6 +91,7 @@ impl Default for Config {
             bans: Vec::new(),
             flapping: FlappingConfig::default(),
             cluster: ClusterConfig::default(),
+            raft: RaftSettings::default(),
             ignored_env: Vec::new(),
         }
     }

@@ -417,6 +417,18 @@ impl SessionSlot {
         inner.pending_will = state.will.map(Box::new);
     }
 
+    /// Restores a session the store held when this node started (it was this node's):
+    /// detached, under its stored epoch; returns the generation timers must match.
+    pub fn recover(&self, state: SessionState) -> u64 {
+        let (epoch, disconnected_at_ms) = (state.epoch, state.disconnected_at_ms);
+        self.restore(state, true);
+        let mut inner = self.lock();
+        inner.epoch = epoch;
+        inner.disconnected_at_ms = disconnected_at_ms;
+        inner.generation += 1;
+        inner.generation
+    }
+
     /// Attaches a connection under a new epoch. A persistent session is claimed in the
     /// store (a clean start empties it there in the same step) and, if the store does not
     /// hold what this slot holds yet, given the whole session; resolves once durable.

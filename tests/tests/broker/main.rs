@@ -11,6 +11,7 @@ mod t20_publish;
 mod t30_retained;
 mod t40_will;
 mod t50_session;
+mod t55_durability;
 mod t60_topics;
 mod t70_bad_input;
 mod t80_clients;

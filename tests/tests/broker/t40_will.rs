@@ -79,6 +79,12 @@ async fn will_retain_flag_stores_retained_will() -> anyhow::Result<()> {
     }
     let (raw, _) = Raw::connect_with(b.addr, c).await?;
     drop(raw);
+    // The retained write commits to the store after the will is published.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while b.server.broker.retained_matching("will/keeper").is_empty() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the will was never retained");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     let mut w = watcher(b.addr).await?;
     let p = w.recv_publish().await?;
     assert_eq!(p.topic, "will/keeper");
