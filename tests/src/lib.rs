@@ -65,8 +65,7 @@ pub fn jwt_hs256(secret: &str, claims: serde_json::Value) -> anyhow::Result<Stri
 /// The configuration of a test broker: MQTT on an ephemeral loopback port, no other
 /// listener, no admin API; then `tweak`.
 pub fn test_config(tweak: impl FnOnce(&mut Config)) -> Config {
-    let mut config = Config::default();
-    config.data_dir = fresh_data_dir();
+    let mut config = Config { data_dir: fresh_data_dir(), ..Config::default() };
     config.mqtt.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     // No default WebSocket listener on a fixed port: tests add listeners on port 0.
     config.listeners.clear();

@@ -5,6 +5,10 @@
 //! Architecture invariant: `append` reports its entries persisted only after
 //! `flush_async` returned (openraft's contract: acknowledged means on disk).
 
+// openraft's trait methods return its `StorageError` (over 200 bytes); the helpers here
+// return it too rather than converting at every call.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 

@@ -105,6 +105,9 @@ impl Replicated {
     }
 }
 
+/// A snapshot as kept in sled: its meta and the encoded `StoreSnapshot`.
+type StoredSnapshot = (SnapshotMeta<NodeId, Node>, Vec<u8>);
+
 /// What apply has reached.
 #[derive(Debug, Default)]
 struct Applied {
@@ -176,7 +179,7 @@ impl StateMachine {
         self.built.load(Ordering::Relaxed)
     }
 
-    fn stored(&self) -> Result<Option<(SnapshotMeta<NodeId, Node>, Vec<u8>)>, SnapshotError> {
+    fn stored(&self) -> Result<Option<StoredSnapshot>, SnapshotError> {
         let (Some(meta), Some(data)) = (self.snapshots.get(SNAPSHOT_META)?, self.snapshots.get(SNAPSHOT_DATA)?) else {
             return Ok(None);
         };

@@ -123,7 +123,7 @@ impl std::fmt::Debug for RaftStore {
 }
 
 /// What `GET /api/v1/cluster` and the metrics show of the group.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RaftView {
     /// Leader, follower, candidate or learner.
     pub role: &'static str,
@@ -150,8 +150,8 @@ pub struct RaftView {
     pub proposals: u64,
     /// Operations in them.
     pub proposed_ops: u64,
-    /// Seconds from proposal to applied, summed.
-    pub proposal_seconds: f64,
+    /// Microseconds from proposal to applied, summed.
+    pub proposal_micros: u64,
     /// Proposals that failed.
     pub proposal_errors: u64,
 }
@@ -273,7 +273,7 @@ impl RaftStore {
             voters: m.membership_config.membership().voter_ids().collect(),
             proposals: self.stats.entries.load(Ordering::Relaxed),
             proposed_ops: self.stats.ops.load(Ordering::Relaxed),
-            proposal_seconds: self.stats.micros.load(Ordering::Relaxed) as f64 / 1e6,
+            proposal_micros: self.stats.micros.load(Ordering::Relaxed),
             proposal_errors: self.stats.errors.load(Ordering::Relaxed),
         }
     }

@@ -1,5 +1,8 @@
 //! openraft's storage conformance suite on the sled log store and state machine.
 
+// The suite's own error type.
+#![allow(clippy::result_large_err)]
+
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::StorageError;
 

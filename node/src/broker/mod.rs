@@ -309,6 +309,7 @@ impl Broker {
                 redelivered: mesh.redelivered(),
                 failed_dials: mesh.failed_dials(),
             }),
+            raft: self.raft().map(|r| r.view()),
         };
         self.metrics.render(&self.stats, &gauges)
     }

@@ -92,6 +92,21 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ),
     ("raftmq_cluster_redelivered_total", "Shared deliveries given to another member because the node they were forwarded to died first."),
     (ROUTE_SETTLE, "Time a SUBACK waited for every live peer to acknowledge its new route."),
+    ("raftmq_raft_term", "Current Raft term of the store's group."),
+    ("raftmq_raft_is_leader", "1 while this node leads the store's group."),
+    ("raftmq_raft_has_leader", "1 while this node knows a leader of the store's group."),
+    ("raftmq_raft_voters", "Voting members of the store's group."),
+    ("raftmq_raft_last_log_index", "Index of the last entry in this node's Raft log."),
+    ("raftmq_raft_commit_index", "Index of the last committed entry this node knows of."),
+    ("raftmq_raft_applied_index", "Index of the last entry applied to this node's state machine."),
+    ("raftmq_raft_apply_lag", "Log entries this node holds but has not applied yet."),
+    ("raftmq_raft_log_entries", "Entries held in this node's Raft log (the rest are in the snapshot)."),
+    ("raftmq_raft_snapshot_index", "Index the last snapshot covers."),
+    ("raftmq_raft_snapshots_total", "Snapshots built by this node since it started."),
+    ("raftmq_raft_proposals_total", "Log entries this node's writer proposed."),
+    ("raftmq_raft_proposed_operations_total", "Store operations in those entries (operations / proposals = batch size)."),
+    ("raftmq_raft_proposal_seconds_total", "Seconds from proposal to applied, summed over proposals (divide by proposals for the mean)."),
+    ("raftmq_raft_proposal_errors_total", "Proposals that failed (no leader, store errors); their writers were refused."),
     (LATENCY, "Time from receiving a PUBLISH to queueing it into a subscriber's socket buffer."),
 ];
 
@@ -238,6 +253,27 @@ impl Metrics {
         self.counter("raftmq_cluster_failed_dials_total", &[]).absolute(cluster.failed_dials);
     }
 
+    /// The replicated store's group.
+    fn render_raft(&self, g: &Gauges) {
+        let Some(r) = &g.raft else { return };
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        self.gauge("raftmq_raft_term", &[]).set(r.term as f64);
+        self.gauge("raftmq_raft_is_leader", &[]).set(flag(r.role == "leader"));
+        self.gauge("raftmq_raft_has_leader", &[]).set(flag(r.leader.is_some()));
+        self.gauge("raftmq_raft_voters", &[]).set(r.voters.len() as f64);
+        self.gauge("raftmq_raft_last_log_index", &[]).set(r.last_log_index as f64);
+        self.gauge("raftmq_raft_commit_index", &[]).set(r.committed_index as f64);
+        self.gauge("raftmq_raft_applied_index", &[]).set(r.applied_index as f64);
+        self.gauge("raftmq_raft_apply_lag", &[]).set(r.last_log_index.saturating_sub(r.applied_index) as f64);
+        self.gauge("raftmq_raft_log_entries", &[]).set(r.log_entries as f64);
+        self.gauge("raftmq_raft_snapshot_index", &[]).set(r.snapshot_index as f64);
+        self.counter("raftmq_raft_snapshots_total", &[]).absolute(r.snapshots);
+        self.counter("raftmq_raft_proposals_total", &[]).absolute(r.proposals);
+        self.counter("raftmq_raft_proposed_operations_total", &[]).absolute(r.proposed_ops);
+        self.gauge("raftmq_raft_proposal_seconds_total", &[]).set(r.proposal_micros as f64 / 1e6);
+        self.counter("raftmq_raft_proposal_errors_total", &[]).absolute(r.proposal_errors);
+    }
+
     /// Copies the broker's counters and gauges into the recorder and renders the text
     /// exposition.
     pub fn render(&self, s: &Stats, g: &Gauges) -> String {
@@ -280,6 +316,7 @@ impl Metrics {
         self.counter("raftmq_takeovers_total", &[]).absolute(load(&s.takeovers));
         self.counter("raftmq_session_journal_lost_total", &[]).absolute(g.journal_lost);
         self.render_cluster(g);
+        self.render_raft(g);
         for (i, reason) in STORE_ERRORS.iter().enumerate() {
             self.counter("raftmq_store_errors_total", &[("reason", reason)]).absolute(load(&s.store_errors[i]));
         }

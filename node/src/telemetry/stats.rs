@@ -269,6 +269,8 @@ pub struct Gauges {
     pub journal_lost: u64,
     /// The cluster as this node sees it (`None` without one).
     pub cluster: Option<ClusterGauges>,
+    /// The replicated store's group as this node sees it (`None` without one).
+    pub raft: Option<raftmq_cluster::raft::RaftView>,
 }
 
 /// The cluster, for metrics.

@@ -145,8 +145,7 @@ impl EnhancedAuth for Challenge {
 }
 
 async fn auth_broker() -> anyhow::Result<TestBroker> {
-    let mut config = Config::default();
-    config.data_dir = raftmq_tests::fresh_data_dir();
+    let mut config = Config { data_dir: raftmq_tests::fresh_data_dir(), ..Config::default() };
     config.mqtt.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     config.listeners.clear();
     config.admin.enabled = false;
