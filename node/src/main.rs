@@ -97,9 +97,8 @@ fn main() -> anyhow::Result<()> {
         config.cluster.seeds = seeds;
     }
     config.validate().context("configuration")?;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log))
-        .context("log filter")?;
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.clone());
+    let filter = tracing_subscriber::EnvFilter::try_new(quiet_openraft(&spec)).context("log filter")?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
     {
@@ -114,7 +113,7 @@ fn main() -> anyhow::Result<()> {
         tracing::warn!(variables = ?config.ignored_env, "RAFTMQ_* environment variables that name no configuration key were ignored");
     }
     let log_control: raftmq_node::admin::LogControl = Arc::new(move |spec: &str| {
-        let filter = tracing_subscriber::EnvFilter::try_new(spec).map_err(|e| e.to_string())?;
+        let filter = tracing_subscriber::EnvFilter::try_new(quiet_openraft(spec)).map_err(|e| e.to_string())?;
         reload.reload(filter).map_err(|e| e.to_string())
     });
 
@@ -193,4 +192,14 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     #[cfg(not(unix))]
     tokio::signal::ctrl_c().await.context("SIGINT handler")?;
     Ok(())
+}
+
+/// openraft reports every election and membership step at `info`; unless the filter names
+/// it, only its warnings reach the log.
+fn quiet_openraft(spec: &str) -> String {
+    if spec.contains("openraft") {
+        spec.to_owned()
+    } else {
+        format!("{spec},openraft=warn")
+    }
 }

@@ -10,14 +10,20 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_raftmq");
 
 /// The binary with no inherited `RAFTMQ_*` variables, so the caller's environment cannot
-/// change what is tested.
+/// change what is tested, and a data directory of its own (in `CARGO_TARGET_TMPDIR`, so
+/// nodes started at once do not contend for one store).
 fn raftmq() -> Command {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut cmd = Command::new(BIN);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("RAFTMQ_") {
             cmd.env_remove(key);
         }
     }
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-data-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    cmd.env("RAFTMQ_DATA_DIR", dir);
     cmd
 }
 
