@@ -105,7 +105,6 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("raftmq_raft_snapshots_total", "Snapshots built by this node since it started."),
     ("raftmq_raft_proposals_total", "Log entries this node's writer proposed."),
     ("raftmq_raft_proposed_operations_total", "Store operations in those entries (operations / proposals = batch size)."),
-    ("raftmq_raft_proposal_seconds_total", "Seconds from proposal to applied, summed over proposals (divide by proposals for the mean)."),
     ("raftmq_raft_proposal_errors_total", "Proposals that failed (no leader, store errors); their writers were refused."),
     (LATENCY, "Time from receiving a PUBLISH to queueing it into a subscriber's socket buffer."),
 ];
@@ -270,7 +269,6 @@ impl Metrics {
         self.counter("raftmq_raft_snapshots_total", &[]).absolute(r.snapshots);
         self.counter("raftmq_raft_proposals_total", &[]).absolute(r.proposals);
         self.counter("raftmq_raft_proposed_operations_total", &[]).absolute(r.proposed_ops);
-        self.gauge("raftmq_raft_proposal_seconds_total", &[]).set(r.proposal_micros as f64 / 1e6);
         self.counter("raftmq_raft_proposal_errors_total", &[]).absolute(r.proposal_errors);
     }
 
