@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::config::MeshTls;
 use super::Shared;
+use crate::raft::network::Rpc;
 use crate::routes::Route;
 
 /// The metadata key the shared secret travels in.
@@ -138,7 +139,7 @@ impl Service {
         self.shared.raft.get().ok_or_else(|| Status::unavailable("no raft group on this node yet"))
     }
 
-    async fn raft_rpc(&self, kind: &'static str, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+    async fn raft_rpc(&self, kind: Rpc, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
         let raft = self.raft()?;
         let payload = crate::raft::network::serve_rpc(raft, kind, &request.into_inner().payload).await?;
         Ok(Response::new(pb::RaftPayload { payload: payload.into() }))
@@ -226,15 +227,15 @@ impl Cluster for Service {
     type ForwardStream = Stream<pb::ForwardAck>;
 
     async fn raft_append(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
-        self.raft_rpc("append", request).await
+        self.raft_rpc(Rpc::Append, request).await
     }
 
     async fn raft_vote(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
-        self.raft_rpc("vote", request).await
+        self.raft_rpc(Rpc::Vote, request).await
     }
 
     async fn raft_snapshot(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
-        self.raft_rpc("snapshot", request).await
+        self.raft_rpc(Rpc::Snapshot, request).await
     }
 
     async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {

@@ -19,7 +19,7 @@ use crate::mesh::Shared;
 
 /// The three Raft RPCs.
 #[derive(Debug, Clone, Copy)]
-enum Rpc {
+pub(crate) enum Rpc {
     Append,
     Vote,
     Snapshot,
@@ -129,12 +129,12 @@ impl RaftNetwork<TypeConfig> for Connection {
 
 /// The serving side: decodes a peer's request, hands it to the local Raft, encodes the
 /// outcome (a Raft error included) for the caller.
-pub(crate) async fn serve_rpc(raft: &openraft::Raft<TypeConfig>, kind: &'static str, payload: &[u8]) -> Result<Vec<u8>, tonic::Status> {
-    let bad = |e: postcard::Error| tonic::Status::invalid_argument(format!("undecodable {kind} request: {e}"));
+pub(crate) async fn serve_rpc(raft: &openraft::Raft<TypeConfig>, kind: Rpc, payload: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+    let bad = |e: postcard::Error| tonic::Status::invalid_argument(format!("undecodable {kind:?} request: {e}"));
     let encoded = match kind {
-        "append" => postcard::to_allocvec(&raft.append_entries(postcard::from_bytes(payload).map_err(bad)?).await),
-        "vote" => postcard::to_allocvec(&raft.vote(postcard::from_bytes(payload).map_err(bad)?).await),
-        _ => postcard::to_allocvec(&raft.install_snapshot(postcard::from_bytes(payload).map_err(bad)?).await),
+        Rpc::Append => postcard::to_allocvec(&raft.append_entries(postcard::from_bytes(payload).map_err(bad)?).await),
+        Rpc::Vote => postcard::to_allocvec(&raft.vote(postcard::from_bytes(payload).map_err(bad)?).await),
+        Rpc::Snapshot => postcard::to_allocvec(&raft.install_snapshot(postcard::from_bytes(payload).map_err(bad)?).await),
     };
-    encoded.map_err(|e| tonic::Status::internal(format!("encoding the {kind} reply: {e}")))
+    encoded.map_err(|e| tonic::Status::internal(format!("encoding the {kind:?} reply: {e}")))
 }

@@ -118,8 +118,8 @@ impl Reply {
 }
 
 /// Encodes a batch of operations as a log entry carries it.
-pub fn encode_batch(ops: &[StoreOp]) -> bytes::Bytes {
-    pb::StoreBatch { ops: ops.iter().map(pb::StoreOp::from).collect() }.encode_to_vec().into()
+pub fn encode_batch<'a>(ops: impl IntoIterator<Item = &'a StoreOp>) -> bytes::Bytes {
+    pb::StoreBatch { ops: ops.into_iter().map(pb::StoreOp::from).collect() }.encode_to_vec().into()
 }
 
 /// Decodes a log entry's batch: each operation, or why it could not be read (its reply is

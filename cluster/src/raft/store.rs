@@ -306,22 +306,23 @@ async fn write_batches(raft: Raft<TypeConfig>, mut proposals: mpsc::Receiver<Pro
     let mut waiting: Vec<Proposal> = Vec::new();
     while proposals.recv_many(&mut waiting, max_batch).await > 0 {
         // Operations, not proposals, bound the entry; what does not fit waits for the next.
-        let mut ops = Vec::new();
+        let mut ops = 0;
         let mut batch = Vec::new();
         let mut rest = Vec::new();
         for p in waiting.drain(..) {
-            if !batch.is_empty() && ops.len() + p.ops.len() > max_batch {
+            if !batch.is_empty() && ops + p.ops.len() > max_batch {
                 rest.push(p);
                 continue;
             }
-            ops.extend(p.ops.iter().cloned());
+            ops += p.ops.len();
             batch.push(p);
         }
         waiting = rest;
         let started = Instant::now();
-        let outcome = raft.client_write(Command { batch: encode_batch(&ops) }).await;
+        let encoded = encode_batch(batch.iter().flat_map(|p: &Proposal| p.ops.iter()));
+        let outcome = raft.client_write(Command { batch: encoded }).await;
         stats.entries.fetch_add(1, Ordering::Relaxed);
-        stats.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        stats.ops.fetch_add(ops as u64, Ordering::Relaxed);
         stats.micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         match outcome {
             Ok(response) => {
