@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use openraft::error::{ClientWriteError, RaftError};
@@ -110,8 +110,6 @@ pub struct WriterStats {
     pub entries: AtomicU64,
     /// Operations in them.
     pub ops: AtomicU64,
-    /// Microseconds from proposal to applied, summed over entries.
-    pub micros: AtomicU64,
     /// Proposals that failed.
     pub errors: AtomicU64,
 }
@@ -135,9 +133,6 @@ pub struct RaftView {
     pub last_log_index: u64,
     /// Index of the last applied entry.
     pub applied_index: u64,
-    /// Index of the last committed entry this node knows of (openraft 0.9 reports what
-    /// is applied; entries are applied as soon as they commit).
-    pub committed_index: u64,
     /// Entries held in the log.
     pub log_entries: usize,
     /// Snapshots built since start.
@@ -150,8 +145,6 @@ pub struct RaftView {
     pub proposals: u64,
     /// Operations in them.
     pub proposed_ops: u64,
-    /// Microseconds from proposal to applied, summed.
-    pub proposal_micros: u64,
     /// Proposals that failed.
     pub proposal_errors: u64,
 }
@@ -260,26 +253,21 @@ impl RaftStore {
             openraft::ServerState::Shutdown => "shutdown",
         };
         let applied_index = m.last_applied.map_or(0, |l| l.index);
+        let handles = self.handles.lock().ok().and_then(|h| h.clone());
         RaftView {
             role,
             term: m.current_term,
             leader: m.current_leader,
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index,
-            committed_index: applied_index,
-            log_entries: self.handles().map_or(0, |(log, _)| log.len()),
-            snapshots: self.handles().map_or(0, |(_, sm)| sm.snapshots_built()),
+            log_entries: handles.as_ref().map_or(0, |(log, _)| log.len()),
+            snapshots: handles.as_ref().map_or(0, |(_, sm)| sm.snapshots_built()),
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
             voters: m.membership_config.membership().voter_ids().collect(),
             proposals: self.stats.entries.load(Ordering::Relaxed),
             proposed_ops: self.stats.ops.load(Ordering::Relaxed),
-            proposal_micros: self.stats.micros.load(Ordering::Relaxed),
             proposal_errors: self.stats.errors.load(Ordering::Relaxed),
         }
-    }
-
-    fn handles(&self) -> Option<(LogStore, StateMachine)> {
-        self.handles.lock().ok()?.clone()
     }
 
     /// Stops the group (pending proposals fail) and closes the data directory.
@@ -304,7 +292,20 @@ impl RaftStore {
 /// for nobody.
 async fn write_batches(raft: Raft<TypeConfig>, mut proposals: mpsc::Receiver<Proposal>, max_batch: usize, stats: Arc<WriterStats>) {
     let mut waiting: Vec<Proposal> = Vec::new();
-    while proposals.recv_many(&mut waiting, max_batch).await > 0 {
+    loop {
+        if waiting.is_empty() {
+            if proposals.recv_many(&mut waiting, max_batch).await == 0 {
+                return;
+            }
+        } else {
+            // What did not fit into the last entry goes now, with whatever arrived meanwhile.
+            while waiting.len() < max_batch {
+                match proposals.try_recv() {
+                    Ok(p) => waiting.push(p),
+                    Err(_) => break,
+                }
+            }
+        }
         // Operations, not proposals, bound the entry; what does not fit waits for the next.
         let mut ops = 0;
         let mut batch = Vec::new();
@@ -318,12 +319,10 @@ async fn write_batches(raft: Raft<TypeConfig>, mut proposals: mpsc::Receiver<Pro
             batch.push(p);
         }
         waiting = rest;
-        let started = Instant::now();
         let encoded = encode_batch(batch.iter().flat_map(|p: &Proposal| p.ops.iter()));
         let outcome = raft.client_write(Command { batch: encoded }).await;
         stats.entries.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(ops as u64, Ordering::Relaxed);
-        stats.micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         match outcome {
             Ok(response) => {
                 let mut replies = response.data.into_iter();

@@ -267,12 +267,17 @@ impl Broker {
             let will_delay = state.will.as_ref().map(|w| Duration::from_secs(u64::from(w.delay_secs.min(state.expiry_secs))));
             let filters: Vec<(String, raftmq_cluster::session::SubscriptionOptions)> =
                 state.subscriptions.iter().map(|(f, o)| (f.clone(), *o)).collect();
-            let slot = Arc::new(SessionSlot::new(Arc::clone(&client_id), Arc::clone(&self.journal)));
+            // A client that connected before this ran restored its session itself.
+            let slot = match self.sessions.entry(Arc::clone(&client_id)) {
+                dashmap::mapref::entry::Entry::Occupied(_) => continue,
+                dashmap::mapref::entry::Entry::Vacant(v) => {
+                    Arc::clone(v.insert(Arc::new(SessionSlot::new(client_id, Arc::clone(&self.journal)))).value())
+                }
+            };
             let generation = slot.recover(state);
             for (filter, options) in filters {
                 self.index_subscribe(&slot, &filter, options);
             }
-            self.sessions.insert(client_id, Arc::clone(&slot));
             if let Some(delay) = will_delay {
                 self.spawn_will_timer(Arc::clone(&slot), generation, delay.saturating_sub(elapsed));
             }
