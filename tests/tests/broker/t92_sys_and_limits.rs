@@ -7,6 +7,17 @@ use raftmq_node::codec::{reason, Packet, Protocol};
 use raftmq_node::config::RateAction;
 use raftmq_tests::*;
 
+/// The next PUBLISH on `topic`; the `$SYS` ticks of the topics subscribed before keep
+/// arriving meanwhile and are skipped.
+async fn recv_on(sub: &mut Raw, topic: &str) -> anyhow::Result<raftmq_node::codec::Publish> {
+    loop {
+        let p = sub.recv_publish().await?;
+        if p.topic == topic {
+            return Ok(p);
+        }
+    }
+}
+
 #[tokio::test]
 async fn sys_topics_publish_broker_information_and_statistics() -> anyhow::Result<()> {
     let b = start_broker(|c| {
@@ -16,16 +27,25 @@ async fn sys_topics_publish_broker_information_and_statistics() -> anyhow::Resul
     .await?;
     let (mut sub, _) = Raw::connect(b.addr, Protocol::V311, "sys-watch", true).await?;
     sub.subscribe(1, "$SYS/brokers/node-a/uptime", QoS::AtMostOnce).await?;
-    let p = sub.recv_publish().await?;
+    let p = recv_on(&mut sub, "$SYS/brokers/node-a/uptime").await?;
     assert!(p.payload.iter().all(u8::is_ascii_digit), "uptime {:?}", p.payload);
     sub.subscribe(2, "$SYS/brokers", QoS::AtMostOnce).await?;
-    assert_eq!(&sub.recv_publish().await?.payload[..], b"node-a");
-    sub.subscribe(3, "$SYS/brokers/node-a/stats/connections/count", QoS::AtMostOnce).await?;
-    let p = sub.recv_publish().await?;
-    let count: usize = std::str::from_utf8(&p.payload)?.parse()?;
-    assert!(count >= 1);
+    assert_eq!(&recv_on(&mut sub, "$SYS/brokers").await?.payload[..], b"node-a");
+    let count_topic = "$SYS/brokers/node-a/stats/connections/count";
+    sub.subscribe(3, count_topic, QoS::AtMostOnce).await?;
+    // A tick takes its statistics at once and then stores them one after another, so the
+    // first value may predate this client; the next tick (1 s) counts it.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let p = recv_on(&mut sub, count_topic).await?;
+        let count: usize = std::str::from_utf8(&p.payload)?.parse()?;
+        if count >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no statistic counted the connected client");
+    }
     sub.subscribe(4, "$SYS/brokers/node-a/version", QoS::AtMostOnce).await?;
-    assert_eq!(&sub.recv_publish().await?.payload[..], env!("CARGO_PKG_VERSION").as_bytes());
+    assert_eq!(&recv_on(&mut sub, "$SYS/brokers/node-a/version").await?.payload[..], env!("CARGO_PKG_VERSION").as_bytes());
     // `#` never matches $SYS [MQTT-4.7.2-1].
     let (mut all, _) = Raw::connect(b.addr, Protocol::V311, "everything", true).await?;
     all.subscribe(1, "#", QoS::AtMostOnce).await?;
