@@ -320,7 +320,16 @@ async fn a_killed_nodes_unacknowledged_shared_messages_go_to_another_member() ->
     all.sort();
     all.dedup();
     assert_eq!(all.len(), 10, "every job reached a live member: {done:?}");
-    let (_, metrics) = nodes[0].get("/metrics").await?;
-    assert!(metrics.contains(&format!("raftmq_cluster_redelivered_total {}", held.len())), "{metrics}");
+    // The counter moves after each hand-over completes, which can be just after the survivor
+    // has the message: wait for it rather than read it once.
+    let expected = format!("raftmq_cluster_redelivered_total {}", held.len());
+    loop {
+        let (_, metrics) = nodes[0].get("/metrics").await?;
+        if metrics.contains(&expected) {
+            break;
+        }
+        anyhow::ensure!(killed.elapsed() < DEADLINE, "{expected} never reported:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok(())
 }
