@@ -41,6 +41,8 @@ pub fn router(broker: Arc<Broker>, log: Arc<OnceLock<LogControl>>) -> Router {
     let api = Router::new()
         .route("/status", get(status))
         .route("/cluster", get(cluster))
+        .route("/cluster/join", axum::routing::post(cluster_join))
+        .route("/cluster/nodes/{name}", axum::routing::delete(cluster_leave))
         .route("/clients", get(list_clients))
         .route("/clients/{client_id}", get(get_client).delete(kick_client))
         .route("/sessions", get(list_sessions))
@@ -113,6 +115,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if state.broker.shutdown.is_cancelled() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
+    if state.broker.raft().is_some_and(|r| !r.has_leader()) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the replicated store has no leader (are a majority of the nodes up?)");
+    }
     if !state.broker.cluster_ready() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "waiting for the routes of every cluster peer");
     }
@@ -120,19 +125,87 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn cluster(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let nodes: Vec<serde_json::Value> = state
-        .broker
-        .cluster_nodes()
-        .into_iter()
+    let raft = state.broker.raft().map(|r| r.view());
+    let me = raftmq_cluster::stable_hash(state.broker.config.node_name.as_bytes());
+    let nodes_seen = state.broker.cluster_nodes();
+    let name_of = |id: u64| nodes_seen.iter().find(|n| raftmq_cluster::stable_hash(n.name.as_bytes()) == id).map(|n| n.name.clone());
+    let nodes: Vec<serde_json::Value> = nodes_seen
+        .iter()
         .map(|n| {
-            json!({
+            let id = raftmq_cluster::stable_hash(n.name.as_bytes());
+            let mut node = json!({
                 "name": n.name, "address": n.address, "status": n.status.label(), "routes": n.routes,
                 "forwarded_messages": n.forwarded, "forwarded_bytes": n.forwarded_bytes,
                 "forward_dropped": n.forward_dropped, "forward_queue": n.forward_queue,
-            })
+            });
+            if let Some(r) = &raft {
+                let member = if r.voters.contains(&id) {
+                    "voter"
+                } else if r.learners.contains(&id) {
+                    "learner"
+                } else {
+                    "none"
+                };
+                let role = match (id == me, r.leader == Some(id), member) {
+                    (true, _, _) => r.role,
+                    (false, true, _) => "leader",
+                    (false, false, "voter") => "follower",
+                    (false, false, "learner") => "learner",
+                    _ => "none",
+                };
+                node["raft_member"] = json!(member);
+                node["raft_role"] = json!(role);
+                if id == me {
+                    node["raft_term"] = json!(r.term);
+                    node["raft_last_log_index"] = json!(r.last_log_index);
+                    node["raft_applied_index"] = json!(r.applied_index);
+                } else if let Some(matched) = r.matched.get(&id) {
+                    // Known to the leader only: how far the node's log matches its own.
+                    node["raft_matched_index"] = json!(matched);
+                }
+            }
+            node
         })
         .collect();
-    Json(json!({ "self": state.broker.config.node_name, "nodes": nodes }))
+    let raft = raft.map(|r| {
+        let names = |ids: &[u64]| ids.iter().map(|id| name_of(*id).unwrap_or_else(|| id.to_string())).collect::<Vec<_>>();
+        json!({
+            "leader": r.leader.map(|id| name_of(id).unwrap_or_else(|| id.to_string())),
+            "term": r.term,
+            "voters": names(&r.voters),
+            "learners": names(&r.learners),
+        })
+    });
+    Json(json!({ "self": state.broker.config.node_name, "nodes": nodes, "raft": raft }))
+}
+
+#[derive(serde::Deserialize)]
+struct JoinRequest {
+    address: String,
+}
+
+/// `ctl cluster join ADDR`: link with the node at ADDR (this node joins its group when it
+/// belongs to none yet).
+async fn cluster_join(State(state): State<AppState>, Json(req): Json<JoinRequest>) -> Response {
+    let Some(mesh) = state.broker.mesh() else {
+        return error(StatusCode::CONFLICT, "this node runs alone: start it with --seeds or cluster.enabled to cluster it");
+    };
+    if req.address.parse::<SocketAddr>().is_err() && !req.address.contains(':') {
+        return error(StatusCode::BAD_REQUEST, "address must be host:port of the node's cluster listener");
+    }
+    mesh.introduce(&req.address);
+    Json(json!({ "joining": req.address })).into_response()
+}
+
+/// `ctl cluster leave NODE`: remove NODE from the Raft group.
+async fn cluster_leave(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    let Some(raft) = state.broker.raft().filter(|r| r.clustered()) else {
+        return error(StatusCode::CONFLICT, "this node runs alone");
+    };
+    match raft.remove_node(raftmq_cluster::stable_hash(name.as_bytes())).await {
+        Ok(_) => Json(json!({ "removed": name })).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -33,8 +33,11 @@ pub struct CtlArgs {
 enum CtlCommand {
     /// Node information and statistics.
     Status,
-    /// The nodes of the cluster and how this one sees them.
-    Cluster,
+    /// The nodes of the cluster and how this one sees them; join or leave.
+    Cluster {
+        #[command(subcommand)]
+        action: Option<ClusterAction>,
+    },
     /// Connected clients.
     Clients {
         #[command(subcommand)]
@@ -107,6 +110,15 @@ enum ClientAction {
     Show { client_id: String },
     /// Disconnect a client (its persistent session stays).
     Kick { client_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterAction {
+    /// Links this node with the node at ADDR (its cluster address, host:port); a node
+    /// that belongs to no Raft group yet joins that node's group.
+    Join { address: String },
+    /// Removes NODE (a node name) from the Raft group; stop that node first.
+    Leave { node: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -271,9 +283,15 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
     let paging = |p: &Paging| vec![("page", p.page.map(|v| v.to_string())), ("limit", p.limit.map(|v| v.to_string()))];
     let (value, render): (Value, Render) = match &args.command {
         CtlCommand::Status => (client.call("GET", "/status", None)?, Box::new(fields)),
-        CtlCommand::Cluster => {
-            let cols = ["name", "address", "status", "routes", "forwarded_messages", "forward_dropped", "forward_queue"];
+        CtlCommand::Cluster { action: None } => {
+            let cols = ["name", "address", "status", "raft_role", "raft_member", "routes", "forwarded_messages", "forward_queue"];
             (client.call("GET", "/cluster", None)?, Box::new(move |v| table(v["nodes"].as_array().map_or(&[], |a| a), &cols)))
+        }
+        CtlCommand::Cluster { action: Some(ClusterAction::Join { address }) } => {
+            (client.call("POST", "/cluster/join", Some(json!({ "address": address })))?, Box::new(fields))
+        }
+        CtlCommand::Cluster { action: Some(ClusterAction::Leave { node }) } => {
+            (client.call("DELETE", &format!("/cluster/nodes/{}", encode(node, false)), None)?, Box::new(fields))
         }
         CtlCommand::Clients { action } => match action {
             ClientAction::List { paging: p, username, client_id } => {

@@ -109,7 +109,10 @@ impl Server {
             None
         };
         let raft = RaftStore::open(raft_config(&config, mesh.as_ref()), mesh.as_ref()).await?;
-        if !raft.wait_for_leader(Duration::from_secs(config.raft.start_timeout_secs)).await {
+        // A node alone must have its group of one before it serves. A clustered node starts
+        // serving at once and is not ready until its group has a leader: nodes start in any
+        // order and wait for each other.
+        if !raft.clustered() && !raft.wait_for_leader(Duration::from_secs(config.raft.start_timeout_secs)).await {
             raft.shutdown().await;
             return Err(StartError::NoLeader(config.raft.start_timeout_secs));
         }
@@ -121,9 +124,17 @@ impl Server {
                 return Err(e);
             }
         };
+        let clustered = raft.clustered();
         server.broker.use_raft(raft);
         if let Some(mesh) = mesh {
             server.broker.join(mesh);
+            server.broker.spawn_adopter();
+        }
+        if clustered {
+            let broker = Arc::clone(&server.broker);
+            server.broker.tasks.spawn(async move { broker.recover_own_sessions().await });
+        } else {
+            server.broker.recover_own_sessions().await;
         }
         Ok(server)
     }
@@ -209,6 +220,8 @@ fn raft_config(config: &Config, mesh: Option<&Mesh>) -> RaftConfig {
         queue: r.queue,
         heartbeat: r.heartbeat(),
         election_timeout: r.election_timeout(),
+        formation: config.cluster.active().then(|| config.cluster.formation()),
+        write_timeout: Duration::from_millis(r.write_timeout_ms.max(1)),
         retained: RetainedLimits {
             max_messages: if config.retained.enabled { config.retained.max_messages } else { 0 },
             max_bytes: config.retained.max_bytes,

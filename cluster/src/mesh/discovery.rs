@@ -67,6 +67,7 @@ pub(crate) fn dial(shared: &Arc<Shared>, address: String) {
         let mut backoff = Duration::from_millis(100);
         loop {
             if let Ok(Some(node)) = hello(&shared, &address).await {
+                shared.met.insert(address.clone(), ());
                 let id = crate::stable_hash(node.name.as_bytes());
                 if id != shared.id {
                     link(&shared, id, node.name, address.clone());

@@ -157,6 +157,8 @@ pub(crate) struct Shared {
     pub(crate) peers: DashMap<NodeId, Arc<peer::Peer>>,
     /// Addresses being dialled or known to be this node.
     pub(crate) dialled: DashMap<String, ()>,
+    /// Addresses where a node answered (this one's own aliases too).
+    pub(crate) met: DashMap<String, ()>,
     pub(crate) broker: OnceLock<Arc<dyn LocalBroker>>,
     /// TLS for outgoing links.
     pub(crate) client_tls: Option<tonic::transport::ClientTlsConfig>,
@@ -178,6 +180,16 @@ pub(crate) struct Shared {
     pub(crate) failed_dials: AtomicU64,
     /// The Raft group this node's store runs, once started (its RPCs arrive here).
     pub(crate) raft: OnceLock<openraft::Raft<crate::raft::TypeConfig>>,
+}
+
+impl Shared {
+    /// Whether a node answered at every static seed (DNS discovery has no fixed list).
+    pub(crate) fn seeds_met(&self) -> bool {
+        match &self.config.discovery {
+            Discovery::Static(seeds) => seeds.iter().all(|s| *s == self.config.advertise || self.met.contains_key(s)),
+            Discovery::Dns { .. } => true,
+        }
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -233,6 +245,7 @@ impl Mesh {
             remote: remote::RemoteRoutes::default(),
             peers: DashMap::new(),
             dialled: DashMap::new(),
+            met: DashMap::new(),
             broker: OnceLock::new(),
             client_tls: tls.as_ref().map(|t| t.client.clone()),
             events,
@@ -295,6 +308,13 @@ impl Mesh {
             }
         }
         Ok(claimed)
+    }
+
+    /// Dials `address` (an operator's `cluster join`): once a node answers there, the two
+    /// link and learn each other's peers.
+    pub fn introduce(&self, address: &str) {
+        discovery::forget(&self.shared, address);
+        discovery::dial(&self.shared, address.to_owned());
     }
 
     /// The address peers dial this node at.

@@ -240,31 +240,23 @@ impl Cluster for Service {
 
     async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
         let raft = self.raft()?;
-        let batch = request.into_inner().batch.unwrap_or_default();
-        let command = crate::raft::Command { batch: prost::Message::encode_to_vec(&batch).into() };
-        match raft.client_write(command).await {
-            Ok(response) => {
-                let replies = postcard::to_allocvec(&response.data).map_err(|e| Status::internal(e.to_string()))?;
-                Ok(Response::new(pb::ProposeReply { replies: replies.into(), leader: 0 }))
-            }
-            Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(f))) => {
-                Ok(Response::new(pb::ProposeReply { replies: Default::default(), leader: f.leader_id.unwrap_or(0) }))
-            }
-            Err(e) => Err(Status::unavailable(e.to_string())),
-        }
+        Ok(Response::new(crate::raft::leader::serve_propose(raft, request.into_inner().batch).await?))
     }
 
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
         let raft = self.raft()?;
         let request = request.into_inner();
-        let node = openraft::BasicNode { addr: request.address };
-        match raft.add_learner(request.node, node, true).await {
-            Ok(_) => Ok(Response::new(pb::JoinReply { leader: 0, joined: true })),
-            Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(f))) => {
-                Ok(Response::new(pb::JoinReply { leader: f.leader_id.unwrap_or(0), joined: false }))
-            }
-            Err(e) => Err(Status::unavailable(e.to_string())),
-        }
+        Ok(Response::new(crate::raft::leader::serve_join(raft, request.node, request.address).await?))
+    }
+
+    async fn read_index(&self, _request: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {
+        let raft = self.raft()?;
+        Ok(Response::new(crate::raft::leader::serve_read_index(raft).await?))
+    }
+
+    async fn remove_node(&self, request: Request<pb::RemoveRequest>) -> Result<Response<pb::RemoveReply>, Status> {
+        let raft = self.raft()?;
+        Ok(Response::new(crate::raft::leader::serve_remove(raft, request.into_inner().node).await?))
     }
 
     async fn forward(&self, request: Request<Streaming<pb::ForwardBatch>>) -> Result<Response<Self::ForwardStream>, Status> {

@@ -6,12 +6,17 @@
 //! - [`log_store`]: the log, vote and committed id on sled, every record checksummed.
 //! - [`state_machine`]: the state the log builds, in memory, snapshotted to sled.
 //! - [`network`]: Raft's RPCs over the cluster's gRPC service.
+//! - [`leader`]: what followers ask of the leader (proposals, read index, join, remove).
+//! - [`membership`]: forming the group, joining it, promoting learners.
 //! - [`store`]: the group on this node, the batching writer, the broker's store traits.
 //!
 //! A node without peers is a group of one on its data directory: it keeps retained
-//! messages and persistent sessions across a restart like every member of a cluster.
+//! messages and persistent sessions across a restart like every member of a cluster. The
+//! nodes of a cluster share one group.
 
+pub(crate) mod leader;
 pub mod log_store;
+pub mod membership;
 pub mod network;
 pub mod ops;
 pub mod state_machine;
@@ -22,6 +27,7 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 pub use log_store::LogStore;
+pub use membership::Formation;
 pub use ops::{Reply, StoreOp};
 pub use state_machine::{Replicated, StateMachine};
 pub use store::{RaftConfig, RaftStartError, RaftStore, RaftView};

@@ -67,6 +67,13 @@ impl Replicated {
 
     async fn apply_op(&self, op: StoreOp) -> Reply {
         match op {
+            // The registry fences too: once another node claimed the client id, an
+            // operation of the old owner's epoch is refused even before the new owner's
+            // first session operation lands (a paused or partitioned owner writes nothing).
+            StoreOp::Session(cmd) if self.registry.current(&cmd.client_id).is_some_and(|c| c.epoch > cmd.epoch) => {
+                let session = self.registry.current(&cmd.client_id).map_or(0, |c| c.epoch);
+                Reply::Fenced { command: cmd.epoch, session }
+            }
             StoreOp::Session(cmd) => match self.sessions.apply(vec![cmd]).await {
                 Ok(mut outcomes) => outcomes.pop().map_or(Reply::Invalid, Reply::from),
                 Err(_) => Reply::Invalid,

@@ -13,6 +13,8 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{Config, Raft, SnapshotPolicy};
 use tokio::sync::{mpsc, oneshot};
 
+use super::leader::{LeaderLink, Proposed};
+use super::membership::Formation;
 use super::network::Network;
 use super::ops::{encode_batch, Reply, StoreOp};
 use super::{Command, LogStore, Node, NodeId, Replicated, StateMachine, TypeConfig};
@@ -48,6 +50,10 @@ pub struct RaftConfig {
     pub election_timeout: Duration,
     /// Caps of retained messages this node proposes.
     pub retained: RetainedLimits,
+    /// How a clustered node forms or joins the cluster's group; `None`: a group of one.
+    pub formation: Option<Formation>,
+    /// How long a write may wait for a leader (an election, a leader to be found).
+    pub write_timeout: Duration,
 }
 
 /// Why the store could not start: each says what to do.
@@ -101,6 +107,7 @@ pub struct RaftStore {
     handles: std::sync::Mutex<Option<(LogStore, StateMachine)>>,
     config: RaftConfig,
     stats: Arc<WriterStats>,
+    link: Arc<LeaderLink>,
 }
 
 /// What the writer did since start.
@@ -141,6 +148,12 @@ pub struct RaftView {
     pub snapshot_index: u64,
     /// Voters of the group.
     pub voters: Vec<NodeId>,
+    /// Learners of the group (replicated to, not voting).
+    pub learners: Vec<NodeId>,
+    /// Every member's cluster address.
+    pub members: BTreeMap<NodeId, String>,
+    /// Per member, the last log index the leader knows it holds (on the leader only).
+    pub matched: BTreeMap<NodeId, u64>,
     /// Log entries this node's writer proposed.
     pub proposals: u64,
     /// Operations in them.
@@ -152,7 +165,7 @@ pub struct RaftView {
 impl RaftStore {
     /// Opens (or creates) the store in `config.data_dir` and starts the group: a node whose
     /// group was never initialized becomes a group of one.
-    pub async fn open(config: RaftConfig, mesh: Option<&crate::mesh::Mesh>) -> Result<Arc<RaftStore>, RaftStartError> {
+    pub async fn open(mut config: RaftConfig, mesh: Option<&crate::mesh::Mesh>) -> Result<Arc<RaftStore>, RaftStartError> {
         let dir = config.data_dir.join("raft");
         let shown = dir.display().to_string();
         let open_err = |source| RaftStartError::Open { dir: shown.clone(), source };
@@ -190,9 +203,16 @@ impl RaftStore {
         let raft = Raft::new(config.node_id, raft_config, network, log.clone(), sm.clone())
             .await
             .map_err(|e| RaftStartError::Corrupt { dir: shown.clone(), detail: e.to_string() })?;
-        if !raft.is_initialized().await.map_err(|e| RaftStartError::Raft(e.to_string()))? {
+        let clustered = config.formation.filter(|_| mesh.is_some());
+        config.formation = clustered;
+        if clustered.is_none() && !raft.is_initialized().await.map_err(|e| RaftStartError::Raft(e.to_string()))? {
             let members = BTreeMap::from([(config.node_id, Node { addr: config.address.clone() })]);
             raft.initialize(members).await.map_err(|e| RaftStartError::Raft(e.to_string()))?;
+        }
+        let link = Arc::new(LeaderLink::new(mesh.map(|m| m.shared())));
+        if let (Some(formation), Some(mesh)) = (clustered, mesh) {
+            let task = super::membership::run(raft.clone(), mesh.shared(), Arc::clone(&link), formation, config.address.clone());
+            tokio::spawn(task);
         }
         let (writer, proposals) = mpsc::channel(config.queue.max(1));
         let store = Arc::new(RaftStore {
@@ -202,11 +222,19 @@ impl RaftStore {
             handles: std::sync::Mutex::new(Some((log, sm))),
             config,
             stats: Arc::default(),
+            link,
         });
         if let Some(mesh) = mesh {
             mesh.set_raft(raft.clone());
         }
-        tokio::spawn(write_batches(raft, proposals, store.config.max_batch.max(1), Arc::clone(&store.stats)));
+        let submitter = Submitter {
+            raft,
+            link: Arc::clone(&store.link),
+            data: Arc::clone(&store.data),
+            me: store.config.node_id,
+            timeout: store.config.write_timeout,
+        };
+        tokio::spawn(write_batches(submitter, proposals, store.config.max_batch.max(1), Arc::clone(&store.stats)));
         Ok(store)
     }
 
@@ -237,6 +265,74 @@ impl RaftStore {
         answer.await.map_err(|_| StoreError::Unavailable("the store stopped".into()))?
     }
 
+    /// Waits until this node has applied every entry committed before the call (a read
+    /// after it is linearizable: it sees every write acknowledged before). A node alone is
+    /// always there.
+    pub async fn read_index(&self) -> Result<(), StoreError> {
+        if self.config.formation.is_none() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + self.config.write_timeout;
+        loop {
+            let index = match leader(&self.raft, self.config.node_id, deadline).await? {
+                Leader::Me => match self.raft.get_read_log_id().await {
+                    Ok((read, _)) => Some(read.map_or(0, |l| l.index)),
+                    Err(RaftError::APIError(_)) => None,
+                    Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+                },
+                Leader::Other(address) => match self.link.read_index(&address).await {
+                    Ok(Ok(index)) => Some(index),
+                    Ok(Err(_)) | Err(super::leader::CallFailure::Unreachable(_)) => None,
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            if let Some(index) = index {
+                return tokio::time::timeout_at(deadline, self.data.applied_up_to(index)).await.map_err(|_| StoreError::Timeout);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Timeout);
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    /// Removes `node` from the group (voter first, then member), through the leader.
+    pub async fn remove_node(&self, node: NodeId) -> Result<bool, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.config.write_timeout;
+        loop {
+            let reply = match leader(&self.raft, self.config.node_id, deadline).await? {
+                Leader::Me => super::leader::serve_remove(&self.raft, node).await.map_err(|s| StoreError::Unavailable(s.message().to_owned()))?,
+                Leader::Other(address) => match self.link.remove(&address, node).await {
+                    Ok(reply) => reply,
+                    Err(super::leader::CallFailure::Unreachable(_)) => Default::default(),
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            if reply.removed {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Timeout);
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    /// Whether the group has a leader this node knows of.
+    pub fn has_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader.is_some()
+    }
+
+    /// Whether this node leads the group.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.config.node_id)
+    }
+
+    /// Whether this node runs in a cluster's group (not a group of one).
+    pub fn clustered(&self) -> bool {
+        self.config.formation.is_some()
+    }
+
     /// The applied state.
     pub fn data(&self) -> &Arc<Replicated> {
         &self.data
@@ -264,6 +360,9 @@ impl RaftStore {
             snapshots: handles.as_ref().map_or(0, |(_, sm)| sm.snapshots_built()),
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
             voters: m.membership_config.membership().voter_ids().collect(),
+            learners: m.membership_config.membership().learner_ids().collect(),
+            members: m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect(),
+            matched: m.replication.iter().flatten().map(|(id, l)| (*id, l.map_or(0, |l| l.index))).collect(),
             proposals: self.stats.entries.load(Ordering::Relaxed),
             proposed_ops: self.stats.ops.load(Ordering::Relaxed),
             proposal_errors: self.stats.errors.load(Ordering::Relaxed),
@@ -287,10 +386,90 @@ impl RaftStore {
     }
 }
 
+/// Where this node's writes go: the local group when it leads, the leader over gRPC when
+/// it follows. A write resolves once its entry is applied on this node too, so what a
+/// client was told is written is what this node reads next.
+struct Submitter {
+    raft: Raft<TypeConfig>,
+    link: Arc<LeaderLink>,
+    data: Arc<Replicated>,
+    me: NodeId,
+    timeout: Duration,
+}
+
+/// The leader as this node knows it.
+enum Leader {
+    Me,
+    Other(String),
+}
+
+/// Pause between attempts while the group has no usable leader (an election runs).
+const RETRY: Duration = Duration::from_millis(50);
+
+impl Submitter {
+    async fn submit(&self, batch: bytes::Bytes) -> Result<Vec<Reply>, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            match leader(&self.raft, self.me, deadline).await? {
+                Leader::Me => match self.raft.client_write(Command { batch: batch.clone() }).await {
+                    Ok(response) => return Ok(response.data),
+                    // Lost the leadership before the entry was appended: nothing was written.
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {}
+                    Err(other) => return Err(StoreError::Unavailable(other.to_string())),
+                },
+                Leader::Other(address) => match self.link.propose(&address, batch.clone()).await {
+                    Ok(Proposed::Applied { replies, index }) => {
+                        self.applied(index, deadline).await?;
+                        return Ok(replies);
+                    }
+                    // Not (or no longer) the leader there, or it could not be dialled:
+                    // nothing was written, so trying again is safe.
+                    Ok(Proposed::NotLeader) | Err(super::leader::CallFailure::Unreachable(_)) => {}
+                    // Sent, and whether it was written is unknown: never proposed twice.
+                    Err(e) => return Err(e.into()),
+                },
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Timeout);
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    /// Waits until this node has applied the entry at `index`.
+    async fn applied(&self, index: u64, deadline: tokio::time::Instant) -> Result<(), StoreError> {
+        tokio::time::timeout_at(deadline, self.data.applied_up_to(index)).await.map_err(|_| StoreError::Timeout)
+    }
+}
+
+/// The current leader, waiting for one (until `deadline`) while there is none.
+async fn leader(raft: &Raft<TypeConfig>, me: NodeId, deadline: tokio::time::Instant) -> Result<Leader, StoreError> {
+    let mut metrics = raft.metrics();
+    loop {
+        {
+            let m = metrics.borrow_and_update();
+            match m.current_leader {
+                Some(id) if id == me => return Ok(Leader::Me),
+                Some(id) => {
+                    if let Some(node) = m.membership_config.membership().get_node(&id) {
+                        return Ok(Leader::Other(node.addr.clone()));
+                    }
+                }
+                None => {}
+            }
+        }
+        match tokio::time::timeout_at(deadline, metrics.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(StoreError::Unavailable("the store stopped".into())),
+            Err(_) => return Err(StoreError::NotLeader),
+        }
+    }
+}
+
 /// Collects proposals into entries of at most `max_batch` operations: while one entry is
 /// being committed the next fills, so the batch grows with the load and a lone write waits
 /// for nobody.
-async fn write_batches(raft: Raft<TypeConfig>, mut proposals: mpsc::Receiver<Proposal>, max_batch: usize, stats: Arc<WriterStats>) {
+async fn write_batches(submitter: Submitter, mut proposals: mpsc::Receiver<Proposal>, max_batch: usize, stats: Arc<WriterStats>) {
     let mut waiting: Vec<Proposal> = Vec::new();
     loop {
         if waiting.is_empty() {
@@ -320,22 +499,18 @@ async fn write_batches(raft: Raft<TypeConfig>, mut proposals: mpsc::Receiver<Pro
         }
         waiting = rest;
         let encoded = encode_batch(batch.iter().flat_map(|p: &Proposal| p.ops.iter()));
-        let outcome = raft.client_write(Command { batch: encoded }).await;
+        let outcome = submitter.submit(encoded).await;
         stats.entries.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(ops as u64, Ordering::Relaxed);
         match outcome {
-            Ok(response) => {
-                let mut replies = response.data.into_iter();
+            Ok(replies) => {
+                let mut replies = replies.into_iter();
                 for p in batch {
                     let mine: Vec<Reply> = replies.by_ref().take(p.ops.len()).collect();
                     let _ = p.done.send(Ok(mine));
                 }
             }
-            Err(e) => {
-                let error = match e {
-                    RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => StoreError::NotLeader,
-                    other => StoreError::Unavailable(other.to_string()),
-                };
+            Err(error) => {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 for p in batch {
                     let _ = p.done.send(Err(error.clone()));

@@ -45,6 +45,8 @@ async fn a_proposal_left_over_from_a_full_entry_is_not_stranded() -> Result<(), 
         heartbeat: std::time::Duration::from_millis(50),
         election_timeout: std::time::Duration::from_millis(150),
         retained: RetainedLimits { max_messages: 10, max_bytes: 1 << 20, max_payload: 1 << 20 },
+        formation: None,
+        write_timeout: std::time::Duration::from_secs(5),
     };
     let store = RaftStore::open(config, None).await?;
     assert!(store.wait_for_leader(std::time::Duration::from_secs(10)).await);

@@ -6,6 +6,7 @@ use std::sync::{Arc, Weak};
 use async_trait::async_trait;
 use raftmq_cluster::mesh::{HandOver, HandOverRequest, Incoming, LocalBroker, Mesh, NodeView};
 use raftmq_cluster::message::Message;
+use raftmq_cluster::registry::ClientRegistry;
 use raftmq_cluster::routes::Route;
 use raftmq_cluster::NodeId;
 
@@ -76,13 +77,44 @@ impl Broker {
         self.raft.get()
     }
 
-    /// Runs on `store` from now on; brings back the persistent sessions it holds.
-    pub fn use_raft(self: &Arc<Self>, store: Arc<raftmq_cluster::raft::RaftStore>) {
-        let sessions = store.data().sessions.export();
+    /// Runs on `store` from now on.
+    pub fn use_raft(&self, store: Arc<raftmq_cluster::raft::RaftStore>) {
         let _ = self.raft.set(store);
+    }
+
+    /// Brings back the persistent sessions the store holds for this node (in a cluster,
+    /// the ones the registry says this node owns; the others belong to their nodes, or are
+    /// adopted by the leader when their node is gone). A clustered node first reads what
+    /// the group committed (waiting, bounded, for a leader).
+    pub async fn recover_own_sessions(self: &Arc<Self>) {
+        let Some(store) = self.raft.get() else { return };
+        if let Err(e) = store.read_index().await {
+            tracing::warn!(error = %e, "recovering sessions from a store that may be behind the cluster");
+        }
+        let clustered = store.clustered();
+        let me = self.node_id;
+        let sessions: Vec<_> = store
+            .data()
+            .sessions
+            .export()
+            .into_iter()
+            .filter(|s| match store.data().registry.current(&s.client_id) {
+                Some(claim) => claim.node == me,
+                None => !clustered,
+            })
+            .collect();
         let n = self.recover_sessions(sessions);
         if n > 0 {
             tracing::info!(sessions = n, "persistent sessions recovered from the data directory");
+        }
+    }
+
+    /// Waits until this node has applied everything the cluster's group committed before
+    /// the call (nothing to wait for on a node alone).
+    pub async fn sync_with_cluster(&self) -> Result<(), raftmq_cluster::StoreError> {
+        match self.raft.get() {
+            Some(raft) if raft.clustered() => raft.read_index().await,
+            _ => Ok(()),
         }
     }
 
@@ -141,8 +173,9 @@ impl Broker {
         HandOver::Moved { session: Some(Box::new(session)), epoch }
     }
 
-    /// Whether the cluster view is complete: every known peer up and its routes received.
+    /// Whether the cluster view is complete: every known peer up and its routes received,
+    /// and the replicated store has a leader (writes can commit).
     pub fn cluster_ready(&self) -> bool {
-        self.mesh.get().is_none_or(Mesh::ready)
+        self.mesh.get().is_none_or(Mesh::ready) && self.raft.get().is_none_or(|r| r.has_leader())
     }
 }

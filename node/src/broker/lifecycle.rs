@@ -141,6 +141,9 @@ impl Broker {
     /// The stored session of `client_id`, once every operation queued before is applied.
     async fn load_stored(&self, client_id: &str) -> Result<Option<raftmq_cluster::session::SessionState>, StoreError> {
         self.journal.flush().await?;
+        // In a cluster, another node may have written the session last: read what the
+        // group committed, not what this node happens to have applied.
+        self.sync_with_cluster().await?;
         self.store.load(client_id).await
     }
 

@@ -33,6 +33,7 @@ use crate::session::{Journal, SessionSlot};
 use crate::telemetry::log_limit::LogLimits;
 use crate::telemetry::stats::{Gauges, SessionSummary, Stats};
 
+mod adopt;
 mod cluster;
 mod lifecycle;
 mod publish;

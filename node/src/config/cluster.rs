@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use raftmq_cluster::mesh::{Discovery, MeshConfig, MeshTls};
+use raftmq_cluster::raft::Formation;
 use serde::{Deserialize, Deserializer};
 
 /// How peers are found.
@@ -79,6 +80,12 @@ pub struct ClusterConfig {
     pub forward_wait_ms: u64,
     /// Mutual TLS between nodes.
     pub tls: Option<ClusterTlsConfig>,
+    /// Nodes that must have met (this one included) before a new cluster initializes its
+    /// Raft group; 0: every static seed must have answered (DNS discovery: 3 nodes).
+    pub bootstrap_expect: usize,
+    /// Voters of the Raft group at most; nodes beyond are learners (replicas that do not
+    /// vote).
+    pub max_voters: usize,
 }
 
 impl Default for ClusterConfig {
@@ -100,6 +107,8 @@ impl Default for ClusterConfig {
             forward_batch: 256,
             forward_wait_ms: 500,
             tls: None,
+            bootstrap_expect: 0,
+            max_voters: 5,
         }
     }
 }
@@ -131,10 +140,18 @@ impl ClusterConfig {
         if self.heartbeat_ms == 0 || self.failure_timeout_ms <= self.heartbeat_ms {
             return Err("cluster.failure_timeout_ms must be longer than cluster.heartbeat_ms (> 0)".into());
         }
+        if self.max_voters == 0 {
+            return Err("cluster.max_voters must be at least 1".into());
+        }
         if self.forward_queue == 0 || self.forward_batch == 0 {
             return Err("cluster.forward_queue and cluster.forward_batch must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// How this node forms or joins the cluster's Raft group.
+    pub fn formation(&self) -> Formation {
+        Formation { bootstrap_expect: self.bootstrap_expect, max_voters: self.max_voters }
     }
 
     /// The mesh settings for node `name`.

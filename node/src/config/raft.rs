@@ -24,6 +24,9 @@ pub struct RaftSettings {
     pub election_timeout_ms: u64,
     /// How long the start waits for the group to have a leader before giving up.
     pub start_timeout_secs: u64,
+    /// How long a write waits for the group to have a leader (during an election, or a
+    /// node cut off from the majority) before its client is refused.
+    pub write_timeout_ms: u64,
 }
 
 impl Default for RaftSettings {
@@ -36,6 +39,7 @@ impl Default for RaftSettings {
             heartbeat_ms: 250,
             election_timeout_ms: 1_000,
             start_timeout_secs: 30,
+            write_timeout_ms: 5_000,
         }
     }
 }

@@ -406,6 +406,7 @@ pub(super) async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let v5 = client.protocol.is_v5();
     let mut codes = Vec::with_capacity(s.filters.len());
     let mut retained = Vec::new();
+    let mut synced = false;
     for (filter, opts) in s.filters {
         let failure = |v5_code: u8| if v5 { v5_code } else { 0x80 };
         let (is_shared, inner_filter) = match shared::parse(&filter) {
@@ -446,6 +447,15 @@ pub(super) async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
         // unless Retain Handling says otherwise [MQTT-3.3.1-9..11]. Never on a shared
         // subscription [MQTT-4.8.2-..]: the group would get one copy per member.
         if !is_shared && (opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed)) {
+            if !synced {
+                // A retained message acknowledged on any node before this SUBSCRIBE is
+                // seen: read what the cluster committed (once per packet). Without a
+                // leader, what this node has is served rather than nothing.
+                synced = true;
+                if let Err(e) = broker.sync_with_cluster().await {
+                    tracing::debug!(error = %e, "retained messages served from this node's copy");
+                }
+            }
             for m in broker.retained_matching(&filter) {
                 retained.push(QueuedMessage {
                     qos: m.qos.min(opts.qos),

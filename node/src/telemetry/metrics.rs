@@ -69,6 +69,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("raftmq_acl_checks_total", "ACL decisions, by result."),
     ("raftmq_wills_published_total", "Will messages published."),
     ("raftmq_takeovers_total", "Sessions taken over by a new connection."),
+    ("raftmq_sessions_adopted_total", "Persistent sessions this node adopted because their node was gone."),
     ("raftmq_protocol_errors_total", "Connections closed for bad input after CONNECT, by MQTT 5 reason code."),
     ("raftmq_store_errors_total", "Store operations that failed, by kind; the client was refused, never acknowledged."),
     (
@@ -310,6 +311,7 @@ impl Metrics {
         self.counter("raftmq_acl_checks_total", &[("result", "deny")]).absolute(load(&s.acl_denied));
         self.counter("raftmq_wills_published_total", &[]).absolute(load(&s.wills_published));
         self.counter("raftmq_takeovers_total", &[]).absolute(load(&s.takeovers));
+        self.counter("raftmq_sessions_adopted_total", &[]).absolute(load(&s.adopted));
         self.counter("raftmq_session_journal_lost_total", &[]).absolute(g.journal_lost);
         self.render_cluster(g);
         self.render_raft(g);

@@ -173,6 +173,8 @@ pub struct Stats {
     pub wills_published: AtomicU64,
     /// Sessions taken over by a new connection.
     pub takeovers: AtomicU64,
+    /// Persistent sessions adopted from nodes that were gone (the Raft leader does it).
+    pub adopted: AtomicU64,
     /// Bytes read from clients.
     pub bytes_received: AtomicU64,
     /// Bytes written to clients.

@@ -1,0 +1,182 @@
+//! Reaching the leader. A follower's writer hands its entries to the leader (`Propose`), a
+//! follower's linearizable read asks it for its read index (`ReadIndex`), a new node asks
+//! it to be added (`Join`), an operator asks it to remove one (`RemoveNode`). This file
+//! holds both sides: [`LeaderLink`] calls the leader; the `serve_*` functions answer on it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Raft};
+use raftmq_proto::v1 as pb;
+use tonic::Status;
+
+use super::ops::Reply;
+use super::{Command, NodeId, TypeConfig};
+use crate::mesh::service::{client, LinkClient};
+use crate::mesh::Shared;
+use crate::StoreError;
+
+/// One cached gRPC client per node address, for calls to whichever node leads.
+pub(crate) struct LeaderLink {
+    mesh: Option<Arc<Shared>>,
+    clients: Mutex<HashMap<String, LinkClient>>,
+}
+
+/// Why a call to the leader failed.
+#[derive(Debug)]
+pub(crate) enum CallFailure {
+    /// The node could not be dialled: nothing reached it, the call may be repeated.
+    Unreachable(String),
+    /// The call failed after it was sent: it may or may not have taken effect.
+    Failed(String),
+}
+
+impl From<CallFailure> for StoreError {
+    fn from(f: CallFailure) -> StoreError {
+        match f {
+            CallFailure::Unreachable(e) | CallFailure::Failed(e) => StoreError::Unavailable(e),
+        }
+    }
+}
+
+/// What the leader answered to a proposal.
+pub(crate) enum Proposed {
+    /// Committed and applied there at `index`.
+    Applied { replies: Vec<Reply>, index: u64 },
+    /// The callee does not lead (nothing was written).
+    NotLeader,
+}
+
+impl LeaderLink {
+    pub(crate) fn new(mesh: Option<Arc<Shared>>) -> LeaderLink {
+        LeaderLink { mesh, clients: Mutex::new(HashMap::new()) }
+    }
+
+    async fn client(&self, address: &str) -> Result<LinkClient, CallFailure> {
+        if let Some(c) = self.clients.lock().ok().and_then(|c| c.get(address).cloned()) {
+            return Ok(c);
+        }
+        let shared = self.mesh.as_ref().ok_or_else(|| CallFailure::Unreachable("no cluster mesh on this node".into()))?;
+        let c = client(shared, address).await.map_err(|e| CallFailure::Unreachable(format!("dial {address}: {e}")))?;
+        if let Ok(mut clients) = self.clients.lock() {
+            clients.insert(address.to_owned(), c.clone());
+        }
+        Ok(c)
+    }
+
+    /// A failed call drops the cached channel (the next call dials again).
+    fn failed(&self, address: &str, status: Status) -> CallFailure {
+        if let Ok(mut clients) = self.clients.lock() {
+            clients.remove(address);
+        }
+        CallFailure::Failed(format!("{address}: {}", status.message()))
+    }
+
+    pub(crate) async fn propose(&self, address: &str, batch: bytes::Bytes) -> Result<Proposed, CallFailure> {
+        let mut c = self.client(address).await?;
+        let reply = c.propose(pb::ProposeRequest { batch }).await.map_err(|s| self.failed(address, s))?.into_inner();
+        if reply.index == 0 {
+            return Ok(Proposed::NotLeader);
+        }
+        let replies = postcard::from_bytes(&reply.replies).map_err(|e| CallFailure::Failed(format!("undecodable outcomes: {e}")))?;
+        Ok(Proposed::Applied { replies, index: reply.index })
+    }
+
+    /// The leader's read index, or the leader it knows of.
+    pub(crate) async fn read_index(&self, address: &str) -> Result<Result<u64, Option<NodeId>>, CallFailure> {
+        let mut c = self.client(address).await?;
+        let reply = c.read_index(pb::ReadIndexRequest {}).await.map_err(|s| self.failed(address, s))?.into_inner();
+        Ok(if reply.ok { Ok(reply.index) } else { Err((reply.leader != 0).then_some(reply.leader)) })
+    }
+
+    pub(crate) async fn join(&self, address: &str, node: NodeId, own_address: &str) -> Result<pb::JoinReply, CallFailure> {
+        let mut c = self.client(address).await?;
+        let request = pb::JoinRequest { node, address: own_address.to_owned() };
+        Ok(c.join(request).await.map_err(|s| self.failed(address, s))?.into_inner())
+    }
+
+    pub(crate) async fn remove(&self, address: &str, node: NodeId) -> Result<pb::RemoveReply, CallFailure> {
+        let mut c = self.client(address).await?;
+        Ok(c.remove_node(pb::RemoveRequest { node }).await.map_err(|s| self.failed(address, s))?.into_inner())
+    }
+}
+
+/// The leader a write error points at (`Some(None)`: not the leader, none known), or
+/// `None` for any other error.
+fn leader_of(e: &RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Option<Option<NodeId>> {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Some(f.leader_id),
+        _ => None,
+    }
+}
+
+/// The leader's side of `Propose`: the follower's encoded batch becomes one entry.
+pub(crate) async fn serve_propose(raft: &Raft<TypeConfig>, batch: bytes::Bytes) -> Result<pb::ProposeReply, Status> {
+    match raft.client_write(Command { batch }).await {
+        Ok(response) => {
+            let replies = postcard::to_allocvec(&response.data).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(pb::ProposeReply { replies: replies.into(), leader: 0, index: response.log_id.index })
+        }
+        Err(e) => match leader_of(&e) {
+            Some(leader) => Ok(pb::ProposeReply { replies: Default::default(), leader: leader.unwrap_or(0), index: 0 }),
+            None => Err(Status::unavailable(e.to_string())),
+        },
+    }
+}
+
+/// The leader's side of `ReadIndex`: confirms leadership with a quorum and answers the
+/// index a reader must have applied.
+pub(crate) async fn serve_read_index(raft: &Raft<TypeConfig>) -> Result<pb::ReadIndexReply, Status> {
+    match raft.get_read_log_id().await {
+        Ok((read, _)) => Ok(pb::ReadIndexReply { leader: 0, index: read.map_or(0, |l| l.index), ok: true }),
+        Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
+            Ok(pb::ReadIndexReply { leader: f.leader_id.unwrap_or(0), index: 0, ok: false })
+        }
+        Err(e) => Err(Status::unavailable(e.to_string())),
+    }
+}
+
+/// The leader's side of `Join`: the node becomes a learner (replication starts at once;
+/// the membership task promotes it to voter when the group has room).
+pub(crate) async fn serve_join(raft: &Raft<TypeConfig>, node: NodeId, address: String) -> Result<pb::JoinReply, Status> {
+    if !raft.is_initialized().await.map_err(|e| Status::unavailable(e.to_string()))? {
+        return Ok(pb::JoinReply { leader: 0, joined: false, initialized: false });
+    }
+    let known = raft.metrics().borrow().membership_config.membership().get_node(&node).map(|n| n.addr.clone());
+    if known.as_deref() == Some(address.as_str()) {
+        return Ok(pb::JoinReply { leader: 0, joined: true, initialized: true });
+    }
+    match raft.add_learner(node, BasicNode { addr: address }, false).await {
+        Ok(_) => Ok(pb::JoinReply { leader: 0, joined: true, initialized: true }),
+        Err(e) => match leader_of(&e) {
+            Some(leader) => Ok(pb::JoinReply { leader: leader.unwrap_or(0), joined: false, initialized: true }),
+            None => Err(Status::unavailable(e.to_string())),
+        },
+    }
+}
+
+/// The leader's side of `RemoveNode`: the node stops being a voter, then a member.
+pub(crate) async fn serve_remove(raft: &Raft<TypeConfig>, node: NodeId) -> Result<pb::RemoveReply, Status> {
+    let membership = raft.metrics().borrow().membership_config.membership().clone();
+    if membership.voter_ids().any(|v| v == node) {
+        let change = ChangeMembers::RemoveVoters(BTreeSet::from([node]));
+        if let Err(e) = raft.change_membership(change, true).await {
+            return match leader_of(&e) {
+                Some(leader) => Ok(pb::RemoveReply { leader: leader.unwrap_or(0), removed: false }),
+                None => Err(Status::failed_precondition(e.to_string())),
+            };
+        }
+    }
+    let membership = raft.metrics().borrow().membership_config.membership().clone();
+    if membership.get_node(&node).is_none() {
+        return Ok(pb::RemoveReply { leader: 0, removed: true });
+    }
+    match raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([node])), false).await {
+        Ok(_) => Ok(pb::RemoveReply { leader: 0, removed: true }),
+        Err(e) => match leader_of(&e) {
+            Some(leader) => Ok(pb::RemoveReply { leader: leader.unwrap_or(0), removed: false }),
+            None => Err(Status::failed_precondition(e.to_string())),
+        },
+    }
+}

@@ -1,0 +1,129 @@
+//! Who belongs to the Raft group. A node alone initializes a group of one. In a cluster, a
+//! node that belongs to no group yet asks the nodes it meets to add it (`Join`); when none
+//! of them belongs to one and `bootstrap_expect` nodes have met, the one with the lowest id
+//! initializes the group with all of them as voters. The leader adds a node that asks as a
+//! learner and promotes caught-up learners to voters while the group has fewer than
+//! `max_voters`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
+
+use super::leader::LeaderLink;
+use super::{NodeId, TypeConfig};
+use crate::mesh::{PeerStatus, Shared};
+
+/// How a clustered node forms or joins its group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Formation {
+    /// Nodes that must have met (this one included) before the first group is initialized;
+    /// 0: a node must have met every static seed (with DNS discovery: three nodes).
+    pub bootstrap_expect: usize,
+    /// Voters the leader promotes learners up to (the rest stay learners).
+    pub max_voters: usize,
+}
+
+/// How often the membership task looks at the mesh.
+const ROUND: Duration = Duration::from_millis(250);
+/// Nodes that must have met before a DNS-discovered cluster forms, unless configured.
+const DNS_EXPECT: usize = 3;
+/// A learner this close to the leader's last log index is caught up (promotable).
+const CAUGHT_UP: u64 = 100;
+
+/// Runs until the mesh stops.
+pub(crate) async fn run(raft: Raft<TypeConfig>, shared: Arc<Shared>, link: Arc<LeaderLink>, formation: Formation, address: String) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(ROUND) => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        let live: BTreeMap<NodeId, String> =
+            shared.peers.iter().filter(|p| p.status() == PeerStatus::Up).map(|p| (p.id, p.address.clone())).collect();
+        let initialized = match raft.is_initialized().await {
+            Ok(i) => i,
+            Err(_) => return,
+        };
+        if !initialized {
+            join_or_bootstrap(&raft, &shared, &link, &address, &live, formation).await;
+            continue;
+        }
+        if raft.metrics().borrow().state == ServerState::Leader {
+            grow(&raft, &live, formation).await;
+        }
+    }
+}
+
+/// An uninitialized node: joins the group of any node it meets, or starts the group when
+/// enough nodes have met and none has one.
+async fn join_or_bootstrap(
+    raft: &Raft<TypeConfig>,
+    shared: &Shared,
+    link: &LeaderLink,
+    address: &str,
+    live: &BTreeMap<NodeId, String>,
+    formation: Formation,
+) {
+    let me = shared.id;
+    let mut someone_has_a_group = false;
+    for peer_address in live.values() {
+        let Ok(reply) = link.join(peer_address, me, address).await else { continue };
+        if reply.joined {
+            tracing::info!(via = %peer_address, "joining the cluster's raft group");
+            return;
+        }
+        someone_has_a_group |= reply.initialized;
+        if let Some(leader_address) = live.iter().find(|(id, _)| **id == reply.leader).map(|(_, a)| a) {
+            if matches!(link.join(leader_address, me, address).await, Ok(r) if r.joined) {
+                tracing::info!(via = %leader_address, "joining the cluster's raft group");
+                return;
+            }
+        }
+    }
+    let lowest = live.keys().all(|id| me < *id);
+    let enough = match formation.bootstrap_expect {
+        0 if matches!(shared.config.discovery, crate::mesh::Discovery::Dns { .. }) => live.len() + 1 >= DNS_EXPECT,
+        0 => shared.seeds_met(),
+        n => live.len() + 1 >= n,
+    };
+    if someone_has_a_group || !enough || !lowest {
+        return;
+    }
+    let members: BTreeMap<NodeId, BasicNode> = live
+        .iter()
+        .map(|(id, a)| (*id, BasicNode { addr: a.clone() }))
+        .chain(std::iter::once((me, BasicNode { addr: address.to_owned() })))
+        .collect();
+    tracing::info!(voters = members.len(), "initializing the cluster's raft group");
+    if let Err(e) = raft.initialize(members).await {
+        tracing::warn!(error = %e, "initializing the raft group");
+    }
+}
+
+/// The leader: caught-up learners become voters while there is room. (Nodes become
+/// learners by asking, [`super::leader::serve_join`]: a node with a group of its own never
+/// asks, and is never pulled in to disturb this one with its terms.)
+async fn grow(raft: &Raft<TypeConfig>, live: &BTreeMap<NodeId, String>, formation: Formation) {
+    let metrics = raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership().clone();
+    let voters = membership.voter_ids().count();
+    if voters >= formation.max_voters.max(1) {
+        return;
+    }
+    let last = metrics.last_log_index.unwrap_or(0);
+    let matched = metrics.replication.unwrap_or_default();
+    let ready: BTreeSet<NodeId> = membership
+        .learner_ids()
+        .filter(|id| live.contains_key(id))
+        .filter(|id| matched.get(id).copied().flatten().is_some_and(|l| l.index + CAUGHT_UP >= last))
+        .take(formation.max_voters - voters)
+        .collect();
+    if ready.is_empty() {
+        return;
+    }
+    tracing::info!(nodes = ?ready, "promoting learners to voters");
+    if let Err(e) = raft.change_membership(ChangeMembers::AddVoterIds(ready), false).await {
+        tracing::debug!(error = %e, "promoting learners");
+    }
+}
