@@ -301,7 +301,9 @@ impl RaftStore {
         let deadline = tokio::time::Instant::now() + self.config.write_timeout;
         loop {
             let reply = match leader(&self.raft, self.config.node_id, deadline).await? {
-                Leader::Me => super::leader::serve_remove(&self.raft, node).await.map_err(|s| StoreError::Unavailable(s.message().to_owned()))?,
+                Leader::Me => {
+                    super::leader::serve_remove(&self.raft, node).await.map_err(|s| StoreError::Unavailable(s.message().to_owned()))?
+                }
                 Leader::Other(address) => match self.link.remove(&address, node).await {
                     Ok(reply) => reply,
                     Err(super::leader::CallFailure::Unreachable(_)) => Default::default(),

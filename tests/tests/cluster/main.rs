@@ -4,6 +4,7 @@
 
 mod in_process;
 mod processes;
+mod replicated;
 
 use std::time::Duration;
 

@@ -61,52 +61,78 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Starts one process with a deadline: a watchdog kills it by pid if the test did not.
+fn spawn(name: &str, ports: (u16, u16, u16), seeds: &str, dir: &std::path::Path) -> anyhow::Result<Arc<Mutex<Child>>> {
+    let (mqtt, admin, cluster) = ports;
+    let child = Command::new(binary()?)
+        .args(["--node-name", name])
+        .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(["--cluster-listen", &format!("127.0.0.1:{cluster}")])
+        .args(["--seeds", seeds])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("RAFTMQ_LISTENERS", "[]")
+        .env("RAFTMQ_ADMIN__API_KEY", "k3y")
+        .env("RAFTMQ_CLUSTER__SECRET", "s3cret")
+        .env("RAFTMQ_CLUSTER__HEARTBEAT_MS", "200")
+        .env("RAFTMQ_CLUSTER__FAILURE_TIMEOUT_MS", FAILURE_TIMEOUT.as_millis().to_string())
+        .env("RAFTMQ_CLUSTER__ROUTE_ACK_TIMEOUT_MS", ROUTE_ACK_TIMEOUT.as_millis().to_string())
+        .env("RAFTMQ_RAFT__HEARTBEAT_MS", "100")
+        .env("RAFTMQ_RAFT__ELECTION_TIMEOUT_MS", "500")
+        .env("RUST_LOG", std::env::var("RAFTMQ_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("RAFTMQ_TEST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
+        .spawn()?;
+    let child = Arc::new(Mutex::new(child));
+    let watched = Arc::downgrade(&child);
+    std::thread::spawn(move || {
+        std::thread::sleep(PROCESS_DEADLINE);
+        if let Some(child) = watched.upgrade() {
+            if let Ok(mut c) = child.lock() {
+                let _ = c.kill();
+            }
+        }
+    });
+    Ok(child)
+}
+
 /// One `raftmq` process.
-struct Node {
+pub(super) struct Node {
     child: Arc<Mutex<Child>>,
-    mqtt: SocketAddr,
+    pub(super) name: String,
+    pub(super) mqtt: SocketAddr,
     admin: String,
-    _dir: tempfile::TempDir,
+    ports: (u16, u16, u16),
+    seeds: String,
+    dir: tempfile::TempDir,
 }
 
 impl Node {
     fn start(name: &str, ports: (u16, u16, u16), seeds: &str) -> anyhow::Result<Node> {
-        let (mqtt, admin, cluster) = ports;
         let dir = tempfile::tempdir()?;
-        let child = Command::new(binary()?)
-            .args(["--node-name", name])
-            .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-            .args(["--cluster-listen", &format!("127.0.0.1:{cluster}")])
-            .args(["--seeds", seeds])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env("RAFTMQ_LISTENERS", "[]")
-            .env("RAFTMQ_ADMIN__API_KEY", "k3y")
-            .env("RAFTMQ_CLUSTER__SECRET", "s3cret")
-            .env("RAFTMQ_CLUSTER__HEARTBEAT_MS", "200")
-            .env("RAFTMQ_CLUSTER__FAILURE_TIMEOUT_MS", FAILURE_TIMEOUT.as_millis().to_string())
-            .env("RAFTMQ_CLUSTER__ROUTE_ACK_TIMEOUT_MS", ROUTE_ACK_TIMEOUT.as_millis().to_string())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let child = Arc::new(Mutex::new(child));
-        // The deadline: a watchdog kills the process by pid if the test forgot to.
-        let watched = Arc::downgrade(&child);
-        std::thread::spawn(move || {
-            std::thread::sleep(PROCESS_DEADLINE);
-            if let Some(child) = watched.upgrade() {
-                if let Ok(mut c) = child.lock() {
-                    let _ = c.kill();
-                }
-            }
-        });
-        Ok(Node { child, mqtt: SocketAddr::from(([127, 0, 0, 1], mqtt)), admin: format!("http://127.0.0.1:{admin}"), _dir: dir })
+        let child = spawn(name, ports, seeds, dir.path())?;
+        let (mqtt, admin, _) = ports;
+        Ok(Node {
+            child,
+            name: name.to_owned(),
+            mqtt: SocketAddr::from(([127, 0, 0, 1], mqtt)),
+            admin: format!("http://127.0.0.1:{admin}"),
+            ports,
+            seeds: seeds.to_owned(),
+            dir,
+        })
+    }
+
+    /// Starts the process again (same name, ports and data directory) after it was killed.
+    pub(super) fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.child = spawn(&self.name, self.ports, &self.seeds, self.dir.path())?;
+        Ok(())
     }
 
     /// Sends a signal by pid (`STOP`, `CONT`).
-    fn signal(&self, name: &str) -> anyhow::Result<()> {
+    pub(super) fn signal(&self, name: &str) -> anyhow::Result<()> {
         let pid = self.child.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.id();
         let status = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status()?;
         anyhow::ensure!(status.success(), "kill -{name} {pid} failed");
@@ -114,14 +140,14 @@ impl Node {
     }
 
     /// SIGKILL.
-    fn kill(&self) {
+    pub(super) fn kill(&self) {
         if let Ok(mut c) = self.child.lock() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+    pub(super) async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         let url = format!("{}{path}", self.admin);
         tokio::task::spawn_blocking(move || -> anyhow::Result<(u16, String)> {
             let agent: ureq::Agent =
@@ -133,7 +159,7 @@ impl Node {
     }
 
     /// The status of every node as this one sees it.
-    async fn cluster(&self) -> anyhow::Result<Vec<(String, String)>> {
+    pub(super) async fn cluster(&self) -> anyhow::Result<Vec<(String, String)>> {
         let (_, body) = self.get("/api/v1/cluster").await?;
         let v: serde_json::Value = serde_json::from_str(&body)?;
         let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
@@ -152,16 +178,23 @@ impl Drop for Node {
 
 /// Starts three nodes with the same seeds and waits until each sees the whole cluster and
 /// is ready.
-async fn start_three() -> anyhow::Result<Vec<Node>> {
+pub(super) async fn start_three() -> anyhow::Result<Vec<Node>> {
     let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| Ok((free_port()?, free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
     let seeds = ports.iter().map(|p| format!("127.0.0.1:{}", p.2)).collect::<Vec<_>>().join(",");
     let nodes: Vec<Node> =
         ports.iter().enumerate().map(|(i, p)| Node::start(&format!("n{}", i + 1), *p, &seeds)).collect::<anyhow::Result<_>>()?;
+    wait_ready(&nodes.iter().collect::<Vec<_>>(), 3).await?;
+    Ok(nodes)
+}
+
+/// Waits until each of `nodes` is ready (its routes and a Raft leader) and sees `up` nodes
+/// up, itself included.
+pub(super) async fn wait_ready(nodes: &[&Node], up: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    for node in &nodes {
+    for node in nodes {
         loop {
             let ready = matches!(node.get("/readyz").await, Ok((200, _)));
-            let all_up = node.cluster().await.is_ok_and(|c| c.len() == 3 && c.iter().all(|(_, s)| s == "up"));
+            let all_up = node.cluster().await.is_ok_and(|c| c.iter().filter(|(_, s)| s == "up" || s == "self").count() == up);
             if ready && all_up {
                 break;
             }
@@ -169,7 +202,7 @@ async fn start_three() -> anyhow::Result<Vec<Node>> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    Ok(nodes)
+    Ok(())
 }
 
 /// Issue 12, item 8: a peer that stops reading (SIGSTOP) blocks nobody: a SUBACK waits at

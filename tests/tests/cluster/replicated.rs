@@ -1,0 +1,177 @@
+//! The replicated store across a cluster (issue 13): three real `raftmq` processes share
+//! one Raft group; persistent sessions and retained messages survive the death of the node
+//! that held them, of the leader, and of every node at once.
+
+use std::time::{Duration, Instant};
+
+use raftmq_cluster::message::QoS;
+use raftmq_node::codec::{reason, Packet, Protocol, PubKind, PubResponse};
+use raftmq_tests::*;
+
+use super::processes::{start_three, wait_ready, Node};
+use super::DEADLINE;
+
+/// The Raft part of `GET /api/v1/cluster` as `node` sees it.
+async fn raft_of(node: &Node) -> anyhow::Result<serde_json::Value> {
+    let (_, body) = node.get("/api/v1/cluster").await?;
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(v["raft"].clone())
+}
+
+/// The index (in `nodes`) of the leader every live node in `live` agrees on.
+async fn agreed_leader(nodes: &[Node], live: &[usize]) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mut leaders = Vec::new();
+        for &i in live {
+            leaders.push(raft_of(&nodes[i]).await.ok().and_then(|r| r["leader"].as_str().map(str::to_owned)));
+        }
+        if let Some(Some(name)) = leaders.first().cloned() {
+            if leaders.iter().all(|l| l.as_deref() == Some(name.as_str())) {
+                if let Some(i) = nodes.iter().position(|n| n.name == name).filter(|i| live.contains(i)) {
+                    return Ok(i);
+                }
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no agreed leader among {live:?}: {leaders:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A persistent MQTT 5 session (expiry 300 s).
+async fn persistent(node: &Node, client_id: &str) -> anyhow::Result<(Raw, bool)> {
+    let mut c = connect_packet(Protocol::V5, client_id, false);
+    c.properties.session_expiry_interval = Some(300);
+    let (raw, ack) = Raw::connect_with(node.mqtt, c).await?;
+    anyhow::ensure!(ack.code == 0, "CONNACK {}", ack.code);
+    Ok((raw, ack.session_present))
+}
+
+/// Receives `n` PUBLISHes, acknowledging QoS 1 ones; returns their payloads.
+async fn receive(client: &mut Raw, n: usize) -> anyhow::Result<Vec<String>> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let p = client.recv_publish().await?;
+        if p.qos == QoS::AtLeastOnce {
+            client.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, p.packet_id, 0))).await?;
+        }
+        got.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    Ok(got)
+}
+
+/// Issue 13, item 6: three nodes started with the same seeds form one Raft group of three
+/// voters, and every node names the same leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_share_one_raft_group() -> anyhow::Result<()> {
+    let nodes = start_three().await?;
+    agreed_leader(&nodes, &[0, 1, 2]).await?;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let raft = raft_of(&nodes[0]).await?;
+        let voters = raft["voters"].as_array().map_or(0, Vec::len);
+        if voters == 3 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "voters never 3: {raft}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, metrics) = nodes[1].get("/metrics").await?;
+    assert!(metrics.contains("raftmq_raft_voters 3"), "{metrics}");
+    Ok(())
+}
+
+/// Issue 13, items 5 and 9: the offline queue of a persistent session is kept across a
+/// SIGKILL of the node that held it. Messages published after the node died are queued too
+/// (a survivor adopted the session); the client reconnecting to another node gets Session
+/// Present and every message in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_queue_survives_the_death_of_its_node() -> anyhow::Result<()> {
+    let nodes = start_three().await?;
+    let (mut keeper, _) = persistent(&nodes[1], "keeper").await?;
+    keeper.subscribe(1, "orders/#", QoS::AtLeastOnce).await?;
+    keeper.send(&Packet::Disconnect(raftmq_node::codec::Disconnect::new(0))).await?;
+    keeper.expect_closed(DEADLINE).await?;
+    let (mut publ, _) = Raw::connect(nodes[0].mqtt, Protocol::V5, "shop", true).await?;
+    for n in 1..=5u16 {
+        assert_eq!(publ.publish("orders/new", format!("o{n}").as_bytes(), QoS::AtLeastOnce, false, n).await?, 0);
+    }
+    nodes[1].kill();
+    // A survivor adopts the session once the node is seen gone; from then on the session's
+    // routes are back and new messages are queued for it again.
+    let killed = Instant::now();
+    loop {
+        let mut adopted = 0;
+        for node in [&nodes[0], &nodes[2]] {
+            let (_, metrics) = node.get("/metrics").await?;
+            adopted += metrics.lines().filter(|l| l.starts_with("raftmq_sessions_adopted_total 1")).count();
+        }
+        if adopted == 1 {
+            break;
+        }
+        anyhow::ensure!(killed.elapsed() < DEADLINE, "the session was never adopted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in 6..=7u16 {
+        assert_eq!(publ.publish("orders/new", format!("o{n}").as_bytes(), QoS::AtLeastOnce, false, n).await?, 0);
+    }
+    let (mut back, present) = persistent(&nodes[2], "keeper").await?;
+    assert!(present, "Session Present after the node that held it died");
+    let got = receive(&mut back, 7).await?;
+    assert_eq!(got, ["o1", "o2", "o3", "o4", "o5", "o6", "o7"]);
+    Ok(())
+}
+
+/// Issue 13, items 4 and 9: a retained message acknowledged to its publisher is seen by a
+/// later SUBSCRIBE on another node, also after the leader was killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_message_survives_the_leader() -> anyhow::Result<()> {
+    let nodes = start_three().await?;
+    let leader = agreed_leader(&nodes, &[0, 1, 2]).await?;
+    let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let (mut publ, _) = Raw::connect(nodes[others[0]].mqtt, Protocol::V5, "thermo", true).await?;
+    // Acknowledged (0x10: nobody subscribed yet, the message is retained all the same).
+    assert_eq!(publ.publish("rooms/1/temp", b"21.5", QoS::AtLeastOnce, true, 1).await?, reason::NO_MATCHING_SUBSCRIBERS);
+    // Seen at once on the other follower.
+    let (mut sub, _) = Raw::connect(nodes[others[1]].mqtt, Protocol::V5, "reader", true).await?;
+    sub.subscribe(1, "rooms/+/temp", QoS::AtLeastOnce).await?;
+    let p = sub.recv_publish().await?;
+    assert!(p.retain && &p.payload[..] == b"21.5");
+    nodes[leader].kill();
+    agreed_leader(&nodes, &others).await?;
+    let (mut late, _) = Raw::connect(nodes[others[1]].mqtt, Protocol::V5, "late", true).await?;
+    late.subscribe(1, "rooms/#", QoS::AtLeastOnce).await?;
+    let p = late.recv_publish().await?;
+    assert!(p.retain && &p.payload[..] == b"21.5", "retained after the leader died");
+    Ok(())
+}
+
+/// Issue 13, items 7 and 9: all three nodes killed and started again on their data keep
+/// every retained message and persistent session (with its queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_cluster_restart_keeps_sessions_and_retained_messages() -> anyhow::Result<()> {
+    let mut nodes = start_three().await?;
+    let (mut keeper, _) = persistent(&nodes[2], "keeper").await?;
+    keeper.subscribe(1, "cmd/#", QoS::AtLeastOnce).await?;
+    keeper.send(&Packet::Disconnect(raftmq_node::codec::Disconnect::new(0))).await?;
+    keeper.expect_closed(DEADLINE).await?;
+    let (mut publ, _) = Raw::connect(nodes[0].mqtt, Protocol::V5, "ops", true).await?;
+    assert_eq!(publ.publish("cmd/reboot", b"now", QoS::AtLeastOnce, false, 1).await?, 0);
+    assert_eq!(publ.publish("state/fw", b"1.2.3", QoS::AtLeastOnce, true, 2).await?, reason::NO_MATCHING_SUBSCRIBERS);
+    drop(publ);
+    for node in &nodes {
+        node.kill();
+    }
+    for node in &mut nodes {
+        node.restart()?;
+    }
+    wait_ready(&nodes.iter().collect::<Vec<_>>(), 3).await?;
+    let (mut back, present) = persistent(&nodes[1], "keeper").await?;
+    assert!(present, "the session survived the restart");
+    assert_eq!(receive(&mut back, 1).await?, ["now"]);
+    let (mut sub, _) = Raw::connect(nodes[0].mqtt, Protocol::V5, "reader", true).await?;
+    sub.subscribe(1, "state/#", QoS::AtLeastOnce).await?;
+    let p = sub.recv_publish().await?;
+    assert!(p.retain && &p.payload[..] == b"1.2.3");
+    Ok(())
+}
