@@ -175,3 +175,96 @@ async fn a_full_cluster_restart_keeps_sessions_and_retained_messages() -> anyhow
     assert!(p.retain && &p.payload[..] == b"1.2.3");
     Ok(())
 }
+
+/// Issue 13, item 9: the leader is killed while a publisher sends QoS 1 messages to a
+/// persistent subscriber on another node. The history is checked: every message the
+/// publisher got a PUBACK for is received, first receipts are in publishing order, and
+/// nothing is received that was never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_under_qos1_load_loses_no_acknowledged_message() -> anyhow::Result<()> {
+    const MESSAGES: u32 = 400;
+    const KILL_AFTER: usize = 100;
+    let nodes = start_three().await?;
+    let leader = agreed_leader(&nodes, &[0, 1, 2]).await?;
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let (sub_node, pub_node) = (followers[0], followers[1]);
+    let (mut sink, _) = persistent(&nodes[sub_node], "sink").await?;
+    sink.subscribe(1, "load/#", QoS::AtLeastOnce).await?;
+    let (tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    let pub_addr = nodes[pub_node].mqtt;
+    let publisher = tokio::spawn(async move {
+        let mut sent = Vec::new();
+        let mut client = None;
+        let started = Instant::now();
+        for seq in 1..=MESSAGES {
+            if started.elapsed() > Duration::from_secs(30) {
+                break;
+            }
+            if client.is_none() {
+                client = Raw::connect(pub_addr, Protocol::V5, "loader", true).await.ok().map(|(c, _)| c);
+            }
+            let Some(c) = client.as_mut() else { continue };
+            sent.push(seq);
+            let packet_id = (seq % 60_000 + 1) as u16;
+            match tokio::time::timeout(DEADLINE, c.publish("load/x", format!("m{seq}").as_bytes(), QoS::AtLeastOnce, false, packet_id)).await {
+                Ok(Ok(code)) if code < 0x80 => {
+                    let _ = tx.send(seq);
+                }
+                Ok(Ok(_)) => {}
+                _ => client = None,
+            }
+        }
+        sent
+    });
+    let mut acked = Vec::new();
+    while acked.len() < KILL_AFTER {
+        match tokio::time::timeout(DEADLINE, acked_rx.recv()).await? {
+            Some(seq) => acked.push(seq),
+            None => anyhow::bail!("the publisher stopped after {} acknowledgements", acked.len()),
+        }
+    }
+    nodes[leader].kill();
+    let mut received: Vec<u32> = Vec::new();
+    let sent = loop {
+        tokio::select! {
+            p = sink.recv_within(Duration::from_millis(200)) => {
+                if let Ok(Some(Packet::Publish(p))) = p {
+                    sink.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, p.packet_id, 0))).await?;
+                    received.push(String::from_utf8_lossy(&p.payload).trim_start_matches('m').parse()?);
+                }
+            }
+            done = async { if publisher.is_finished() { Some(()) } else { tokio::time::sleep(Duration::from_millis(50)).await; None } } => {
+                if done.is_some() {
+                    break publisher.await?;
+                }
+            }
+        }
+    };
+    while let Ok(Some(seq)) = acked_rx.try_recv().map(Some) {
+        acked.push(seq);
+    }
+    // Everything acknowledged arrives (the rest of the stream, bounded).
+    let deadline = Instant::now() + DEADLINE;
+    while acked.iter().any(|s| !received.contains(s)) && Instant::now() < deadline {
+        if let Ok(Some(Packet::Publish(p))) = sink.recv_within(Duration::from_millis(200)).await {
+            sink.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, p.packet_id, 0))).await?;
+            received.push(String::from_utf8_lossy(&p.payload).trim_start_matches('m').parse()?);
+        }
+    }
+    println!("history: {} sent, {} acknowledged, {} received ({} distinct)", sent.len(), acked.len(), received.len(), {
+        let mut d = received.clone();
+        d.sort_unstable();
+        d.dedup();
+        d.len()
+    });
+    let lost: Vec<&u32> = acked.iter().filter(|s| !received.contains(s)).collect();
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+    let invented: Vec<&u32> = received.iter().filter(|s| !sent.contains(s)).collect();
+    assert!(invented.is_empty(), "received, never sent: {invented:?}");
+    let mut first_receipts = received.clone();
+    let mut seen = std::collections::HashSet::new();
+    first_receipts.retain(|s| seen.insert(*s));
+    assert!(first_receipts.windows(2).all(|w| w[0] < w[1]), "out of order: {first_receipts:?}");
+    assert!(acked.len() > KILL_AFTER, "the cluster kept acknowledging after the leader died ({} acks)", acked.len());
+    Ok(())
+}
