@@ -45,6 +45,8 @@ pub(super) struct Client {
     pub(super) owner: Arc<Owner>,
     /// Acknowledgements of this read's PUBLISHes waiting for other nodes, in order.
     pub(super) deferred: Vec<super::inbound::PendingAck>,
+    /// PUBRELs waiting until their QoS 2 stage is in the store (persistent sessions).
+    pub(super) pending_rel: Vec<(u16, crate::session::Durability)>,
 }
 
 /// Topic aliases of one connection.

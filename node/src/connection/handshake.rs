@@ -429,6 +429,7 @@ pub(super) async fn accept<S: ClientStream>(
         may_yield: false,
         owner,
         deferred: Vec::new(),
+        pending_rel: Vec::new(),
     };
 
     // Resume: resend unacknowledged PUBLISH with DUP and PUBREL [MQTT-4.4.0-1].

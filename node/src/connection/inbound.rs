@@ -19,7 +19,7 @@ use crate::codec::{
 use crate::config::{DenyAction, RateAction};
 use crate::routing::shared;
 use crate::security::acl::Access;
-use crate::session::{Ack, SessionSlot};
+use crate::session::{Ack, Durability, SessionSlot};
 use crate::telemetry::printable::Printable;
 use crate::telemetry::stats::DropReason;
 
@@ -96,7 +96,7 @@ pub(super) fn handle_quick<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
                 PubKind::PubRec => {
-                    let (ack, origin) = slot.received(r.packet_id, failed);
+                    let (ack, origin, durability) = slot.received(r.packet_id, failed);
                     if let Some(origin) = origin {
                         broker.settled(origin);
                     }
@@ -104,7 +104,10 @@ pub(super) fn handle_quick<S: AsyncRead + AsyncWrite + Unpin>(
                         return Err(violation(reason::PROTOCOL_ERROR, "PUBREC for a QoS 1 message"));
                     }
                     let known = ack == Ack::Known;
-                    if known && !failed {
+                    if known && !failed && !matches!(durability, Durability::Memory) {
+                        // Sent once the stage is stored (after this read's packets).
+                        client.pending_rel.push((r.packet_id, durability));
+                    } else if known && !failed {
                         framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, r.packet_id, 0)));
                     } else if !known && v5 {
                         framed.send(&client.ack(
@@ -249,7 +252,8 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         } else if let Some(kind) = ack_kind {
             framed.send(&Packet::PubResponse(PubResponse::new(kind, p.packet_id, 0)));
             if kind == PubKind::PubRec {
-                slot.inbound_received(p.packet_id);
+                // Dropped anyway: a re-sent copy is dropped the same way.
+                let _ = slot.inbound_received(p.packet_id);
             }
         }
         return Ok(());
@@ -264,7 +268,7 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
             let code = if v5 { reason::NOT_AUTHORIZED } else { 0 };
             framed.send(&client.ack(kind, p.packet_id, code, "publish not authorized"));
             if kind == PubKind::PubRec && code == 0 {
-                slot.inbound_received(p.packet_id);
+                let _ = slot.inbound_received(p.packet_id);
             }
         }
         return Ok(());
@@ -296,12 +300,11 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         broker.stats.drop(DropReason::ForwardFailed, receipt.failed as u64);
         return Ok(());
     };
-    if kind == PubKind::PubRec {
-        // Exactly once from here on, even before the PUBREC goes out [MQTT-4.3.3-10].
-        slot.inbound_received(p.packet_id);
-    }
-    let ack = PendingAck { kind, packet_id: p.packet_id, qos: p.qos, matched: routed.matched, receipt };
-    if ack.receipt.is_settled() && client.deferred.is_empty() {
+    // Exactly once from here on, even before the PUBREC goes out [MQTT-4.3.3-10]; a
+    // persistent session's PUBREC waits until the id is recorded in the store.
+    let recorded = if kind == PubKind::PubRec { slot.inbound_received(p.packet_id) } else { Durability::Memory };
+    let ack = PendingAck { kind, packet_id: p.packet_id, qos: p.qos, matched: routed.matched, receipt, recorded };
+    if ack.receipt.is_settled() && matches!(ack.recorded, Durability::Memory) && client.deferred.is_empty() {
         // Nothing to wait for (the common case): answered at once, with no await that
         // would grow every PUBLISH's future.
         let failed = ack.receipt.failed;
@@ -316,6 +319,26 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
     Ok(())
 }
 
+/// Sends the PUBRELs whose QoS 2 stage change is now in the store, in order.
+pub(super) async fn send_recorded_pubrels<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    slot: &SessionSlot,
+    client: &mut Client,
+    framed: &mut Framed<S>,
+) -> Result<(), ConnectionError> {
+    for (packet_id, durability) in std::mem::take(&mut client.pending_rel) {
+        match durability {
+            Durability::Memory => {}
+            // Fenced (the session moved meanwhile): the new owner answers from now on.
+            Durability::Pending(p) => {
+                let _ = p.wait().await?;
+            }
+            Durability::Resync => slot.resync().await?,
+        }
+        framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, packet_id, 0)));
+    }
+    Ok(())
+}
+
 /// Acknowledgements waiting for other nodes at most, per connection.
 const MAX_DEFERRED: usize = 256;
 
@@ -326,6 +349,8 @@ pub(super) struct PendingAck {
     qos: QoS,
     matched: usize,
     receipt: ForwardReceipt,
+    /// A QoS 2 packet id on its way to the store.
+    recorded: Durability,
 }
 
 /// Sends the acknowledgements waiting for other nodes, in the order the PUBLISHes came
@@ -350,7 +375,15 @@ async fn finish_ack<S: AsyncRead + AsyncWrite + Unpin + Send>(
     mut ack: PendingAck,
 ) -> Result<(), ConnectionError> {
     let failed = std::mem::take(&mut ack.receipt).wait().await;
-    answer(broker, slot, client, framed, &ack, broker.confirmed(ack.qos, failed))
+    let mut confirmed = broker.confirmed(ack.qos, failed);
+    if confirmed.is_ok() {
+        confirmed = match std::mem::replace(&mut ack.recorded, Durability::Memory) {
+            Durability::Memory => Ok(()),
+            Durability::Pending(p) => p.wait().await.map(|_| ()),
+            Durability::Resync => slot.resync().await,
+        };
+    }
+    answer(broker, slot, client, framed, &ack, confirmed)
 }
 
 /// Sends the acknowledgement of a PUBLISH whose copies for other nodes are accounted for.

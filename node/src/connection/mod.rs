@@ -244,6 +244,9 @@ async fn connected_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
         if !client.deferred.is_empty() {
             Box::pin(inbound::settle_deferred(broker, slot, client, framed)).await?;
         }
+        if !client.pending_rel.is_empty() {
+            Box::pin(inbound::send_recorded_pubrels(slot, client, framed)).await?;
+        }
         framed.release_read_buffer();
     }
 }

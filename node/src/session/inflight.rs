@@ -6,7 +6,7 @@ use raftmq_cluster::message::QoS;
 use raftmq_cluster::session::{ForwardOrigin, InflightMessage, InflightStage};
 use raftmq_cluster::session_ops::SessionOp;
 
-use super::{SessionSlot, SlotInner};
+use super::{Durability, SessionSlot, SlotInner};
 
 /// Outbound messages sent and not fully acknowledged, in the order they were sent.
 ///
@@ -146,16 +146,22 @@ impl SessionSlot {
     }
 
     /// Records PUBREC; a PUBREC with an error reason ends the exchange. Returns where a
-    /// forwarded shared delivery came from (the client has it, or refused it, now).
-    pub fn received(&self, packet_id: u16, failed: bool) -> (Ack, Option<ForwardOrigin>) {
+    /// forwarded shared delivery came from (the client has it, or refused it, now), and
+    /// the durability of the new stage: the PUBREL waits for it, so a session resumed on
+    /// another node after this one died sends PUBREL again, never the PUBLISH.
+    pub fn received(&self, packet_id: u16, failed: bool) -> (Ack, Option<ForwardOrigin>, Durability) {
         let mut inner = self.lock();
         let origin = inner.inflight.get(&packet_id).and_then(|m| m.queued.origin);
         let ack = inner.received(packet_id, failed);
+        let mut durability = Durability::Memory;
         if ack == Ack::Known {
-            let op = if failed { SessionOp::Acked { packet_id } } else { SessionOp::Received { packet_id } };
-            self.log(&mut inner, op);
+            if failed {
+                self.log(&mut inner, SessionOp::Acked { packet_id });
+            } else {
+                durability = self.log_pending(&mut inner, SessionOp::Received { packet_id });
+            }
         }
-        (ack, origin.filter(|_| ack == Ack::Known))
+        (ack, origin.filter(|_| ack == Ack::Known), durability)
     }
 
     /// Calls `f` with every message in flight, oldest first (a resume resends them).
@@ -172,11 +178,13 @@ impl SessionSlot {
         (inner.awaiting_rel.contains_key(&packet_id), inner.awaiting_rel.len())
     }
 
-    /// An inbound QoS 2 PUBLISH was accepted: its id awaits PUBREL (exactly once).
-    pub fn inbound_received(&self, packet_id: u16) {
+    /// An inbound QoS 2 PUBLISH was accepted: its id awaits PUBREL (exactly once). The
+    /// PUBREC waits for the returned durability: a node that dies after it leaves the id
+    /// recorded, so the PUBLISH re-sent to another node is not delivered twice.
+    pub fn inbound_received(&self, packet_id: u16) -> Durability {
         let mut inner = self.lock();
         inner.awaiting_rel.insert(packet_id, std::time::Instant::now());
-        self.log(&mut inner, SessionOp::InboundReceived { packet_id });
+        self.log_pending(&mut inner, SessionOp::InboundReceived { packet_id })
     }
 
     /// PUBREL for an inbound QoS 2 id; false if it was not awaited.

@@ -9,8 +9,9 @@ use raftmq_tests::*;
 
 /// 200 rounds of: the subscriber writes SUBSCRIBE and, without waiting for its SUBACK,
 /// another client publishes to the topic. Mosquitto delivers 200 of 200; raftmq before the
-/// fix missed 83. Measured after it: 0 missed in every run; the test allows 1 % for a
-/// machine so loaded that a woken task waits longer than the broker does.
+/// fix missed 83. Measured after it: 0 missed when run alone; with the whole suite running
+/// on two cores, up to 3 (a woken task waits longer than the broker's bounded yield), so
+/// the test allows 2.5 %: far below the 40 % without the fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_sent_before_a_publish_takes_effect_for_it() -> anyhow::Result<()> {
     let b = start_broker(|_| {}).await?;
@@ -33,6 +34,6 @@ async fn subscribe_sent_before_a_publish_takes_effect_for_it() -> anyhow::Result
         missed += u32::from(!got);
     }
     println!("publishes missed by a SUBSCRIBE sent before them: {missed} of 200");
-    assert!(missed <= 2, "{missed} of 200 missed");
+    assert!(missed <= 5, "{missed} of 200 missed");
     Ok(())
 }
