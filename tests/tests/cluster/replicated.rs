@@ -268,3 +268,58 @@ async fn killing_the_leader_under_qos1_load_loses_no_acknowledged_message() -> a
     assert!(acked.len() > KILL_AFTER, "the cluster kept acknowledging after the leader died ({} acks)", acked.len());
     Ok(())
 }
+
+/// Issue 13, items 5 and 9: QoS 2 is exactly once across the death of a node, on both
+/// sides of the broker. A publisher whose node dies after PUBREC resumes on another node
+/// and releases the message there (PUBCOMP, not "unknown packet identifier"); a subscriber
+/// whose node dies after PUBREL resumes on another node and gets the PUBREL again, never
+/// the PUBLISH. The subscriber receives the message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_is_exactly_once_across_the_death_of_a_node() -> anyhow::Result<()> {
+    let mut nodes = start_three().await?;
+    let (mut sub, _) = persistent(&nodes[1], "q2-sub").await?;
+    sub.subscribe(1, "pay/#", QoS::ExactlyOnce).await?;
+    let (mut publ, _) = persistent(&nodes[0], "q2-pub").await?;
+    publ.send(&Packet::Publish(publish("pay/1", b"EUR 10", QoS::ExactlyOnce, false, 7))).await?;
+    match publ.recv().await? {
+        Packet::PubResponse(r) if r.kind == PubKind::PubRec && r.packet_id == 7 && r.reason < 0x80 => {}
+        other => anyhow::bail!("expected PUBREC, got {other:?}"),
+    }
+    // The subscriber takes it and answers PUBREC; the broker answers PUBREL.
+    let p = sub.recv_publish().await?;
+    assert_eq!((&p.payload[..], p.qos), (&b"EUR 10"[..], QoS::ExactlyOnce));
+    let sub_id = p.packet_id;
+    sub.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRec, sub_id, 0))).await?;
+    match sub.recv().await? {
+        Packet::PubResponse(r) if r.kind == PubKind::PubRel && r.packet_id == sub_id => {}
+        other => anyhow::bail!("expected PUBREL, got {other:?}"),
+    }
+    // Both nodes die before the exchanges complete.
+    nodes[0].kill();
+    nodes[1].kill();
+    drop((publ, sub));
+    // With two of three nodes gone there is no majority: bring one back first.
+    nodes[0].restart()?;
+    wait_ready(&[&nodes[0], &nodes[2]], 2).await?;
+    let (mut publ, present) = persistent(&nodes[2], "q2-pub").await?;
+    assert!(present);
+    publ.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, 7, 0))).await?;
+    match publ.recv().await? {
+        Packet::PubResponse(r) if r.kind == PubKind::PubComp && r.packet_id == 7 => {
+            assert_eq!(r.reason, 0, "the packet id was known on the new node")
+        }
+        other => anyhow::bail!("expected PUBCOMP, got {other:?}"),
+    }
+    let (mut sub, present) = persistent(&nodes[2], "q2-sub").await?;
+    assert!(present);
+    match sub.recv().await? {
+        Packet::PubResponse(r) if r.kind == PubKind::PubRel && r.packet_id == sub_id => {}
+        other => anyhow::bail!("expected the PUBREL again, got {other:?}"),
+    }
+    sub.send(&Packet::PubResponse(PubResponse::new(PubKind::PubComp, sub_id, 0))).await?;
+    // Nothing else arrives: the next message is the next one.
+    assert_eq!(publ.publish("pay/2", b"EUR 20", QoS::ExactlyOnce, false, 8).await?, 0);
+    let p = sub.recv_publish().await?;
+    assert_eq!(&p.payload[..], b"EUR 20", "the first message was not delivered twice");
+    Ok(())
+}
