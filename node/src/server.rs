@@ -129,6 +129,7 @@ impl Server {
         if let Some(mesh) = mesh {
             server.broker.join(mesh);
             server.broker.spawn_adopter();
+            server.broker.spawn_fence_watch();
         }
         if clustered {
             let broker = Arc::clone(&server.broker);

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 pub use log_store::LogStore;
 pub use membership::Formation;
 pub use ops::{Reply, StoreOp};
-pub use state_machine::{Replicated, StateMachine};
+pub use state_machine::{ClaimApplied, Replicated, StateMachine};
 pub use store::{RaftConfig, RaftStartError, RaftStore, RaftView};
 
 /// Node ids are the mesh's: [`crate::stable_hash`] of the node name.

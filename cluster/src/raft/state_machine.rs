@@ -41,7 +41,23 @@ pub struct Replicated {
     pub registry: MemoryRegistry,
     /// Index of the last applied entry: reads wait here for what they must see.
     applied: watch::Sender<u64>,
+    /// Every claim applied (a node holding a session of an older epoch must let go).
+    claims: tokio::sync::broadcast::Sender<ClaimApplied>,
 }
+
+/// A claim the log applied: `node` owns `client_id` under `epoch` from now on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimApplied {
+    /// The client id.
+    pub client_id: String,
+    /// Its owner now.
+    pub node: NodeId,
+    /// The new epoch.
+    pub epoch: crate::registry::Epoch,
+}
+
+/// Claims waiting for a slow watcher at most (one that lags compares everything instead).
+const CLAIM_EVENTS: usize = 4096;
 
 impl Replicated {
     fn new() -> Replicated {
@@ -51,7 +67,13 @@ impl Replicated {
             retained: MemoryRetainedStore::new(unbounded),
             registry: MemoryRegistry::new(),
             applied: watch::Sender::new(0),
+            claims: tokio::sync::broadcast::Sender::new(CLAIM_EVENTS),
         }
+    }
+
+    /// Claims applied from now on.
+    pub fn claims(&self) -> tokio::sync::broadcast::Receiver<ClaimApplied> {
+        self.claims.subscribe()
     }
 
     /// Waits until the entry at `index` has been applied here.
@@ -84,9 +106,15 @@ impl Replicated {
                 owned.payload = bytes::Bytes::copy_from_slice(&message.payload);
                 self.retained.set_within(Arc::new(owned), limits).map_or(Reply::Invalid, Reply::retained)
             }
-            StoreOp::Claim { client_id, node, above } => {
-                self.registry.claim(&client_id, node, above).await.map_or(Reply::Invalid, Reply::Claimed)
-            }
+            StoreOp::Claim { client_id, node, above } => match self.registry.claim(&client_id, node, above).await {
+                Ok(epoch) => {
+                    if self.claims.receiver_count() > 0 {
+                        let _ = self.claims.send(ClaimApplied { client_id, node, epoch });
+                    }
+                    Reply::Claimed(epoch)
+                }
+                Err(_) => Reply::Invalid,
+            },
             StoreOp::Release { client_id, epoch } => self.registry.release(&client_id, epoch).await.map_or(Reply::Invalid, Reply::Released),
         }
     }

@@ -35,6 +35,7 @@ use crate::telemetry::stats::{Gauges, SessionSummary, Stats};
 
 mod adopt;
 mod cluster;
+mod fence;
 mod lifecycle;
 mod publish;
 mod reload;

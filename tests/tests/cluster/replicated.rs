@@ -206,7 +206,9 @@ async fn killing_the_leader_under_qos1_load_loses_no_acknowledged_message() -> a
             let Some(c) = client.as_mut() else { continue };
             sent.push(seq);
             let packet_id = (seq % 60_000 + 1) as u16;
-            match tokio::time::timeout(DEADLINE, c.publish("load/x", format!("m{seq}").as_bytes(), QoS::AtLeastOnce, false, packet_id)).await {
+            match tokio::time::timeout(DEADLINE, c.publish("load/x", format!("m{seq}").as_bytes(), QoS::AtLeastOnce, false, packet_id))
+                .await
+            {
                 Ok(Ok(code)) if code < 0x80 => {
                     let _ = tx.send(seq);
                 }
@@ -321,5 +323,42 @@ async fn qos2_is_exactly_once_across_the_death_of_a_node() -> anyhow::Result<()>
     assert_eq!(publ.publish("pay/2", b"EUR 20", QoS::ExactlyOnce, false, 8).await?, 0);
     let p = sub.recv_publish().await?;
     assert_eq!(&p.payload[..], b"EUR 20", "the first message was not delivered twice");
+    Ok(())
+}
+
+/// Issue 13, items 5 and 9: a node paused (SIGSTOP) while its client moves to another node
+/// lets go when it continues: it disconnects the client's old connection (0x8E Session
+/// taken over) without delivering anything on it, and the session lives on the new node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_old_owner_lets_go_when_it_continues() -> anyhow::Result<()> {
+    let nodes = start_three().await?;
+    let (mut old, _) = persistent(&nodes[1], "flaky").await?;
+    old.subscribe(1, "tele/#", QoS::AtLeastOnce).await?;
+    nodes[1].signal("STOP")?;
+    let resumed = async {
+        let (mut new, present) = persistent(&nodes[2], "flaky").await?;
+        anyhow::ensure!(present, "Session Present on the new node");
+        // A publish that matches the paused node's routes is refused until the node is
+        // seen down (its copy cannot be confirmed); then its routes are gone.
+        let paused = Instant::now();
+        while !nodes[0].cluster().await?.iter().any(|(name, status)| name == "n2" && status == "down") {
+            anyhow::ensure!(paused.elapsed() < DEADLINE, "n2 never seen down");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (mut publ, _) = Raw::connect(nodes[0].mqtt, Protocol::V5, "sensor", true).await?;
+        assert!(publ.publish("tele/1", b"t1", QoS::AtLeastOnce, false, 1).await? < 0x80);
+        assert_eq!(receive(&mut new, 1).await?, ["t1"]);
+        Ok((new, publ))
+    }
+    .await;
+    nodes[1].signal("CONT")?;
+    let (mut new, mut publ) = resumed?;
+    let last = old.expect_closed(DEADLINE).await?;
+    assert!(
+        matches!(&last, Some(Packet::Disconnect(d)) if d.reason == reason::SESSION_TAKEN_OVER),
+        "the old connection is told its session was taken over, and gets nothing else: {last:?}"
+    );
+    assert!(publ.publish("tele/2", b"t2", QoS::AtLeastOnce, false, 2).await? < 0x80);
+    assert_eq!(receive(&mut new, 1).await?, ["t2"]);
     Ok(())
 }
