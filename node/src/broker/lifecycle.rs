@@ -247,8 +247,11 @@ impl Broker {
                     slot.hold_will(will);
                     self.spawn_will_timer(Arc::clone(slot), generation, delay);
                 }
-                Some(will) => self.publish_will_now(will.message).await,
-                None => {}
+                Some(will) => {
+                    self.publish_will_now(will.message).await;
+                    slot.disarm_will();
+                }
+                None => slot.disarm_will(),
             }
             self.spawn_expiry_timer(Arc::clone(slot), generation, Duration::from_secs(u64::from(expiry_secs)));
         }

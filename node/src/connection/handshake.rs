@@ -396,6 +396,17 @@ pub(super) async fn accept<S: ClientStream>(
             return refuse(&mut framed, protocol, code, connack_v3::SERVER_UNAVAILABLE, "session store unavailable").await;
         }
     };
+    if expiry > 0 {
+        if let Some(will) = will_message(&client_id, &connect) {
+            // A persistent session's will is stored while the client is connected: if this
+            // node dies, the node adopting the session publishes it.
+            if let crate::session::Durability::Pending(p) = slot.arm_will(will) {
+                if let Err(e) = Box::pin(p.wait()).await {
+                    tracing::debug!(client_id = %Printable(&client_id), error = %e, "the will could not be stored");
+                }
+            }
+        }
+    }
     connack.session_present = session_present;
     framed.send(&Packet::ConnAck(connack));
     broker.stats.connect_result(ConnectResult::Success);

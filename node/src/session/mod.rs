@@ -115,6 +115,8 @@ struct SlotInner {
     awaiting_rel: BTreeMap<u16, std::time::Instant>,
     /// A will waiting for its delay to pass.
     pending_will: Option<Box<WillMessage>>,
+    /// The connected client's will is in the store (see [`SessionSlot::arm_will`]).
+    will_armed: bool,
     /// The slot has been removed from the broker; nothing may be added any more.
     removed: bool,
     /// Messages dropped because the queue was full or they could not be queued.
@@ -450,6 +452,7 @@ impl SessionSlot {
             // A reconnect before the will delay passed cancels the will [MQTT-3.1.3-9]
             // (a claim clears the stored will too).
             inner.pending_will = None;
+            inner.will_armed = false;
             let mut pending = Vec::new();
             if let Some(room) = room.as_mut() {
                 inner.stored = true;
@@ -497,9 +500,27 @@ impl SessionSlot {
         inner.generation += 1;
     }
 
+    /// Records the connected client's will in the store only (it is not pending while the
+    /// client is connected), so the node that adopts the session after this one died
+    /// publishes it. The CONNACK waits for the returned durability.
+    pub fn arm_will(&self, will: WillMessage) -> Durability {
+        let mut inner = self.lock();
+        inner.will_armed = true;
+        self.log_pending(&mut inner, SessionOp::SetWill(Some(will)))
+    }
+
+    /// The client went away without a will left to publish: the stored one goes.
+    pub fn disarm_will(&self) {
+        let mut inner = self.lock();
+        if std::mem::take(&mut inner.will_armed) && inner.pending_will.is_none() {
+            self.log(&mut inner, SessionOp::SetWill(None));
+        }
+    }
+
     /// Holds a will until its delay passes (the store holds it too).
     pub fn hold_will(&self, will: WillMessage) {
         let mut inner = self.lock();
+        inner.will_armed = false;
         inner.pending_will = Some(Box::new(will.clone()));
         self.log(&mut inner, SessionOp::SetWill(Some(will)));
     }

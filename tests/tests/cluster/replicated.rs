@@ -362,3 +362,30 @@ async fn a_paused_old_owner_lets_go_when_it_continues() -> anyhow::Result<()> {
     assert_eq!(receive(&mut new, 1).await?, ["t2"]);
     Ok(())
 }
+
+/// Issue 13, item 5: the will of a persistent session whose node dies (the client was
+/// connected to it) is published by the node that adopts the session, after its delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_will_of_a_session_whose_node_died_is_published_by_a_survivor() -> anyhow::Result<()> {
+    let nodes = start_three().await?;
+    let (mut watcher, _) = Raw::connect(nodes[0].mqtt, Protocol::V5, "watcher", true).await?;
+    watcher.subscribe(1, "status/#", QoS::AtLeastOnce).await?;
+    let mut c = connect_packet(Protocol::V5, "pump-7", false);
+    c.properties.session_expiry_interval = Some(300);
+    c.will = Some(raftmq_node::codec::LastWill {
+        topic: "status/pump-7".into(),
+        payload: bytes::Bytes::from_static(b"offline"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: raftmq_node::codec::Properties { will_delay_interval: Some(1), ..Default::default() },
+    });
+    let (_device, ack) = Raw::connect_with(nodes[1].mqtt, c).await?;
+    assert_eq!(ack.code, 0);
+    let killed = Instant::now();
+    nodes[1].kill();
+    let p = tokio::time::timeout(Duration::from_secs(15), watcher.recv_publish()).await??;
+    assert_eq!((p.topic.as_str(), &p.payload[..]), ("status/pump-7", &b"offline"[..]));
+    assert!(killed.elapsed() >= Duration::from_secs(1), "the will delay was respected");
+    watcher.expect_silence(Duration::from_millis(500)).await?;
+    Ok(())
+}
