@@ -13,6 +13,7 @@
 //! so the Raft-replicated implementations plug in without touching the broker.
 
 pub mod convert;
+pub mod histogram;
 pub mod mesh;
 pub mod message;
 pub mod raft;

@@ -159,6 +159,8 @@ pub struct StateMachine {
     applied: Arc<Mutex<Applied>>,
     snapshots: sled::Tree,
     built: Arc<AtomicU64>,
+    /// How long building snapshots took.
+    build_times: Arc<crate::histogram::Histogram>,
 }
 
 fn sm_error(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<NodeId> {
@@ -192,6 +194,7 @@ impl StateMachine {
             applied: Arc::new(Mutex::new(Applied::default())),
             snapshots: db.open_tree("snapshot")?,
             built: Arc::new(AtomicU64::new(0)),
+            build_times: Arc::default(),
         };
         if let Some((meta, data)) = sm.stored()? {
             let snapshot = pb::StoreSnapshot::decode(data.as_slice()).map_err(|e| SnapshotError::Content(e.to_string()))?;
@@ -207,6 +210,11 @@ impl StateMachine {
     /// The replicated data.
     pub fn data(&self) -> Arc<Replicated> {
         Arc::clone(&self.data)
+    }
+
+    /// How long building snapshots took ([`crate::histogram::Histogram::read`]).
+    pub fn build_times(&self) -> ([u64; crate::histogram::BOUNDS_US.len() + 1], u64) {
+        self.build_times.read()
     }
 
     /// Number of snapshots built since start (the snapshot counter).
@@ -235,6 +243,7 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let started = std::time::Instant::now();
         let (meta, data) = {
             let applied = self.applied.lock().await;
             let data = self.data.export().encode_to_vec();
@@ -246,6 +255,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             (SnapshotMeta { last_log_id: applied.last, last_membership: applied.membership.clone(), snapshot_id: id }, data)
         };
         self.store(&meta, &data).await?;
+        self.build_times.record_duration(started.elapsed());
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }

@@ -119,6 +119,8 @@ pub struct WriterStats {
     pub ops: AtomicU64,
     /// Proposals that failed.
     pub errors: AtomicU64,
+    /// From proposing an entry to its being applied here.
+    pub latency: crate::histogram::Histogram,
 }
 
 impl std::fmt::Debug for RaftStore {
@@ -160,6 +162,10 @@ pub struct RaftView {
     pub proposed_ops: u64,
     /// Proposals that failed.
     pub proposal_errors: u64,
+    /// Proposal latency ([`crate::histogram::Histogram::read`]).
+    pub proposal_latency: ([u64; crate::histogram::BOUNDS_US.len() + 1], u64),
+    /// Snapshot build times ([`crate::histogram::Histogram::read`]).
+    pub snapshot_build: ([u64; crate::histogram::BOUNDS_US.len() + 1], u64),
 }
 
 impl RaftStore {
@@ -368,6 +374,8 @@ impl RaftStore {
             proposals: self.stats.entries.load(Ordering::Relaxed),
             proposed_ops: self.stats.ops.load(Ordering::Relaxed),
             proposal_errors: self.stats.errors.load(Ordering::Relaxed),
+            proposal_latency: self.stats.latency.read(),
+            snapshot_build: handles.as_ref().map_or_else(Default::default, |(_, sm)| sm.build_times()),
         }
     }
 
@@ -501,7 +509,9 @@ async fn write_batches(submitter: Submitter, mut proposals: mpsc::Receiver<Propo
         }
         waiting = rest;
         let encoded = encode_batch(batch.iter().flat_map(|p: &Proposal| p.ops.iter()));
+        let started = std::time::Instant::now();
         let outcome = submitter.submit(encoded).await;
+        stats.latency.record_duration(started.elapsed());
         stats.entries.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(ops as u64, Ordering::Relaxed);
         match outcome {

@@ -10,16 +10,20 @@
 //! small: QoS, packet type, drop reason, CONNECT result; never client ids or topics.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use metrics::{Counter, Gauge, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use raftmq_cluster::histogram::{Histogram, BOUNDS_US};
+
 use crate::telemetry::stats::{ConnectResult, DropReason, Gauges, Stats, STORE_ERRORS};
 
 const LATENCY: &str = "raftmq_delivery_latency_seconds";
 const ROUTE_SETTLE: &str = "raftmq_cluster_route_settle_seconds";
+const PROPOSAL_LATENCY: &str = "raftmq_raft_proposal_seconds";
+const SNAPSHOT_BUILD: &str = "raftmq_raft_snapshot_build_seconds";
 
 static META: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
@@ -106,6 +110,8 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("raftmq_raft_proposals_total", "Log entries this node's writer proposed."),
     ("raftmq_raft_proposed_operations_total", "Store operations in those entries (operations / proposals = batch size)."),
     ("raftmq_raft_proposal_errors_total", "Proposals that failed (no leader, store errors); their writers were refused."),
+    (PROPOSAL_LATENCY, "Time from proposing a log entry to its being applied on this node (through the leader when this node follows)."),
+    (SNAPSHOT_BUILD, "Time to build a snapshot of the state machine."),
     (LATENCY, "Time from receiving a PUBLISH to queueing it into a subscriber's socket buffer."),
 ];
 
@@ -113,48 +119,32 @@ pub const FAMILIES: &[(&str, &str)] = &[
 static REASON_LABELS: std::sync::LazyLock<Vec<String>> =
     std::sync::LazyLock::new(|| (0x80..=0xffu8).map(|c| format!("{c:#04x}")).collect());
 
-/// Upper bounds of the delivery-latency buckets, in microseconds (50 us to 5 s).
-const LATENCY_BOUNDS_US: [u64; 15] =
-    [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 5_000_000];
-
-/// A histogram in fixed buckets of atomics: recording is a short search and two adds, and
-/// its memory does not grow between scrapes.
-#[derive(Debug, Default)]
-struct LatencyHistogram {
-    /// Per-bucket counts (not cumulative); the last one is above every bound (`+Inf`).
-    buckets: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
-    sum_us: AtomicU64,
+/// Appends histogram `name` in the Prometheus text format.
+fn render_histogram(h: &Histogram, name: &str, out: &mut String) {
+    render_buckets(h.read(), name, out);
 }
 
-impl LatencyHistogram {
-    fn record(&self, us: u64) {
-        let i = LATENCY_BOUNDS_US.iter().position(|bound| us <= *bound).unwrap_or(LATENCY_BOUNDS_US.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
+/// Appends a histogram read with [`Histogram::read`] in the Prometheus text format.
+fn render_buckets((buckets, sum_us): ([u64; BOUNDS_US.len() + 1], u64), name: &str, out: &mut String) {
+    let help = FAMILIES.iter().find(|(n, _)| *n == name).map_or("", |(_, help)| help);
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (i, bound) in BOUNDS_US.iter().enumerate() {
+        cumulative += buckets[i];
+        let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
     }
-
-    /// Appends the family `name` in the Prometheus text format.
-    fn render(&self, name: &str, out: &mut String) {
-        let help = FAMILIES.iter().find(|(n, _)| *n == name).map_or("", |(_, help)| help);
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (i, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
-        }
-        cumulative += self.buckets[LATENCY_BOUNDS_US.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {cumulative}\n");
-    }
+    cumulative += buckets[BOUNDS_US.len()];
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "{name}_sum {}", sum_us as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count {cumulative}\n");
 }
 
 /// The metrics of one broker.
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    latency: LatencyHistogram,
-    route_settle: LatencyHistogram,
+    latency: Histogram,
+    route_settle: Histogram,
     started: Instant,
 }
 
@@ -185,7 +175,7 @@ impl Metrics {
         for (name, help) in FAMILIES {
             let unit = if name.ends_with("_seconds") { Some(Unit::Seconds) } else { None };
             let (name, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
-            if name.as_str() == LATENCY || name.as_str() == ROUTE_SETTLE {
+            if [LATENCY, ROUTE_SETTLE, PROPOSAL_LATENCY, SNAPSHOT_BUILD].contains(&name.as_str()) {
                 continue;
             } else if name.as_str().ends_with("_total") {
                 recorder.describe_counter(name, unit, help);
@@ -194,13 +184,7 @@ impl Metrics {
             }
         }
         let handle = recorder.handle();
-        Metrics {
-            recorder,
-            handle,
-            latency: LatencyHistogram::default(),
-            route_settle: LatencyHistogram::default(),
-            started: Instant::now(),
-        }
+        Metrics { recorder, handle, latency: Histogram::default(), route_settle: Histogram::default(), started: Instant::now() }
     }
 
     /// Records the latency of a delivery, at `now_us`, of a message received at
@@ -325,9 +309,13 @@ impl Metrics {
             }
         }
         let mut text = self.handle.render();
-        self.latency.render(LATENCY, &mut text);
+        render_histogram(&self.latency, LATENCY, &mut text);
         if g.cluster.is_some() {
-            self.route_settle.render(ROUTE_SETTLE, &mut text);
+            render_histogram(&self.route_settle, ROUTE_SETTLE, &mut text);
+        }
+        if let Some(r) = &g.raft {
+            render_buckets(r.proposal_latency, PROPOSAL_LATENCY, &mut text);
+            render_buckets(r.snapshot_build, SNAPSHOT_BUILD, &mut text);
         }
         text
     }
@@ -339,12 +327,12 @@ mod tests {
 
     #[test]
     fn latency_histogram_renders_cumulative_buckets_sum_and_count() {
-        let h = LatencyHistogram::default();
+        let h = Histogram::default();
         for us in [10, 50, 51, 2_000_000, 9_000_000] {
             h.record(us);
         }
         let mut text = String::new();
-        h.render(LATENCY, &mut text);
+        render_histogram(&h, LATENCY, &mut text);
         assert!(text.contains("raftmq_delivery_latency_seconds_bucket{le=\"0.00005\"} 2\n"), "{text}");
         assert!(text.contains("raftmq_delivery_latency_seconds_bucket{le=\"0.0001\"} 3\n"), "{text}");
         assert!(text.contains("raftmq_delivery_latency_seconds_bucket{le=\"1\"} 3\n"), "{text}");
