@@ -69,6 +69,11 @@ struct Common {
     /// Print the summary as one JSON line.
     #[arg(long, global = true)]
     json: bool,
+    /// Subscribers get persistent sessions (MQTT 5 only: a fresh session with an expiry of
+    /// 300 s), so every delivery is written to the broker's store before the publisher is
+    /// acknowledged: the price of durability.
+    #[arg(long, global = true)]
+    persistent: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,12 +179,17 @@ struct Conn {
 
 impl Conn {
     async fn open(c: &Common, client_id: &str) -> anyhow::Result<Conn> {
+        Conn::open_with(c, client_id, None).await
+    }
+
+    /// Opens a connection; `expiry` asks for a persistent MQTT 5 session.
+    async fn open_with(c: &Common, client_id: &str, expiry: Option<u32>) -> anyhow::Result<Conn> {
         let protocol = if c.version == 5 { Protocol::V5 } else { Protocol::V311 };
         let stream = TcpStream::connect(c.broker).await.with_context(|| format!("connecting to {}", c.broker))?;
         stream.set_nodelay(true)?;
         let (rd, wr) = stream.into_split();
         let mut conn = Conn { rd, wr, buf: BytesMut::with_capacity(16 * 1024), protocol };
-        conn.send(&connect_packet(protocol, client_id)).await?;
+        conn.send(&connect_packet(protocol, client_id, expiry)).await?;
         match conn.next().await? {
             Some(Packet::ConnAck(a)) if a.code == 0 => Ok(conn),
             other => bail!("{client_id}: CONNECT refused: {other:?}"),
@@ -225,13 +235,14 @@ impl Conn {
     }
 }
 
-/// The CONNECT every generated client sends: clean start, keep alive 300 s.
-fn connect_packet(protocol: Protocol, client_id: &str) -> Packet {
+/// The CONNECT every generated client sends: clean start, keep alive 300 s; with an
+/// expiry, the session outlives the connection (MQTT 5).
+fn connect_packet(protocol: Protocol, client_id: &str, expiry: Option<u32>) -> Packet {
     Packet::Connect(Box::new(Connect {
         protocol,
         clean_start: true,
         keep_alive: 300,
-        properties: Properties::default(),
+        properties: Properties { session_expiry_interval: expiry, ..Properties::default() },
         client_id: client_id.to_owned(),
         will: None,
         username: None,
@@ -265,9 +276,13 @@ fn timed_publish(topic: &str, qos: QoS, last_id: &mut u16, size: usize) -> Publi
     }
 }
 
-/// Publishes to `topic` until `until`, closed-loop or paced.
-async fn publisher(c: Common, id: String, topic: String, until: Instant, counters: Arc<Counters>) -> anyhow::Result<()> {
+/// Publishes to `topic` until `until`, closed-loop or paced; returns the time from each
+/// QoS 1/2 PUBLISH to its PUBACK / PUBCOMP.
+async fn publisher(c: Common, id: String, topic: String, until: Instant, counters: Arc<Counters>) -> anyhow::Result<Histogram<u64>> {
     let mut conn = Conn::open(&c, &id).await?;
+    let mut acked = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    // Send time per packet id.
+    let mut sent_at = vec![0u64; usize::from(u16::MAX) + 1];
     let qos = QoS::from_u8(c.qos).unwrap_or(QoS::AtMostOnce);
     let window = c.window.clamp(1, 60_000);
     let mut next_id: u16 = 0;
@@ -291,6 +306,7 @@ async fn publisher(c: Common, id: String, topic: String, until: Instant, counter
                 next_send += p;
             }
             let publish = timed_publish(&topic, qos, &mut next_id, c.size);
+            sent_at[usize::from(publish.packet_id)] = clock_us();
             codec::encode(&Packet::Publish(publish), conn.protocol, &mut out);
             batch += 1;
             if qos != QoS::AtMostOnce {
@@ -311,7 +327,10 @@ async fn publisher(c: Common, id: String, topic: String, until: Instant, counter
             while let Some(packet) = next {
                 if let Packet::PubResponse(r) = packet {
                     match r.kind {
-                        PubKind::PubAck | PubKind::PubComp => outstanding -= 1,
+                        PubKind::PubAck | PubKind::PubComp => {
+                            outstanding -= 1;
+                            let _ = acked.record(clock_us().saturating_sub(sent_at[usize::from(r.packet_id)]).max(1));
+                        }
                         PubKind::PubRec => {
                             codec::encode(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, r.packet_id, 0)), conn.protocol, &mut out)
                         }
@@ -326,12 +345,12 @@ async fn publisher(c: Common, id: String, topic: String, until: Instant, counter
             }
         }
     }
-    Ok(())
+    Ok(acked)
 }
 
 /// Connects and subscribes; the returned future counts deliveries until `until` + grace.
 async fn subscriber(c: Common, id: String, filter: String) -> anyhow::Result<Conn> {
-    let mut conn = Conn::open(&c, &id).await?;
+    let mut conn = Conn::open_with(&c, &id, c.persistent.then_some(300)).await?;
     conn.subscribe(&filter, QoS::from_u8(c.qos).unwrap_or(QoS::AtMostOnce)).await?;
     Ok(conn)
 }
@@ -405,16 +424,20 @@ struct Summary {
     seconds: f64,
     latency: Option<Histogram<u64>>,
     conn_per_sec: Option<f64>,
+    /// PUBLISH to PUBACK / PUBCOMP, at the publishers.
+    ack_latency: Option<Histogram<u64>>,
 }
 
 fn report(s: &Summary, json: bool) {
     let rate = s.received as f64 / s.seconds;
     let pct = |q: f64| s.latency.as_ref().filter(|h| !h.is_empty()).map(|h| h.value_at_quantile(q));
+    let ack = |q: f64| s.ack_latency.as_ref().filter(|h| !h.is_empty()).map(|h| h.value_at_quantile(q));
     if json {
         let line = serde_json::json!({
             "scenario": s.scenario, "sent": s.sent, "received": s.received, "seconds": s.seconds,
             "msgs_per_sec": rate, "conn_per_sec": s.conn_per_sec,
             "latency_us": { "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": s.latency.as_ref().map(|h| h.max()) },
+            "ack_latency_us": { "p50": ack(0.5), "p99": ack(0.99) },
         });
         println!("{line}");
         return;
@@ -428,6 +451,9 @@ fn report(s: &Summary, json: bool) {
     println!("received      {} in {:.1} s = {:.0} msg/s", s.received, s.seconds, rate);
     if let (Some(p50), Some(p99)) = (pct(0.5), pct(0.99)) {
         println!("latency us    p50 {p50}  p90 {}  p99 {p99}  max {}", pct(0.9).unwrap_or(0), s.latency.as_ref().map_or(0, |h| h.max()));
+    }
+    if let (Some(p50), Some(p99)) = (ack(0.5), ack(0.99)) {
+        println!("ack us        p50 {p50}  p99 {p99}");
     }
 }
 
@@ -453,8 +479,9 @@ async fn paired(c: &Common, scenario: &'static str, pubs: Vec<String>, subs: Vec
     tokio::time::sleep_until(until.into()).await;
     // Throughput counts what was delivered within the measured duration.
     let received = counters.received.load(Ordering::Relaxed);
+    let mut ack_latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for p in publishers {
-        p.await??;
+        ack_latency.add(p.await??)?;
     }
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for h in consumers {
@@ -468,6 +495,7 @@ async fn paired(c: &Common, scenario: &'static str, pubs: Vec<String>, subs: Vec
         seconds: duration.as_secs_f64(),
         latency: Some(latency),
         conn_per_sec: None,
+        ack_latency: Some(ack_latency),
     })
 }
 
@@ -508,7 +536,7 @@ async fn conn_scenario(
         tokio::time::sleep(Duration::from_secs(hold.min(MAX_SECONDS))).await;
     }
     drop(conns);
-    Ok(Summary { scenario: "conn", sent: 0, received: count as u64, seconds, latency: None, conn_per_sec: Some(count as f64 / seconds) })
+    Ok(Summary { scenario: "conn", sent: 0, received: count as u64, seconds, latency: None, conn_per_sec: Some(count as f64 / seconds), ack_latency: None })
 }
 
 /// Subscribes one topic at a time per client and proves each route deliverable from
@@ -559,7 +587,7 @@ async fn routes_scenario(c: &Common, count: usize, clients: usize) -> anyhow::Re
         sent += s;
         received += r;
     }
-    Ok(Summary { scenario: "routes", sent, received, seconds: started.elapsed().as_secs_f64(), latency: Some(latency), conn_per_sec: None })
+    Ok(Summary { scenario: "routes", sent, received, seconds: started.elapsed().as_secs_f64(), latency: Some(latency), conn_per_sec: None, ack_latency: None })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -567,6 +595,9 @@ fn main() -> anyhow::Result<()> {
     let c = cli.common;
     if c.size < 8 {
         bail!("--size must be at least 8 (the timestamp)");
+    }
+    if c.persistent && c.version != 5 {
+        bail!("--persistent needs --mqtt 5 (a fresh session that outlives its connection)");
     }
     let count = match &cli.scenario {
         Scenario::Conn { count, .. }
@@ -645,7 +676,7 @@ mod busy {
             stream.set_nodelay(true)?;
             stream.set_nonblocking(true)?;
             let mut conn = SyncConn { stream, buf: BytesMut::new(), protocol };
-            conn.send(&connect_packet(protocol, client_id))?;
+            conn.send(&connect_packet(protocol, client_id, None))?;
             match conn.next_within(Duration::from_secs(10))? {
                 Some(Packet::ConnAck(a)) if a.code == 0 => Ok(conn),
                 other => bail!("{client_id}: CONNECT refused: {other:?}"),
@@ -754,6 +785,6 @@ mod busy {
             }
             std::hint::spin_loop();
         }
-        Ok(Summary { scenario: "latency", sent, received, seconds: c.duration as f64, latency: Some(hist), conn_per_sec: None })
+        Ok(Summary { scenario: "latency", sent, received, seconds: c.duration as f64, latency: Some(hist), conn_per_sec: None, ack_latency: None })
     }
 }
