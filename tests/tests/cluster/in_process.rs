@@ -367,3 +367,36 @@ async fn a_client_id_connecting_on_two_nodes_at_once_ends_connected_once() -> an
     }
     Ok(())
 }
+
+/// The voters of the Raft group as `node` sees them, once they are `n` (bounded wait).
+async fn wait_for_voters(node: &TestBroker, n: usize) -> anyhow::Result<Vec<u64>> {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let view = node.server.broker.raft().map(|r| r.view()).ok_or_else(|| anyhow::anyhow!("no raft store"))?;
+        if view.voters.len() == n {
+            return Ok(view.voters);
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "voters never {n}: {view:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 13, item 6: nodes started one after another join the first node's group as
+/// learners and are promoted to voters; a stopped node removed with `cluster leave` no
+/// longer counts, and the two left keep committing writes.
+#[tokio::test]
+async fn nodes_join_the_group_as_voters_and_a_removed_node_no_longer_counts() -> anyhow::Result<()> {
+    let nodes = start_cluster(3, |_| {}).await?;
+    let voters = wait_for_voters(&nodes[0], 3).await?;
+    let third = raftmq_cluster::stable_hash(b"node3");
+    assert!(voters.contains(&third), "{voters:?}");
+    nodes[2].server.shutdown(Duration::from_secs(2)).await;
+    let store = nodes[0].server.broker.raft().ok_or_else(|| anyhow::anyhow!("no raft store"))?;
+    assert!(store.remove_node(third).await?);
+    let voters = wait_for_voters(&nodes[1], 2).await?;
+    assert!(!voters.contains(&third));
+    // Writes commit with the two voters left: a persistent session and its subscription.
+    let (mut c, _) = Raw::connect(nodes[1].addr, Protocol::V5, "after-leave", false).await?;
+    assert_eq!(c.subscribe(1, "left/#", QoS::AtLeastOnce).await?, vec![1]);
+    Ok(())
+}
