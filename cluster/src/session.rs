@@ -147,6 +147,9 @@ pub struct QueueLimits {
     pub policy: DropPolicy,
 }
 
+/// The outcomes of a submitted batch, to await ([`SessionStore::submit`]).
+pub type Submitted = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Result<Applied, OpError>>, StoreError>> + Send>>;
+
 /// Durable home of persistent sessions.
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
@@ -156,6 +159,14 @@ pub trait SessionStore: Send + Sync + 'static {
     /// [`crate::session_ops::apply`]; each gets its own outcome (a fenced or orphaned command
     /// is refused, the others apply).
     async fn apply(&self, batch: Vec<SessionCommand>) -> Result<Vec<Result<Applied, OpError>>, StoreError>;
+    /// Queues `batch` behind every batch submitted before it (they apply in submission
+    /// order) and returns the future of its outcomes, so a writer can have several batches
+    /// on their way at once. Resolves once the batch is queued (waiting for room). The
+    /// default applies the batch before returning.
+    async fn submit(&self, batch: Vec<SessionCommand>) -> Result<Submitted, StoreError> {
+        let outcomes = self.apply(batch).await;
+        Ok(Box::pin(std::future::ready(outcomes)))
+    }
     /// Number of stored sessions.
     fn len(&self) -> usize;
     /// True when no session is stored.

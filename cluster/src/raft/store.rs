@@ -263,12 +263,19 @@ impl RaftStore {
     /// Proposes `ops` (batched with others into one entry); resolves with their outcomes
     /// once the entry is committed and applied.
     pub async fn propose(&self, ops: Vec<StoreOp>) -> Result<Vec<Reply>, StoreError> {
-        if ops.is_empty() {
-            return Ok(Vec::new());
-        }
+        self.enqueue(ops).await?.await.map_err(|_| StoreError::Unavailable("the store stopped".into()))?
+    }
+
+    /// Queues `ops` for the writer behind everything queued before (entries commit in that
+    /// order) and returns where their outcomes arrive.
+    async fn enqueue(&self, ops: Vec<StoreOp>) -> Result<oneshot::Receiver<Result<Vec<Reply>, StoreError>>, StoreError> {
         let (done, answer) = oneshot::channel();
+        if ops.is_empty() {
+            let _ = done.send(Ok(Vec::new()));
+            return Ok(answer);
+        }
         self.writer.send(Proposal { ops, done }).await.map_err(|_| StoreError::Unavailable("the store stopped".into()))?;
-        answer.await.map_err(|_| StoreError::Unavailable("the store stopped".into()))?
+        Ok(answer)
     }
 
     /// Waits until this node has applied every entry committed before the call (a read
@@ -416,7 +423,31 @@ enum Leader {
 /// Pause between attempts while the group has no usable leader (an election runs).
 const RETRY: Duration = Duration::from_millis(50);
 
+/// How a proposed entry goes on.
+enum Started {
+    /// Appended to this leader's log: the outcome arrives once it is committed and applied.
+    Appending(oneshot::Receiver<openraft::raft::ClientWriteResult<TypeConfig>>),
+    /// Handed to the leader (or failed): the outcome is known.
+    Done(Result<Vec<Reply>, StoreError>),
+}
+
 impl Submitter {
+    /// Proposes an entry. On the leader the entry is appended at once and the writer goes
+    /// on with the next (the log keeps their order; the leader flushes many together); on
+    /// a follower the entry goes to the leader and the writer waits for it (two calls in
+    /// flight could overtake each other).
+    async fn start(&self, batch: bytes::Bytes) -> Started {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        match leader(&self.raft, self.me, deadline).await {
+            Ok(Leader::Me) => match self.raft.client_write_ff(Command { batch: batch.clone() }).await {
+                Ok(answer) => Started::Appending(answer),
+                Err(e) => Started::Done(Err(StoreError::Unavailable(e.to_string()))),
+            },
+            Ok(Leader::Other(_)) => Started::Done(self.submit(batch).await),
+            Err(e) => Started::Done(Err(e)),
+        }
+    }
+
     async fn submit(&self, batch: bytes::Bytes) -> Result<Vec<Reply>, StoreError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
@@ -480,6 +511,8 @@ async fn leader(raft: &Raft<TypeConfig>, me: NodeId, deadline: tokio::time::Inst
 /// being committed the next fills, so the batch grows with the load and a lone write waits
 /// for nobody.
 async fn write_batches(submitter: Submitter, mut proposals: mpsc::Receiver<Proposal>, max_batch: usize, stats: Arc<WriterStats>) {
+    let (in_flight, resolving) = mpsc::channel(MAX_IN_FLIGHT);
+    tokio::spawn(resolve_in_order(resolving, Arc::clone(&stats)));
     let mut waiting: Vec<Proposal> = Vec::new();
     loop {
         if waiting.is_empty() {
@@ -510,10 +543,38 @@ async fn write_batches(submitter: Submitter, mut proposals: mpsc::Receiver<Propo
         waiting = rest;
         let encoded = encode_batch(batch.iter().flat_map(|p: &Proposal| p.ops.iter()));
         let started = std::time::Instant::now();
-        let outcome = submitter.submit(encoded).await;
-        stats.latency.record_duration(started.elapsed());
+        let outcome = submitter.start(encoded).await;
         stats.entries.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(ops as u64, Ordering::Relaxed);
+        if in_flight.send(InFlight { batch, outcome, started }).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// An entry on its way: the proposals in it and where its outcome arrives.
+struct InFlight {
+    batch: Vec<Proposal>,
+    outcome: Started,
+    started: std::time::Instant,
+}
+
+/// Entries proposed and not yet committed at most (the leader appends them together).
+const MAX_IN_FLIGHT: usize = 32;
+
+/// Resolves the proposals of entries in the order they were proposed.
+async fn resolve_in_order(mut in_flight: mpsc::Receiver<InFlight>, stats: Arc<WriterStats>) {
+    while let Some(InFlight { batch, outcome, started }) = in_flight.recv().await {
+        let outcome = match outcome {
+            Started::Done(result) => result,
+            Started::Appending(answer) => match answer.await {
+                Ok(Ok(response)) => Ok(response.data),
+                Ok(Err(ClientWriteError::ForwardToLeader(_))) => Err(StoreError::NotLeader),
+                Ok(Err(e)) => Err(StoreError::Unavailable(e.to_string())),
+                Err(_) => Err(StoreError::Unavailable("the store stopped".into())),
+            },
+        };
+        stats.latency.record_duration(started.elapsed());
         match outcome {
             Ok(replies) => {
                 let mut replies = replies.into_iter();
@@ -549,6 +610,14 @@ impl SessionStore for Stores {
     async fn apply(&self, batch: Vec<SessionCommand>) -> Result<Vec<Result<Applied, OpError>>, StoreError> {
         let replies = self.0.propose(batch.into_iter().map(StoreOp::Session).collect()).await?;
         Ok(replies.into_iter().map(Reply::session).collect())
+    }
+
+    async fn submit(&self, batch: Vec<SessionCommand>) -> Result<crate::session::Submitted, StoreError> {
+        let answer = self.0.enqueue(batch.into_iter().map(StoreOp::Session).collect()).await?;
+        Ok(Box::pin(async move {
+            let replies = answer.await.map_err(|_| StoreError::Unavailable("the store stopped".into()))??;
+            Ok(replies.into_iter().map(Reply::session).collect())
+        }))
     }
 
     fn len(&self) -> usize {

@@ -19,11 +19,7 @@ struct Local(Weak<Broker>);
 impl LocalBroker for Local {
     async fn deliver(&self, batch: Vec<Incoming>) -> Vec<bool> {
         let Some(broker) = self.0.upgrade() else { return vec![false; batch.len()] };
-        let mut delivered = Vec::with_capacity(batch.len());
-        for m in batch {
-            delivered.push(matches!(broker.deliver_forwarded(&m.message, m.group, m.origin).await, Ok(true)));
-        }
-        delivered
+        broker.deliver_forwarded(&batch).await
     }
 
     async fn redeliver(&self, message: Arc<Message>, group: Route, not_on: NodeId) -> bool {

@@ -38,6 +38,7 @@ mod cluster;
 mod fence;
 mod lifecycle;
 mod publish;
+pub(crate) use publish::Durable;
 mod reload;
 mod subscribe;
 

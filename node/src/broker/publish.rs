@@ -33,25 +33,28 @@ impl Broker {
     /// went, remote targets included. Every publisher on this node (clients, wills, `$SYS`,
     /// the admin API) goes through here.
     pub async fn publish(&self, message: &Arc<Message>) -> Result<Routed, StoreError> {
-        let (routed, receipt) = self.publish_routed(message).await?;
+        let (routed, receipt, durable) = self.publish_routed(message).await?;
+        durable.wait().await?;
         self.confirm(message.qos, receipt).await?;
         Ok(routed)
     }
 
-    /// [`Broker::publish`] up to the copies for other nodes being queued: the receipt
-    /// resolves once they are delivered, and [`Broker::confirm`] turns it into the
-    /// publisher's answer. A connection handling a burst of PUBLISHes waits for all their
-    /// receipts at once instead of one round trip each.
-    pub async fn publish_routed(&self, message: &Arc<Message>) -> Result<(Routed, ForwardReceipt), StoreError> {
+    /// [`Broker::publish`] up to the copies for other nodes being queued and the local
+    /// sessions' appends being on their way to the store: the receipt resolves once the
+    /// copies are delivered ([`Broker::confirm`] turns it into the publisher's answer), the
+    /// [`Durable`] once the appends are stored. A connection handling a burst of PUBLISHes
+    /// waits for all of them at once instead of one round trip (or one commit) each.
+    pub(crate) async fn publish_routed(&self, message: &Arc<Message>) -> Result<(Routed, ForwardReceipt, Durable), StoreError> {
         if message.retain {
             self.retain(message).await?;
         }
         let remote = self.routes.remote_matches(&message.topic);
         let mut targets: Vec<ForwardTarget> = remote.nodes.iter().map(|node| ForwardTarget { node: *node, group: None }).collect();
-        let mut routed = self.route_with(message, &remote, &mut targets).await?;
+        let mut durable = Durable::default();
+        let mut routed = self.route_with(message, &remote, &mut targets, &mut durable);
         routed.matched += remote.nodes.len();
         if targets.is_empty() {
-            return Ok((routed, ForwardReceipt::default()));
+            return Ok((routed, ForwardReceipt::default(), durable));
         }
         let (mut receipt, full) = self.routes.try_forward(message, targets);
         if !full.is_empty() {
@@ -59,7 +62,7 @@ impl Broker {
             // slow local subscriber.
             receipt.merge(self.routes.forward(Arc::clone(message), full).await?);
         }
-        Ok((routed, receipt))
+        Ok((routed, receipt, durable))
     }
 
     /// Waits for the copies sent to other nodes: any not delivered is counted and, for
@@ -80,30 +83,44 @@ impl Broker {
         Ok(())
     }
 
-    /// Delivers a message another node forwarded here: to this node's sessions only, or to
-    /// one local member of `group`. It is not retained again (its publisher's node did
-    /// that) and never forwarded again. False if nobody here took it.
-    pub async fn deliver_forwarded(
+    /// Delivers a batch of messages another node forwarded here, each to this node's
+    /// sessions only, or to one local member of its group. They are not retained again
+    /// (their publisher's node did that) and never forwarded again. Says for each whether
+    /// anybody here took it, once every append is stored (one wait for the whole batch: a
+    /// commit covers many messages); if the store failed, none counts as delivered.
+    pub async fn deliver_forwarded(&self, batch: &[raftmq_cluster::mesh::Incoming]) -> Vec<bool> {
+        let mut durable = Durable::default();
+        let mut delivered = Vec::with_capacity(batch.len());
+        for m in batch {
+            delivered.push(self.deliver_one_forwarded(&m.message, m.group.clone(), m.origin, &mut durable));
+        }
+        if let Err(e) = durable.wait().await {
+            tracing::warn!(error = %e, "forwarded messages not stored");
+            delivered.iter_mut().for_each(|d| *d = false);
+        }
+        delivered
+    }
+
+    fn deliver_one_forwarded(
         &self,
         message: &Arc<Message>,
         group: Option<Route>,
         origin: Option<ForwardOrigin>,
-    ) -> Result<bool, StoreError> {
+        durable: &mut Durable,
+    ) -> bool {
         match group {
-            None => Ok(self.route_with(message, &RemoteMatch::default(), &mut Vec::new()).await?.matched > 0),
+            None => self.route_with(message, &RemoteMatch::default(), &mut Vec::new(), durable).matched > 0,
             Some(route) => {
-                let Some(group) = route.group else { return Ok(false) };
+                let Some(group) = route.group else { return false };
                 let target = Arc::new(ShareTarget { group, filter: route.filter });
-                let mut durable = Durable::default();
-                let delivered = self.dispatch_shared(message, &target, origin, &mut durable);
+                let delivered = self.dispatch_shared(message, &target, origin, durable);
                 if !delivered {
                     // Nobody here took it: its node need not hold it for us any longer.
                     if let Some(origin) = origin {
                         self.settled(origin);
                     }
                 }
-                durable.wait().await?;
-                Ok(delivered)
+                delivered
             }
         }
     }
@@ -151,18 +168,12 @@ impl Broker {
     /// Resolves once every persistent subscriber's copy is durable. Says how many sessions
     /// and groups matched, and names a subscriber whose queue is filling up, so a publishing
     /// client can be held back.
-    async fn route_with(
-        &self,
-        message: &Arc<Message>,
-        remote: &RemoteMatch,
-        targets: &mut Vec<ForwardTarget>,
-    ) -> Result<Routed, StoreError> {
+    fn route_with(&self, message: &Arc<Message>, remote: &RemoteMatch, targets: &mut Vec<ForwardTarget>, durable: &mut Durable) -> Routed {
         let deliveries = self.index.deliveries(message);
         let mut routed = Routed { matched: deliveries.len(), congested: None };
         let limits = self.queue_limits();
         let queue_qos0 = self.config.mqtt.queue_qos0;
         let stall_us = self.stall_us();
-        let mut durable = Durable::default();
         for (slot, item) in deliveries {
             let Offered { offer, lost, congested, durability } = slot.offer(item, limits, queue_qos0, stall_us);
             if congested && routed.congested.is_none() {
@@ -182,7 +193,7 @@ impl Broker {
             let elsewhere = remote.group(&route).map(|g| g.members.as_slice()).unwrap_or_default();
             if let Some(node) = self.dispatcher.pick_node(target, self.node_id, members.len(), elsewhere, message) {
                 targets.push(ForwardTarget { node, group: Some(route) });
-            } else if !self.dispatch_shared_to(message, target, members, None, &mut durable) {
+            } else if !self.dispatch_shared_to(message, target, members, None, durable) {
                 self.stats.drop(DropReason::QueueFull, 1);
             }
         }
@@ -198,8 +209,7 @@ impl Broker {
                 targets.push(ForwardTarget { node, group: Some(group.route.clone()) });
             }
         }
-        durable.wait().await?;
-        Ok(routed)
+        routed
     }
 
     /// Gives a shared delivery to one local member of `target`; false if none took it.
@@ -330,6 +340,7 @@ impl Broker {
 /// subscribers' appends on their way to the store, and sessions that must resend their
 /// whole state first.
 #[derive(Debug, Default)]
+#[must_use = "a publisher is acknowledged only once its appends are stored: wait for them"]
 pub(crate) struct Durable {
     pending: Vec<Pending>,
     resync: Vec<Arc<SessionSlot>>,
@@ -344,9 +355,14 @@ impl Durable {
         }
     }
 
+    /// Nothing to wait for.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pending.is_empty() && self.resync.is_empty()
+    }
+
     /// Waits for every write. A subscriber whose session moved to another node (fenced)
     /// is no failure of this publish; a store that failed is.
-    async fn wait(self) -> Result<(), StoreError> {
+    pub(crate) async fn wait(self) -> Result<(), StoreError> {
         for p in self.pending {
             p.wait().await?.ok();
         }

@@ -285,7 +285,7 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if std::mem::take(&mut client.may_yield) {
         Box::pin(let_earlier_packets_land(broker, &message)).await;
     }
-    let (routed, receipt) = match broker.publish_routed(&message).await {
+    let (routed, receipt, durable) = match broker.publish_routed(&message).await {
         Ok(r) => r,
         Err(e) => return refuse_publish(broker, client, framed, ack_kind, p.packet_id, e),
     };
@@ -303,8 +303,8 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // Exactly once from here on, even before the PUBREC goes out [MQTT-4.3.3-10]; a
     // persistent session's PUBREC waits until the id is recorded in the store.
     let recorded = if kind == PubKind::PubRec { slot.inbound_received(p.packet_id) } else { Durability::Memory };
-    let ack = PendingAck { kind, packet_id: p.packet_id, qos: p.qos, matched: routed.matched, receipt, recorded };
-    if ack.receipt.is_settled() && matches!(ack.recorded, Durability::Memory) && client.deferred.is_empty() {
+    let ack = PendingAck { kind, packet_id: p.packet_id, qos: p.qos, matched: routed.matched, receipt, durable, recorded };
+    if ack.receipt.is_settled() && ack.durable.is_empty() && matches!(ack.recorded, Durability::Memory) && client.deferred.is_empty() {
         // Nothing to wait for (the common case): answered at once, with no await that
         // would grow every PUBLISH's future.
         let failed = ack.receipt.failed;
@@ -349,6 +349,8 @@ pub(super) struct PendingAck {
     qos: QoS,
     matched: usize,
     receipt: ForwardReceipt,
+    /// The local persistent subscribers' appends on their way to the store.
+    durable: crate::broker::Durable,
     /// A QoS 2 packet id on its way to the store.
     recorded: Durability,
 }
@@ -374,8 +376,9 @@ async fn finish_ack<S: AsyncRead + AsyncWrite + Unpin + Send>(
     framed: &mut Framed<S>,
     mut ack: PendingAck,
 ) -> Result<(), ConnectionError> {
+    let stored = std::mem::take(&mut ack.durable).wait().await;
     let failed = std::mem::take(&mut ack.receipt).wait().await;
-    let mut confirmed = broker.confirmed(ack.qos, failed);
+    let mut confirmed = stored.and_then(|()| broker.confirmed(ack.qos, failed));
     if confirmed.is_ok() {
         confirmed = match std::mem::replace(&mut ack.recorded, Durability::Memory) {
             Durability::Memory => Ok(()),

@@ -14,13 +14,16 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use raftmq_cluster::session::SessionStore;
+use raftmq_cluster::session::{SessionStore, Submitted};
 use raftmq_cluster::session_ops::{Applied, OpError, SessionCommand};
 use raftmq_cluster::StoreError;
 use tokio::sync::{mpsc, oneshot};
 
 /// Operations one batch applies at most.
 const BATCH: usize = 256;
+
+/// Batches submitted to the store and not yet resolved at most.
+const IN_FLIGHT: usize = 16;
 
 /// What the store made of one operation.
 pub type Outcome = Result<Result<Applied, OpError>, StoreError>;
@@ -78,12 +81,34 @@ impl Journal {
         let (tx, mut rx) = mpsc::channel::<Entry>(capacity.max(1));
         let unapplied = Arc::new(AtomicUsize::new(0));
         let applied_count = Arc::clone(&unapplied);
+        // The writer submits batch after batch (the store keeps their order); a second task
+        // resolves them in that order as their outcomes arrive, so several batches are on
+        // their way at once (a Raft leader commits them together).
+        let (submitted_tx, mut submitted) = mpsc::channel::<(Vec<Entry>, Option<Submitted>)>(IN_FLIGHT);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(BATCH);
             while rx.recv_many(&mut batch, BATCH).await > 0 {
                 let entries = std::mem::take(&mut batch);
                 let cmds: Vec<SessionCommand> = entries.iter().filter_map(|e| e.cmd.clone()).collect();
-                let result = if cmds.is_empty() { Ok(Vec::new()) } else { store.apply(cmds).await };
+                let outcome = if cmds.is_empty() {
+                    None
+                } else {
+                    match store.submit(cmds).await {
+                        Ok(future) => Some(future),
+                        Err(e) => Some(Box::pin(std::future::ready(Err(e))) as Submitted),
+                    }
+                };
+                if submitted_tx.send((entries, outcome)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some((entries, outcome)) = submitted.recv().await {
+                let result = match outcome {
+                    Some(future) => future.await,
+                    None => Ok(Vec::new()),
+                };
                 if let Err(e) = &result {
                     tracing::warn!(error = %e, "session operations not stored");
                 }

@@ -536,7 +536,15 @@ async fn conn_scenario(
         tokio::time::sleep(Duration::from_secs(hold.min(MAX_SECONDS))).await;
     }
     drop(conns);
-    Ok(Summary { scenario: "conn", sent: 0, received: count as u64, seconds, latency: None, conn_per_sec: Some(count as f64 / seconds), ack_latency: None })
+    Ok(Summary {
+        scenario: "conn",
+        sent: 0,
+        received: count as u64,
+        seconds,
+        latency: None,
+        conn_per_sec: Some(count as f64 / seconds),
+        ack_latency: None,
+    })
 }
 
 /// Subscribes one topic at a time per client and proves each route deliverable from
@@ -587,7 +595,15 @@ async fn routes_scenario(c: &Common, count: usize, clients: usize) -> anyhow::Re
         sent += s;
         received += r;
     }
-    Ok(Summary { scenario: "routes", sent, received, seconds: started.elapsed().as_secs_f64(), latency: Some(latency), conn_per_sec: None, ack_latency: None })
+    Ok(Summary {
+        scenario: "routes",
+        sent,
+        received,
+        seconds: started.elapsed().as_secs_f64(),
+        latency: Some(latency),
+        conn_per_sec: None,
+        ack_latency: None,
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -785,6 +801,14 @@ mod busy {
             }
             std::hint::spin_loop();
         }
-        Ok(Summary { scenario: "latency", sent, received, seconds: c.duration as f64, latency: Some(hist), conn_per_sec: None, ack_latency: None })
+        Ok(Summary {
+            scenario: "latency",
+            sent,
+            received,
+            seconds: c.duration as f64,
+            latency: Some(hist),
+            conn_per_sec: None,
+            ack_latency: None,
+        })
     }
 }

@@ -121,8 +121,9 @@ async fn forwarded_messages_are_delivered_but_not_retained_again() -> anyhow::Re
     let (mut sub, _) = Raw::connect(b.addr, Protocol::V5, "here", true).await?;
     sub.subscribe(1, "fwd/#", QoS::AtMostOnce).await?;
     let message = raftmq_cluster::message::Message::new("fwd/x".into(), "from a peer".into(), QoS::AtMostOnce, true, "elsewhere".into());
-    let delivered = b.server.broker.deliver_forwarded(&std::sync::Arc::new(message), None, None).await?;
-    assert!(delivered);
+    let incoming = raftmq_cluster::mesh::Incoming { message: std::sync::Arc::new(message), group: None, origin: None };
+    let delivered = b.server.broker.deliver_forwarded(&[incoming]).await;
+    assert_eq!(delivered, [true]);
     assert_eq!(&sub.recv_publish().await?.payload[..], b"from a peer");
     assert!(b.server.broker.retained_matching("fwd/#").is_empty());
     Ok(())
