@@ -45,14 +45,33 @@ pub trait LocalBroker: Send + Sync + 'static {
     /// Delivers a batch another node forwarded, in order: each message to this node's plain
     /// subscribers, or (with a group) to one local member of that shared group; never
     /// forwards them again. Says for each whether anybody here took it (a group may have no
-    /// member left here). One call per batch: the per-message path stays free of boxing.
-    async fn deliver(&self, batch: Vec<Incoming>) -> Vec<bool>;
+    /// member left here), and resolves `stored` once what persistent sessions took is
+    /// durable (false: the store failed, nothing counts as delivered). One call per batch:
+    /// the per-message path stays free of boxing; the next batch is delivered while this
+    /// one is being stored.
+    async fn deliver(&self, batch: Vec<Incoming>) -> Delivered;
     /// A shared delivery this node forwarded to `not_on`, which died before the member
     /// acknowledged it: give it to another member (here or on another node).
     async fn redeliver(&self, message: Arc<Message>, group: Route, not_on: NodeId) -> bool;
     /// A client connected to another node with `client_id`: disconnect it here (MQTT 5:
     /// 0x8E) and, with `resume`, give up its session (returned) instead of ending it.
     async fn hand_over(&self, request: HandOverRequest) -> HandOver;
+}
+
+/// What became of a forwarded batch ([`LocalBroker::deliver`]).
+pub struct Delivered {
+    /// Per message, whether anybody here took it.
+    pub taken: Vec<bool>,
+    /// Resolves once the persistent sessions' appends are stored: true, or false if the
+    /// store failed.
+    pub stored: std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>,
+}
+
+impl Delivered {
+    /// Nobody took any of `n` messages.
+    pub fn nothing(n: usize) -> Delivered {
+        Delivered { taken: vec![false; n], stored: Box::pin(std::future::ready(true)) }
+    }
 }
 
 /// A message another node forwarded here.

@@ -263,27 +263,20 @@ impl Cluster for Service {
         let mut batches = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let shared = Arc::clone(&self.shared);
+        // Batches are delivered as they arrive; their acknowledgements go out in order once
+        // each batch's persistent appends are stored, so a commit never holds the next
+        // batch back (acknowledgements are cumulative: one may not overtake another).
+        let (stored_tx, stored_rx) = mpsc::channel::<Acknowledge>(MAX_STORING);
+        let (settle_tx, settle_rx) = mpsc::channel::<u64>(SETTLE_QUEUE);
+        tokio::spawn(acknowledge(stored_rx, settle_rx, tx, Arc::clone(&shared)));
         tokio::spawn(async move {
-            // Settlements of the origin's tracked deliveries travel back on this stream.
-            let (settle_tx, mut settle_rx) = mpsc::channel::<u64>(SETTLE_QUEUE);
             let mut origin: Option<crate::NodeId> = None;
-            let mut last_seq = 0;
             loop {
                 let batch = tokio::select! {
                     next = batches.message() => match next {
                         Ok(Some(batch)) => batch,
                         _ => break,
                     },
-                    Some(id) = settle_rx.recv() => {
-                        let mut settled = vec![id];
-                        while let Ok(id) = settle_rx.try_recv() {
-                            settled.push(id);
-                        }
-                        if tx.send(Ok(pb::ForwardAck { seq: last_seq, failed: 0, settled })).await.is_err() {
-                            break;
-                        }
-                        continue;
-                    }
                     _ = shared.shutdown.cancelled() => break,
                 };
                 let node = crate::stable_hash(batch.origin.as_bytes());
@@ -316,19 +309,10 @@ impl Cluster for Service {
                 }
                 let delivered = match shared.broker.get() {
                     Some(broker) => broker.deliver(incoming).await,
-                    None => vec![false; ids.len()],
+                    None => super::Delivered::nothing(ids.len()),
                 };
-                for (ok, id) in delivered.into_iter().zip(ids) {
-                    if !ok {
-                        failed += 1;
-                        if id != 0 {
-                            settled.push(id);
-                        }
-                    }
-                }
-                shared.undeliverable.fetch_add(u64::from(failed), Ordering::Relaxed);
-                last_seq = batch.seq;
-                if tx.send(Ok(pb::ForwardAck { seq: batch.seq, failed, settled })).await.is_err() {
+                let ack = Acknowledge { seq: batch.seq, failed, settled, ids, delivered };
+                if stored_tx.send(ack).await.is_err() {
                     break;
                 }
             }
@@ -376,5 +360,62 @@ impl Cluster for Service {
         }
         tracing::info!(peer = %name, "cluster peer left");
         Ok(Response::new(pb::Ack {}))
+    }
+}
+
+/// Forwarded batches delivered and being stored at most, per forwarding node.
+const MAX_STORING: usize = 64;
+
+/// A delivered batch waiting for its appends to be stored before it is acknowledged.
+struct Acknowledge {
+    seq: u64,
+    failed: u32,
+    settled: Vec<u64>,
+    ids: Vec<u64>,
+    delivered: super::Delivered,
+}
+
+/// Sends a forwarding node its acknowledgements, in batch order, each once the batch is
+/// stored; settlements of tracked shared deliveries ride along with the last batch
+/// acknowledged.
+async fn acknowledge(
+    mut stored: mpsc::Receiver<Acknowledge>,
+    mut settlements: mpsc::Receiver<u64>,
+    tx: mpsc::Sender<Result<pb::ForwardAck, Status>>,
+    shared: Arc<Shared>,
+) {
+    let mut last_seq = 0;
+    loop {
+        let ack = tokio::select! {
+            ack = stored.recv() => match ack {
+                Some(ack) => ack,
+                None => return,
+            },
+            Some(id) = settlements.recv() => {
+                let mut settled = vec![id];
+                while let Ok(id) = settlements.try_recv() {
+                    settled.push(id);
+                }
+                if tx.send(Ok(pb::ForwardAck { seq: last_seq, failed: 0, settled })).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let Acknowledge { seq, mut failed, mut settled, ids, delivered } = ack;
+        let stored_ok = delivered.stored.await;
+        for (taken, id) in delivered.taken.into_iter().zip(ids) {
+            if !(taken && stored_ok) {
+                failed += 1;
+                if id != 0 {
+                    settled.push(id);
+                }
+            }
+        }
+        shared.undeliverable.fetch_add(u64::from(failed), Ordering::Relaxed);
+        last_seq = seq;
+        if tx.send(Ok(pb::ForwardAck { seq, failed, settled })).await.is_err() {
+            return;
+        }
     }
 }

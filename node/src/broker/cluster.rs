@@ -4,7 +4,7 @@
 use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
-use raftmq_cluster::mesh::{HandOver, HandOverRequest, Incoming, LocalBroker, Mesh, NodeView};
+use raftmq_cluster::mesh::{Delivered, HandOver, HandOverRequest, Incoming, LocalBroker, Mesh, NodeView};
 use raftmq_cluster::message::Message;
 use raftmq_cluster::registry::ClientRegistry;
 use raftmq_cluster::routes::Route;
@@ -17,9 +17,9 @@ struct Local(Weak<Broker>);
 
 #[async_trait]
 impl LocalBroker for Local {
-    async fn deliver(&self, batch: Vec<Incoming>) -> Vec<bool> {
-        let Some(broker) = self.0.upgrade() else { return vec![false; batch.len()] };
-        broker.deliver_forwarded(&batch).await
+    async fn deliver(&self, batch: Vec<Incoming>) -> Delivered {
+        let Some(broker) = self.0.upgrade() else { return Delivered::nothing(batch.len()) };
+        broker.deliver_forwarded(&batch)
     }
 
     async fn redeliver(&self, message: Arc<Message>, group: Route, not_on: NodeId) -> bool {

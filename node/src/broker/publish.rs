@@ -86,19 +86,24 @@ impl Broker {
     /// Delivers a batch of messages another node forwarded here, each to this node's
     /// sessions only, or to one local member of its group. They are not retained again
     /// (their publisher's node did that) and never forwarded again. Says for each whether
-    /// anybody here took it, once every append is stored (one wait for the whole batch: a
-    /// commit covers many messages); if the store failed, none counts as delivered.
-    pub async fn deliver_forwarded(&self, batch: &[raftmq_cluster::mesh::Incoming]) -> Vec<bool> {
+    /// anybody here took it; `stored` resolves once every append is stored (one wait for
+    /// the whole batch: a commit covers many messages).
+    pub fn deliver_forwarded(&self, batch: &[raftmq_cluster::mesh::Incoming]) -> raftmq_cluster::mesh::Delivered {
         let mut durable = Durable::default();
-        let mut delivered = Vec::with_capacity(batch.len());
+        let mut taken = Vec::with_capacity(batch.len());
         for m in batch {
-            delivered.push(self.deliver_one_forwarded(&m.message, m.group.clone(), m.origin, &mut durable));
+            taken.push(self.deliver_one_forwarded(&m.message, m.group.clone(), m.origin, &mut durable));
         }
-        if let Err(e) = durable.wait().await {
-            tracing::warn!(error = %e, "forwarded messages not stored");
-            delivered.iter_mut().for_each(|d| *d = false);
-        }
-        delivered
+        let stored = Box::pin(async move {
+            match durable.wait().await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "forwarded messages not stored");
+                    false
+                }
+            }
+        });
+        raftmq_cluster::mesh::Delivered { taken, stored }
     }
 
     fn deliver_one_forwarded(

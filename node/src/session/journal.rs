@@ -3,9 +3,10 @@
 //! A slot changes its own state and hands the matching [`SessionOp`] to the journal in the
 //! same critical section, so the store sees each session's operations in exactly the order
 //! the slot applied them. One task drains the journal in batches into
-//! [`SessionStore::apply`]; an operation that must be durable before the client hears of
-//! it (a subscription, a message a publisher is about to be acknowledged for) carries a
-//! [`Pending`] its caller awaits.
+//! [`SessionStore::submit`] (in order, several batches on their way at once) and another
+//! resolves them in the same order; an operation that must be durable before the client
+//! hears of it (a subscription, a message a publisher is about to be acknowledged for)
+//! carries a [`Pending`] its caller awaits.
 //!
 //! Backpressure: the queue is bounded. Connection tasks never wait on it (`try_send`);
 //! when it is full the operation is lost, counted, and the slot marks itself out of step,

@@ -122,8 +122,9 @@ async fn forwarded_messages_are_delivered_but_not_retained_again() -> anyhow::Re
     sub.subscribe(1, "fwd/#", QoS::AtMostOnce).await?;
     let message = raftmq_cluster::message::Message::new("fwd/x".into(), "from a peer".into(), QoS::AtMostOnce, true, "elsewhere".into());
     let incoming = raftmq_cluster::mesh::Incoming { message: std::sync::Arc::new(message), group: None, origin: None };
-    let delivered = b.server.broker.deliver_forwarded(&[incoming]).await;
-    assert_eq!(delivered, [true]);
+    let delivered = b.server.broker.deliver_forwarded(&[incoming]);
+    assert_eq!(delivered.taken, [true]);
+    assert!(delivered.stored.await);
     assert_eq!(&sub.recv_publish().await?.payload[..], b"from a peer");
     assert!(b.server.broker.retained_matching("fwd/#").is_empty());
     Ok(())
