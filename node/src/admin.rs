@@ -158,6 +158,7 @@ async fn cluster(State(state): State<AppState>) -> Json<serde_json::Value> {
                 if id == me {
                     node["raft_term"] = json!(r.term);
                     node["raft_last_log_index"] = json!(r.last_log_index);
+                    node["raft_commit_index"] = json!(r.committed_index);
                     node["raft_applied_index"] = json!(r.applied_index);
                 } else if let Some(matched) = r.matched.get(&id) {
                     // Known to the leader only: how far the node's log matches its own.

@@ -32,12 +32,14 @@ start_node() { # index, seeds ("" for a single node)
   [ -n "$seeds" ] && args=(--cluster-listen "127.0.0.1:$((BASE + 20 + i))" --seeds "$seeds")
   env RAFTMQ_LISTENERS=[] RAFTMQ_SYS__INTERVAL_SECS=0 RAFTMQ_MQTT__MAX_CONNECTION_RATE=0 RAFTMQ_CLUSTER__SECRET=bench RUST_LOG=error \
     taskset -c 0 timeout 900 "$RAFTMQ" --node-name "n$i" --mqtt-listen "127.0.0.1:$((BASE + i))" \
-    --admin-listen "127.0.0.1:$((BASE + 10 + i))" --data-dir "$RAW/data$i" "${args[@]}" >/dev/null 2>&1 &
+    --admin-listen "127.0.0.1:$((BASE + 10 + i))" --data-dir "$RAW/data${seeds:+-cluster}$i" "${args[@]}" >/dev/null 2>&1 &
   PIDS+=($!)
   wait_port $((BASE + i))
 }
 
-stop_all() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; PIDS=(); }
+stop_all() { # and forget their data: every run starts empty
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; PIDS=(); rm -rf "$RAW"/data*
+}
 
 wait_ready() { # every node's /readyz
   for i in 0 1 2; do
@@ -49,7 +51,9 @@ wait_ready() { # every node's /readyz
   done
 }
 
-bench() { taskset -c 1 "$BENCH" --json "$@" 2>/dev/null; }
+bench() { # the summary on stdout; on failure, what the generator said
+  taskset -c 1 "$BENCH" --json "$@" 2>"$RAW/bench.err" || { echo "raftmq-bench $* failed:" >&2; grep -v "^ \{2,\}" "$RAW/bench.err" | tail -5 >&2; return 1; }
+}
 N0="127.0.0.1:$BASE"; N1="127.0.0.1:$((BASE + 1))"; N2="127.0.0.1:$((BASE + 2))"
 
 for rep in $(seq "$REPS"); do

@@ -53,6 +53,11 @@ impl LeaderLink {
         LeaderLink { mesh, clients: Mutex::new(HashMap::new()) }
     }
 
+    /// Where the mesh reaches node `id` now, if it is linked.
+    pub(crate) fn address_of(&self, id: NodeId) -> Option<String> {
+        self.mesh.as_ref()?.peers.get(&id).map(|p| p.address.clone())
+    }
+
     async fn client(&self, address: &str) -> Result<LinkClient, CallFailure> {
         if let Some(c) = self.clients.lock().ok().and_then(|c| c.get(address).cloned()) {
             return Ok(c);

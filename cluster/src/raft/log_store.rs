@@ -70,12 +70,19 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    /// The last committed index openraft reported (for the metrics).
+    committed: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LogStore {
     /// The log kept in `db`.
     pub fn open(db: &sled::Db) -> Result<LogStore, sled::Error> {
-        Ok(LogStore { db: db.clone(), log: db.open_tree("log")?, meta: db.open_tree("meta")? })
+        Ok(LogStore { db: db.clone(), log: db.open_tree("log")?, meta: db.open_tree("meta")?, committed: Default::default() })
+    }
+
+    /// The last committed index this node knows of.
+    pub fn committed_index(&self) -> u64 {
+        self.committed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn get_meta<T: DeserializeOwned>(&self, key: &[u8], subject: ErrorSubject<NodeId>) -> Result<Option<T>, StorageError<NodeId>> {
@@ -163,6 +170,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // and the next append's flush carries it.
         let bytes = seal(&committed).map_err(write_logs_error)?;
         self.meta.insert(COMMITTED, bytes).map_err(write_logs_error)?;
+        self.committed.store(committed.map_or(0, |c| c.index), std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

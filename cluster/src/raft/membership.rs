@@ -50,6 +50,7 @@ pub(crate) async fn run(raft: Raft<TypeConfig>, shared: Arc<Shared>, link: Arc<L
             continue;
         }
         if raft.metrics().borrow().state == ServerState::Leader {
+            repair_addresses(&raft, shared.id, &address, &live).await;
             grow(&raft, &live, formation).await;
         }
     }
@@ -98,6 +99,25 @@ async fn join_or_bootstrap(
     tracing::info!(voters = members.len(), "initializing the cluster's raft group");
     if let Err(e) = raft.initialize(members).await {
         tracing::warn!(error = %e, "initializing the raft group");
+    }
+}
+
+/// The leader: members recorded under another address than the one they are reached at
+/// now (a node that first ran alone recorded its listen address; a node that moved) get
+/// their current one, so followers and the Raft RPCs find them.
+async fn repair_addresses(raft: &Raft<TypeConfig>, me: NodeId, address: &str, live: &BTreeMap<NodeId, String>) {
+    let membership = raft.metrics().borrow().membership_config.membership().clone();
+    let current = live.iter().map(|(id, a)| (*id, a.as_str())).chain(std::iter::once((me, address)));
+    let moved: BTreeMap<NodeId, BasicNode> = current
+        .filter(|(id, addr)| membership.get_node(id).is_some_and(|n| n.addr != *addr))
+        .map(|(id, addr)| (id, BasicNode { addr: addr.to_owned() }))
+        .collect();
+    if moved.is_empty() {
+        return;
+    }
+    tracing::info!(nodes = ?moved, "updating members' addresses in the raft group");
+    if let Err(e) = raft.change_membership(ChangeMembers::SetNodes(moved), false).await {
+        tracing::debug!(error = %e, "updating members' addresses");
     }
 }
 

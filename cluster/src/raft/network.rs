@@ -78,7 +78,9 @@ impl Connection {
             let payload = postcard::to_allocvec(request)?;
             if self.client.is_none() {
                 let shared = self.mesh.as_ref().ok_or(CallError::NoMesh)?;
-                self.client = Some(client(shared, &self.address).await.map_err(|e| CallError::Dial(e.to_string()))?);
+                // Where the mesh reaches the peer now; the group's record may be older.
+                let address = shared.peers.get(&self.target).map_or_else(|| self.address.clone(), |p| p.address.clone());
+                self.client = Some(client(shared, &address).await.map_err(|e| CallError::Dial(e.to_string()))?);
             }
             let Some(client) = self.client.as_mut() else { return Err(CallError::NoMesh) };
             let mut req = tonic::Request::new(pb::RaftPayload { payload: payload.into() });

@@ -140,6 +140,8 @@ pub struct RaftView {
     pub leader: Option<NodeId>,
     /// Index of the last entry in the log.
     pub last_log_index: u64,
+    /// Index of the last entry known committed (0 until openraft reports one).
+    pub committed_index: u64,
     /// Index of the last applied entry.
     pub applied_index: u64,
     /// Entries held in the log.
@@ -287,7 +289,7 @@ impl RaftStore {
         }
         let deadline = tokio::time::Instant::now() + self.config.write_timeout;
         loop {
-            let index = match leader(&self.raft, self.config.node_id, deadline).await? {
+            let index = match leader(&self.raft, &self.link, self.config.node_id, deadline).await? {
                 Leader::Me => match self.raft.get_read_log_id().await {
                     Ok((read, _)) => Some(read.map_or(0, |l| l.index)),
                     Err(RaftError::APIError(_)) => None,
@@ -313,7 +315,7 @@ impl RaftStore {
     pub async fn remove_node(&self, node: NodeId) -> Result<bool, StoreError> {
         let deadline = tokio::time::Instant::now() + self.config.write_timeout;
         loop {
-            let reply = match leader(&self.raft, self.config.node_id, deadline).await? {
+            let reply = match leader(&self.raft, &self.link, self.config.node_id, deadline).await? {
                 Leader::Me => {
                     super::leader::serve_remove(&self.raft, node).await.map_err(|s| StoreError::Unavailable(s.message().to_owned()))?
                 }
@@ -371,6 +373,7 @@ impl RaftStore {
             leader: m.current_leader,
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index,
+            committed_index: handles.as_ref().map_or(0, |(log, _)| log.committed_index()).max(applied_index),
             log_entries: handles.as_ref().map_or(0, |(log, _)| log.len()),
             snapshots: handles.as_ref().map_or(0, |(_, sm)| sm.snapshots_built()),
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
@@ -438,7 +441,7 @@ impl Submitter {
     /// flight could overtake each other).
     async fn start(&self, batch: bytes::Bytes) -> Started {
         let deadline = tokio::time::Instant::now() + self.timeout;
-        match leader(&self.raft, self.me, deadline).await {
+        match leader(&self.raft, &self.link, self.me, deadline).await {
             Ok(Leader::Me) => match self.raft.client_write_ff(Command { batch: batch.clone() }).await {
                 Ok(answer) => Started::Appending(answer),
                 Err(e) => Started::Done(Err(StoreError::Unavailable(e.to_string()))),
@@ -451,7 +454,7 @@ impl Submitter {
     async fn submit(&self, batch: bytes::Bytes) -> Result<Vec<Reply>, StoreError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
-            match leader(&self.raft, self.me, deadline).await? {
+            match leader(&self.raft, &self.link, self.me, deadline).await? {
                 Leader::Me => match self.raft.client_write(Command { batch: batch.clone() }).await {
                     Ok(response) => return Ok(response.data),
                     // Lost the leadership before the entry was appended: nothing was written.
@@ -483,8 +486,9 @@ impl Submitter {
     }
 }
 
-/// The current leader, waiting for one (until `deadline`) while there is none.
-async fn leader(raft: &Raft<TypeConfig>, me: NodeId, deadline: tokio::time::Instant) -> Result<Leader, StoreError> {
+/// The current leader, waiting for one (until `deadline`) while there is none. Its
+/// address is where the mesh reaches it (what the group recorded may be older).
+async fn leader(raft: &Raft<TypeConfig>, link: &LeaderLink, me: NodeId, deadline: tokio::time::Instant) -> Result<Leader, StoreError> {
     let mut metrics = raft.metrics();
     loop {
         {
@@ -492,6 +496,9 @@ async fn leader(raft: &Raft<TypeConfig>, me: NodeId, deadline: tokio::time::Inst
             match m.current_leader {
                 Some(id) if id == me => return Ok(Leader::Me),
                 Some(id) => {
+                    if let Some(address) = link.address_of(id) {
+                        return Ok(Leader::Other(address));
+                    }
                     if let Some(node) = m.membership_config.membership().get_node(&id) {
                         return Ok(Leader::Other(node.addr.clone()));
                     }

@@ -102,6 +102,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("raftmq_raft_has_leader", "1 while this node knows a leader of the store's group."),
     ("raftmq_raft_voters", "Voting members of the store's group."),
     ("raftmq_raft_last_log_index", "Index of the last entry in this node's Raft log."),
+    ("raftmq_raft_commit_index", "Index of the last entry this node knows committed by a majority."),
     ("raftmq_raft_applied_index", "Index of the last entry applied to this node's state machine."),
     ("raftmq_raft_apply_lag", "Log entries this node holds but has not applied yet."),
     ("raftmq_raft_log_entries", "Entries held in this node's Raft log (the rest are in the snapshot)."),
@@ -245,6 +246,7 @@ impl Metrics {
         self.gauge("raftmq_raft_has_leader", &[]).set(flag(r.leader.is_some()));
         self.gauge("raftmq_raft_voters", &[]).set(r.voters.len() as f64);
         self.gauge("raftmq_raft_last_log_index", &[]).set(r.last_log_index as f64);
+        self.gauge("raftmq_raft_commit_index", &[]).set(r.committed_index as f64);
         self.gauge("raftmq_raft_applied_index", &[]).set(r.applied_index as f64);
         self.gauge("raftmq_raft_apply_lag", &[]).set(r.last_log_index.saturating_sub(r.applied_index) as f64);
         self.gauge("raftmq_raft_log_entries", &[]).set(r.log_entries as f64);

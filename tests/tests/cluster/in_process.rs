@@ -400,3 +400,46 @@ async fn nodes_join_the_group_as_voters_and_a_removed_node_no_longer_counts() ->
     assert_eq!(c.subscribe(1, "left/#", QoS::AtLeastOnce).await?, vec![1]);
     Ok(())
 }
+
+/// Issue 13, item 6: a node that ran alone becomes the first node of a cluster with its
+/// data: its group takes the next node in (the address it recorded when alone is
+/// repaired), a retained message it stored alone is seen on the new node, and the new
+/// node's writes commit through it.
+#[tokio::test]
+async fn a_node_that_ran_alone_becomes_the_first_node_of_a_cluster() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let alone = start_broker(|c| {
+        c.node_name = "node1".into();
+        c.data_dir = dir.path().to_path_buf();
+    })
+    .await?;
+    let (mut p, _) = Raw::connect(alone.addr, Protocol::V5, "p", true).await?;
+    assert!(p.publish("kept/x", b"from alone", QoS::AtLeastOnce, true, 1).await? < 0x80);
+    alone.server.shutdown(Duration::from_secs(2)).await;
+    drop(alone);
+    let clustered = |name: &str, seeds: Vec<String>, c: &mut raftmq_node::config::Config| {
+        c.node_name = name.into();
+        c.cluster.enabled = true;
+        c.cluster.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        c.cluster.seeds = seeds;
+        c.cluster.secret = Some("test-secret".into());
+        c.cluster.heartbeat_ms = 200;
+        c.cluster.failure_timeout_ms = 1500;
+    };
+    let first = start_broker(|c| {
+        clustered("node1", Vec::new(), c);
+        c.data_dir = dir.path().to_path_buf();
+    })
+    .await?;
+    let seed = first.server.cluster_addr().map(|a| a.to_string()).unwrap_or_default();
+    let second = start_broker(|c| clustered("node2", vec![seed], c)).await?;
+    let nodes = vec![first, second];
+    wait_for_cluster(&nodes, 2).await?;
+    let (mut s, _) = Raw::connect(nodes[1].addr, Protocol::V5, "s", true).await?;
+    s.subscribe(1, "kept/#", QoS::AtLeastOnce).await?;
+    let got = s.recv_publish().await?;
+    assert!(got.retain && &got.payload[..] == b"from alone");
+    let (_c, ack) = Raw::connect(nodes[1].addr, Protocol::V5, "persistent-on-2", false).await?;
+    assert_eq!(ack.code, 0, "a write on the new node commits");
+    Ok(())
+}
