@@ -21,6 +21,9 @@ use crate::StoreError;
 pub(crate) struct LeaderLink {
     mesh: Option<Arc<Shared>>,
     clients: Mutex<HashMap<String, LinkClient>>,
+    /// How long one call may take: a leader that is paused or cut off must not hold a
+    /// writer past the election that replaces it.
+    bound: std::time::Duration,
 }
 
 /// Why a call to the leader failed.
@@ -30,12 +33,18 @@ pub(crate) enum CallFailure {
     Unreachable(String),
     /// The call failed after it was sent: it may or may not have taken effect.
     Failed(String),
+    /// No answer within the bound: it may or may not have taken effect.
+    TimedOut(String),
 }
 
 impl From<CallFailure> for StoreError {
     fn from(f: CallFailure) -> StoreError {
         match f {
             CallFailure::Unreachable(e) | CallFailure::Failed(e) => StoreError::Unavailable(e),
+            CallFailure::TimedOut(e) => {
+                tracing::debug!(call = %e, "a call to the leader timed out");
+                StoreError::Timeout
+            }
         }
     }
 }
@@ -49,8 +58,21 @@ pub(crate) enum Proposed {
 }
 
 impl LeaderLink {
-    pub(crate) fn new(mesh: Option<Arc<Shared>>) -> LeaderLink {
-        LeaderLink { mesh, clients: Mutex::new(HashMap::new()) }
+    pub(crate) fn new(mesh: Option<Arc<Shared>>, bound: std::time::Duration) -> LeaderLink {
+        LeaderLink { mesh, clients: Mutex::new(HashMap::new()), bound }
+    }
+
+    /// Runs one call within the bound; a call that times out drops the cached channel.
+    async fn bounded<T>(&self, address: &str, call: impl std::future::Future<Output = Result<T, CallFailure>>) -> Result<T, CallFailure> {
+        match tokio::time::timeout(self.bound, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                if let Ok(mut clients) = self.clients.lock() {
+                    clients.remove(address);
+                }
+                Err(CallFailure::TimedOut(format!("{address}: no answer within {:?}", self.bound)))
+            }
+        }
     }
 
     /// Where the mesh reaches node `id` now, if it is linked.
@@ -80,7 +102,8 @@ impl LeaderLink {
 
     pub(crate) async fn propose(&self, address: &str, batch: bytes::Bytes) -> Result<Proposed, CallFailure> {
         let mut c = self.client(address).await?;
-        let reply = c.propose(pb::ProposeRequest { batch }).await.map_err(|s| self.failed(address, s))?.into_inner();
+        let call = async { c.propose(pb::ProposeRequest { batch }).await.map_err(|s| self.failed(address, s)) };
+        let reply = self.bounded(address, call).await?.into_inner();
         if reply.index == 0 {
             return Ok(Proposed::NotLeader);
         }
@@ -91,19 +114,22 @@ impl LeaderLink {
     /// The leader's read index, or the leader it knows of.
     pub(crate) async fn read_index(&self, address: &str) -> Result<Result<u64, Option<NodeId>>, CallFailure> {
         let mut c = self.client(address).await?;
-        let reply = c.read_index(pb::ReadIndexRequest {}).await.map_err(|s| self.failed(address, s))?.into_inner();
+        let call = async { c.read_index(pb::ReadIndexRequest {}).await.map_err(|s| self.failed(address, s)) };
+        let reply = self.bounded(address, call).await?.into_inner();
         Ok(if reply.ok { Ok(reply.index) } else { Err((reply.leader != 0).then_some(reply.leader)) })
     }
 
     pub(crate) async fn join(&self, address: &str, node: NodeId, own_address: &str) -> Result<pb::JoinReply, CallFailure> {
         let mut c = self.client(address).await?;
         let request = pb::JoinRequest { node, address: own_address.to_owned() };
-        Ok(c.join(request).await.map_err(|s| self.failed(address, s))?.into_inner())
+        let call = async { c.join(request).await.map_err(|s| self.failed(address, s)) };
+        Ok(self.bounded(address, call).await?.into_inner())
     }
 
     pub(crate) async fn remove(&self, address: &str, node: NodeId) -> Result<pb::RemoveReply, CallFailure> {
         let mut c = self.client(address).await?;
-        Ok(c.remove_node(pb::RemoveRequest { node }).await.map_err(|s| self.failed(address, s))?.into_inner())
+        let call = async { c.remove_node(pb::RemoveRequest { node }).await.map_err(|s| self.failed(address, s)) };
+        Ok(self.bounded(address, call).await?.into_inner())
     }
 }
 

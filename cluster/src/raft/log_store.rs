@@ -80,6 +80,11 @@ impl LogStore {
         Ok(LogStore { db: db.clone(), log: db.open_tree("log")?, meta: db.open_tree("meta")?, committed: Default::default() })
     }
 
+    /// The counter behind [`LogStore::committed_index`], shared.
+    pub(crate) fn committed_counter(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        std::sync::Arc::clone(&self.committed)
+    }
+
     /// The last committed index this node knows of.
     pub fn committed_index(&self) -> u64 {
         self.committed.load(std::sync::atomic::Ordering::Relaxed)

@@ -13,7 +13,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{Config, Raft, SnapshotPolicy};
 use tokio::sync::{mpsc, oneshot};
 
-use super::leader::{LeaderLink, Proposed};
+use super::leader::{CallFailure, LeaderLink, Proposed};
 use super::membership::Formation;
 use super::network::Network;
 use super::ops::{encode_batch, Reply, StoreOp};
@@ -108,6 +108,8 @@ pub struct RaftStore {
     config: RaftConfig,
     stats: Arc<WriterStats>,
     link: Arc<LeaderLink>,
+    /// The last committed index this node knows of (kept by the log store).
+    committed: Arc<AtomicU64>,
 }
 
 /// What the writer did since start.
@@ -217,12 +219,15 @@ impl RaftStore {
             let members = BTreeMap::from([(config.node_id, Node { addr: config.address.clone() })]);
             raft.initialize(members).await.map_err(|e| RaftStartError::Raft(e.to_string()))?;
         }
-        let link = Arc::new(LeaderLink::new(mesh.map(|m| m.shared())));
+        // One call to the leader may take two election timeouts at most: by then a paused
+        // leader has been replaced and the writer asks the new one.
+        let link = Arc::new(LeaderLink::new(mesh.map(|m| m.shared()), 2 * config.election_timeout));
         if let (Some(formation), Some(mesh)) = (clustered, mesh) {
             let task = super::membership::run(raft.clone(), mesh.shared(), Arc::clone(&link), formation, config.address.clone());
             tokio::spawn(task);
         }
         let (writer, proposals) = mpsc::channel(config.queue.max(1));
+        let committed = log.committed_counter();
         let store = Arc::new(RaftStore {
             raft: raft.clone(),
             data,
@@ -231,6 +236,7 @@ impl RaftStore {
             config,
             stats: Arc::default(),
             link,
+            committed,
         });
         if let Some(mesh) = mesh {
             mesh.set_raft(raft.clone());
@@ -297,7 +303,8 @@ impl RaftStore {
                 },
                 Leader::Other(address) => match self.link.read_index(&address).await {
                     Ok(Ok(index)) => Some(index),
-                    Ok(Err(_)) | Err(super::leader::CallFailure::Unreachable(_)) => None,
+                    // Reading twice is harmless: ask again (the leader may have changed).
+                    Ok(Err(_)) | Err(CallFailure::Unreachable(_) | CallFailure::TimedOut(_)) => None,
                     Err(e) => return Err(e.into()),
                 },
             };
@@ -311,6 +318,17 @@ impl RaftStore {
         }
     }
 
+    /// Waits until this node has applied every entry it knows is committed (bounded by the
+    /// write timeout; no round trip). A leader knows every commit; a follower learns of
+    /// each with the leader's next message, sent at once after the commit.
+    pub async fn catch_up(&self) {
+        let committed = self.committed.load(Ordering::Relaxed);
+        if self.data.applied_index() >= committed {
+            return;
+        }
+        let _ = tokio::time::timeout(self.config.write_timeout, self.data.applied_up_to(committed)).await;
+    }
+
     /// Removes `node` from the group (voter first, then member), through the leader.
     pub async fn remove_node(&self, node: NodeId) -> Result<bool, StoreError> {
         let deadline = tokio::time::Instant::now() + self.config.write_timeout;
@@ -321,7 +339,8 @@ impl RaftStore {
                 }
                 Leader::Other(address) => match self.link.remove(&address, node).await {
                     Ok(reply) => reply,
-                    Err(super::leader::CallFailure::Unreachable(_)) => Default::default(),
+                    // Removing twice is harmless: ask again.
+                    Err(CallFailure::Unreachable(_) | CallFailure::TimedOut(_)) => Default::default(),
                     Err(e) => return Err(e.into()),
                 },
             };
@@ -468,7 +487,7 @@ impl Submitter {
                     }
                     // Not (or no longer) the leader there, or it could not be dialled:
                     // nothing was written, so trying again is safe.
-                    Ok(Proposed::NotLeader) | Err(super::leader::CallFailure::Unreachable(_)) => {}
+                    Ok(Proposed::NotLeader) | Err(CallFailure::Unreachable(_)) => {}
                     // Sent, and whether it was written is unknown: never proposed twice.
                     Err(e) => return Err(e.into()),
                 },

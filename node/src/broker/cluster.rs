@@ -114,6 +114,15 @@ impl Broker {
         }
     }
 
+    /// Waits (bounded) until this node has applied every entry it knows is committed: no
+    /// round trip, so a write acknowledged on another node a moment ago may not be here yet
+    /// if the leader has not told this node of its commit (it does at once, one hop).
+    pub async fn catch_up_with_cluster(&self) {
+        if let Some(raft) = self.raft.get().filter(|r| r.clustered()) {
+            raft.catch_up().await;
+        }
+    }
+
     /// Every node of the cluster, this one first (only this one without a cluster).
     pub fn cluster_nodes(&self) -> Vec<NodeView> {
         match self.mesh.get() {

@@ -54,7 +54,7 @@ impl Broker {
             // A session, live or stored, is only for the identity that created it: checked
             // before anything is kicked, taken over or cleaned.
             let live_owner = slot.owner();
-            let mut stored = if live_owner.is_none() { self.load_stored(client_id).await? } else { None };
+            let mut stored = if live_owner.is_none() { self.load_stored(client_id, !clean_start).await? } else { None };
             if self.config.auth.bind_session_to_user {
                 let claimed_by = match (&live_owner, &stored) {
                     (Some(o), _) => Some(o.identity.username.as_deref()),
@@ -139,11 +139,17 @@ impl Broker {
     }
 
     /// The stored session of `client_id`, once every operation queued before is applied.
-    async fn load_stored(&self, client_id: &str) -> Result<Option<raftmq_cluster::session::SessionState>, StoreError> {
+    /// In a cluster another node may have written it last: a client resuming its session
+    /// reads what the group committed (`linearizable`: a read index from the leader); a
+    /// clean start, which only discards what it finds, reads what this node has learnt is
+    /// committed (no round trip: a CONNECT storm must not cost one each).
+    async fn load_stored(&self, client_id: &str, linearizable: bool) -> Result<Option<raftmq_cluster::session::SessionState>, StoreError> {
         self.journal.flush().await?;
-        // In a cluster, another node may have written the session last: read what the
-        // group committed, not what this node happens to have applied.
-        self.sync_with_cluster().await?;
+        if linearizable {
+            self.sync_with_cluster().await?;
+        } else {
+            self.catch_up_with_cluster().await;
+        }
         self.store.load(client_id).await
     }
 

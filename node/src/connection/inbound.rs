@@ -484,13 +484,11 @@ pub(super) async fn handle_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
         // subscription [MQTT-4.8.2-..]: the group would get one copy per member.
         if !is_shared && (opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed)) {
             if !synced {
-                // A retained message acknowledged on any node before this SUBSCRIBE is
-                // seen: read what the cluster committed (once per packet). Without a
-                // leader, what this node has is served rather than nothing.
+                // A retained message acknowledged on another node before this SUBSCRIBE:
+                // this node applies every entry it knows committed first (once per packet,
+                // no round trip; the leader tells its followers of each commit at once).
                 synced = true;
-                if let Err(e) = broker.sync_with_cluster().await {
-                    tracing::debug!(error = %e, "retained messages served from this node's copy");
-                }
+                Box::pin(broker.catch_up_with_cluster()).await;
             }
             for m in broker.retained_matching(&filter) {
                 retained.push(QueuedMessage {
