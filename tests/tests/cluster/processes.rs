@@ -11,7 +11,7 @@ use raftmq_cluster::message::QoS;
 use raftmq_node::codec::{reason, Packet, Protocol, PubKind, PubResponse, Publish};
 use raftmq_tests::*;
 
-use super::DEADLINE;
+use super::{connect_accepted, DEADLINE};
 
 /// A process never outlives this, whatever happens to the test.
 const PROCESS_DEADLINE: Duration = Duration::from_secs(120);
@@ -213,11 +213,13 @@ async fn a_paused_node_blocks_nobody_and_comes_back() -> anyhow::Result<()> {
     let nodes = start_three().await?;
     nodes[2].signal("STOP")?;
     let paused = Instant::now();
-    let (mut sub, _) = Raw::connect(nodes[0].mqtt, Protocol::V5, "near", true).await?;
+    // If the paused node led the Raft group, a CONNECT is refused (busy) until another is
+    // elected: the clients connect again, as clients do.
+    let (mut sub, _) = connect_accepted(nodes[0].mqtt, connect_packet(Protocol::V5, "near", true)).await?;
     let started = Instant::now();
     sub.subscribe(1, "live/#", QoS::AtLeastOnce).await?;
     assert!(started.elapsed() < ROUTE_ACK_TIMEOUT + Duration::from_secs(1), "SUBACK took {:?}", started.elapsed());
-    let (mut publ, _) = Raw::connect(nodes[1].mqtt, Protocol::V5, "other", true).await?;
+    let (mut publ, _) = connect_accepted(nodes[1].mqtt, connect_packet(Protocol::V5, "other", true)).await?;
     assert_eq!(publ.publish("live/x", b"flows", QoS::AtLeastOnce, false, 1).await?, 0);
     assert_eq!(&sub.recv_publish().await?.payload[..], b"flows");
     loop {

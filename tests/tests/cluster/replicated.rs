@@ -9,7 +9,7 @@ use raftmq_node::codec::{reason, Packet, Protocol, PubKind, PubResponse};
 use raftmq_tests::*;
 
 use super::processes::{start_three, wait_ready, Node};
-use super::DEADLINE;
+use super::{connect_accepted, DEADLINE};
 
 /// The Raft part of `GET /api/v1/cluster` as `node` sees it.
 async fn raft_of(node: &Node) -> anyhow::Result<serde_json::Value> {
@@ -42,7 +42,7 @@ async fn agreed_leader(nodes: &[Node], live: &[usize]) -> anyhow::Result<usize> 
 async fn persistent(node: &Node, client_id: &str) -> anyhow::Result<(Raw, bool)> {
     let mut c = connect_packet(Protocol::V5, client_id, false);
     c.properties.session_expiry_interval = Some(300);
-    let (raw, ack) = Raw::connect_with(node.mqtt, c).await?;
+    let (raw, ack) = connect_accepted(node.mqtt, c).await?;
     anyhow::ensure!(ack.code == 0, "CONNACK {}", ack.code);
     Ok((raw, ack.session_present))
 }
@@ -347,7 +347,7 @@ async fn a_paused_old_owner_lets_go_when_it_continues() -> anyhow::Result<()> {
         }
         // If the paused node led the Raft group, writes fail until another is elected (the
         // publisher is refused, not acknowledged): it publishes again, as a client does.
-        let (mut publ, _) = Raw::connect(nodes[0].mqtt, Protocol::V5, "sensor", true).await?;
+        let (mut publ, _) = connect_accepted(nodes[0].mqtt, connect_packet(Protocol::V5, "sensor", true)).await?;
         let mut packet_id = 1;
         while publ.publish("tele/1", b"t1", QoS::AtLeastOnce, false, packet_id).await? >= 0x80 {
             anyhow::ensure!(paused.elapsed() < DEADLINE, "no publish accepted while n2 is paused");
