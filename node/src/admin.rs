@@ -160,9 +160,18 @@ async fn cluster(State(state): State<AppState>) -> Json<serde_json::Value> {
                     node["raft_last_log_index"] = json!(r.last_log_index);
                     node["raft_commit_index"] = json!(r.committed_index);
                     node["raft_applied_index"] = json!(r.applied_index);
-                } else if let Some(matched) = r.matched.get(&id) {
-                    // Known to the leader only: how far the node's log matches its own.
-                    node["raft_matched_index"] = json!(matched);
+                } else {
+                    if let Some(p) = n.raft.as_ref().filter(|_| n.status == raftmq_cluster::mesh::PeerStatus::Up) {
+                        // As the peer last reported it (with its route heartbeats).
+                        node["raft_role"] = json!(p.role);
+                        node["raft_term"] = json!(p.term);
+                        node["raft_last_log_index"] = json!(p.last_log_index);
+                        node["raft_applied_index"] = json!(p.applied_index);
+                    }
+                    if let Some(matched) = r.matched.get(&id) {
+                        // Known to the leader only: how far the node's log matches its own.
+                        node["raft_matched_index"] = json!(matched);
+                    }
                 }
             }
             node

@@ -152,6 +152,27 @@ pub struct NodeView {
     pub forward_dropped: u64,
     /// Messages waiting in its forward queue.
     pub forward_queue: usize,
+    /// Its place in the Raft group as it last reported it (peers only).
+    pub raft: Option<RaftPosition>,
+}
+
+/// A node's place in the Raft group, as it reports it with its route heartbeats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftPosition {
+    /// leader, follower, candidate or learner.
+    pub role: String,
+    /// Its term.
+    pub term: u64,
+    /// The last entry in its log.
+    pub last_log_index: u64,
+    /// The last entry it applied.
+    pub applied_index: u64,
+}
+
+impl From<&pb::RaftPosition> for RaftPosition {
+    fn from(p: &pb::RaftPosition) -> RaftPosition {
+        RaftPosition { role: p.role.clone(), term: p.term, last_log_index: p.last_log_index, applied_index: p.applied_index }
+    }
 }
 
 /// A peer came up or went down (for `$SYS` and the log).
@@ -199,6 +220,8 @@ pub(crate) struct Shared {
     pub(crate) failed_dials: AtomicU64,
     /// The Raft group this node's store runs, once started (its RPCs arrive here).
     pub(crate) raft: OnceLock<openraft::Raft<crate::raft::TypeConfig>>,
+    /// Each peer's place in the Raft group, from its route updates.
+    pub(crate) raft_positions: DashMap<NodeId, RaftPosition>,
 }
 
 impl Shared {
@@ -276,6 +299,7 @@ impl Mesh {
             redelivered: AtomicU64::new(0),
             failed_dials: AtomicU64::new(0),
             raft: OnceLock::new(),
+            raft_positions: DashMap::new(),
             config,
         });
         if config_has_no_secret(&shared.config) {
@@ -372,8 +396,11 @@ impl Mesh {
             forwarded_bytes: 0,
             forward_dropped: 0,
             forward_queue: 0,
+            raft: None,
         };
-        let mut peers: Vec<NodeView> = self.shared.peers.iter().map(|p| p.view(self.shared.remote.count_of(p.id))).collect();
+        let position = |id: &NodeId| self.shared.raft_positions.get(id).map(|r| r.clone());
+        let mut peers: Vec<NodeView> =
+            self.shared.peers.iter().map(|p| NodeView { raft: position(&p.id), ..p.view(self.shared.remote.count_of(p.id)) }).collect();
         peers.sort_by(|a, b| a.name.cmp(&b.name));
         std::iter::once(me).chain(peers).collect()
     }

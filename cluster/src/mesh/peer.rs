@@ -252,6 +252,7 @@ impl Peer {
             forwarded_bytes: self.forwarded_bytes.load(Ordering::Relaxed),
             forward_dropped: self.dropped.load(Ordering::Relaxed),
             forward_queue: self.forward_tx.max_capacity() - self.forward_tx.capacity(),
+            raft: None,
         }
     }
 
@@ -576,9 +577,25 @@ impl Peer {
             CatchUp::Snapshot(all) => (true, all),
             CatchUp::Changes(changes) => (false, changes),
         };
-        let update =
-            pb::RouteUpdate { origin: shared.config.name.clone(), seq, snapshot, changes: changes.iter().map(wire_change).collect() };
+        let update = pb::RouteUpdate {
+            origin: shared.config.name.clone(),
+            seq,
+            snapshot,
+            changes: changes.iter().map(wire_change).collect(),
+            raft: shared.raft.get().map(raft_position),
+        };
         tx.send(update).await.map_err(|_| LinkError::Closed)?;
         Ok(seq)
+    }
+}
+
+/// This node's place in the Raft group, as its peers show it.
+fn raft_position(raft: &openraft::Raft<crate::raft::TypeConfig>) -> pb::RaftPosition {
+    let m = raft.metrics().borrow().clone();
+    pb::RaftPosition {
+        role: crate::raft::role_label(m.state).to_owned(),
+        term: m.current_term,
+        last_log_index: m.last_log_index.unwrap_or(0),
+        applied_index: m.last_applied.map_or(0, |l| l.index),
     }
 }

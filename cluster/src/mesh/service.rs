@@ -195,6 +195,9 @@ impl Cluster for Service {
                         o
                     }
                 };
+                if let Some(position) = &update.raft {
+                    shared.raft_positions.insert(node, super::RaftPosition::from(position));
+                }
                 if update.snapshot {
                     let routes = update.changes.iter().map(|c| (route_of(c), c.members)).collect();
                     shared.remote.replace(node, generation, routes);

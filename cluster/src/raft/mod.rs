@@ -57,3 +57,14 @@ openraft::declare_raft_types!(
 
 #[cfg(test)]
 mod tests;
+
+/// The label of a Raft role in the admin API, metrics and the route heartbeats.
+pub fn role_label(state: openraft::ServerState) -> &'static str {
+    match state {
+        openraft::ServerState::Leader => "leader",
+        openraft::ServerState::Follower => "follower",
+        openraft::ServerState::Candidate => "candidate",
+        openraft::ServerState::Learner => "learner",
+        openraft::ServerState::Shutdown => "shutdown",
+    }
+}

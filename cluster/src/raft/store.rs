@@ -377,13 +377,7 @@ impl RaftStore {
     /// The group as this node sees it.
     pub fn view(&self) -> RaftView {
         let m = self.raft.metrics().borrow().clone();
-        let role = match m.state {
-            openraft::ServerState::Leader => "leader",
-            openraft::ServerState::Follower => "follower",
-            openraft::ServerState::Candidate => "candidate",
-            openraft::ServerState::Learner => "learner",
-            openraft::ServerState::Shutdown => "shutdown",
-        };
+        let role = super::role_label(m.state);
         let applied_index = m.last_applied.map_or(0, |l| l.index);
         let handles = self.handles.lock().ok().and_then(|h| h.clone());
         RaftView {

@@ -136,6 +136,7 @@ impl Broker {
                 forwarded_bytes: 0,
                 forward_dropped: 0,
                 forward_queue: 0,
+                raft: None,
             }],
         }
     }

@@ -78,6 +78,20 @@ async fn three_processes_share_one_raft_group() -> anyhow::Result<()> {
     }
     let (_, metrics) = nodes[1].get("/metrics").await?;
     assert!(metrics.contains("raftmq_raft_voters 3"), "{metrics}");
+    // Every node's place in the group, as one node shows it: the peers' as they report it.
+    loop {
+        let (_, body) = nodes[0].get("/api/v1/cluster").await?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        let nodes_seen = v["nodes"].as_array().cloned().unwrap_or_default();
+        let complete = nodes_seen.len() == 3
+            && nodes_seen.iter().all(|n| n["raft_member"] == "voter" && n["raft_term"].as_u64().is_some_and(|t| t >= 1))
+            && nodes_seen.iter().filter(|n| n["raft_role"] == "leader").count() == 1;
+        if complete {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "incomplete raft view: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Ok(())
 }
 
