@@ -156,8 +156,6 @@ pub struct RaftView {
     pub voters: Vec<NodeId>,
     /// Learners of the group (replicated to, not voting).
     pub learners: Vec<NodeId>,
-    /// Every member's cluster address.
-    pub members: BTreeMap<NodeId, String>,
     /// Per member, the last log index the leader knows it holds (on the leader only).
     pub matched: BTreeMap<NodeId, u64>,
     /// Log entries this node's writer proposed.
@@ -392,7 +390,6 @@ impl RaftStore {
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
             voters: m.membership_config.membership().voter_ids().collect(),
             learners: m.membership_config.membership().learner_ids().collect(),
-            members: m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect(),
             matched: m.replication.iter().flatten().map(|(id, l)| (*id, l.map_or(0, |l| l.index))).collect(),
             proposals: self.stats.entries.load(Ordering::Relaxed),
             proposed_ops: self.stats.ops.load(Ordering::Relaxed),
