@@ -34,7 +34,7 @@ impl Default for RaftSettings {
         RaftSettings {
             snapshot_every: 10_000,
             keep_behind_snapshot: 1_000,
-            max_batch: 512,
+            max_batch: 2_048,
             queue: 16_384,
             heartbeat_ms: 250,
             election_timeout_ms: 1_000,

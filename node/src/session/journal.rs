@@ -21,7 +21,7 @@ use raftmq_cluster::StoreError;
 use tokio::sync::{mpsc, oneshot};
 
 /// Operations one batch applies at most.
-const BATCH: usize = 256;
+const BATCH: usize = 1024;
 
 /// Batches submitted to the store and not yet resolved at most.
 const IN_FLIGHT: usize = 16;
