@@ -119,15 +119,34 @@ impl Reply {
 
 /// Encodes a batch of operations as a log entry carries it.
 pub fn encode_batch<'a>(ops: impl IntoIterator<Item = &'a StoreOp>) -> bytes::Bytes {
-    pb::StoreBatch { ops: ops.into_iter().map(pb::StoreOp::from).collect() }.encode_to_vec().into()
+    encode_tagged_batch(ops, Tag::default())
+}
+
+/// Who proposed a batch, and its number there ([`Tag::default`]: untagged).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tag {
+    /// The proposing node.
+    pub proposer: u64,
+    /// The batch's number on that node (from 1).
+    pub seq: u64,
+}
+
+/// [`encode_batch`] with the proposer's tag.
+pub fn encode_tagged_batch<'a>(ops: impl IntoIterator<Item = &'a StoreOp>, tag: Tag) -> bytes::Bytes {
+    pb::StoreBatch { ops: ops.into_iter().map(pb::StoreOp::from).collect(), proposer: tag.proposer, seq: tag.seq }.encode_to_vec().into()
 }
 
 /// Decodes a log entry's batch: each operation, or why it could not be read (its reply is
 /// then [`Reply::Invalid`], deterministically on every node).
 pub fn decode_batch(bytes: &[u8]) -> Vec<Result<StoreOp, ConvertError>> {
+    decode_tagged_batch(bytes).1
+}
+
+/// [`decode_batch`] with the proposer's tag.
+pub fn decode_tagged_batch(bytes: &[u8]) -> (Tag, Vec<Result<StoreOp, ConvertError>>) {
     match pb::StoreBatch::decode(bytes) {
-        Ok(batch) => batch.ops.into_iter().map(StoreOp::try_from).collect(),
-        Err(_) => vec![Err(ConvertError::Missing("a decodable batch"))],
+        Ok(batch) => (Tag { proposer: batch.proposer, seq: batch.seq }, batch.ops.into_iter().map(StoreOp::try_from).collect()),
+        Err(_) => (Tag::default(), vec![Err(ConvertError::Missing("a decodable batch"))]),
     }
 }
 

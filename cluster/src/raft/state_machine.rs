@@ -19,7 +19,7 @@ use raftmq_proto::v1 as pb;
 use tokio::sync::{watch, Mutex};
 
 use super::log_store::{open, seal};
-use super::ops::{decode_batch, Reply, StoreOp};
+use super::ops::{decode_tagged_batch, Reply, StoreOp, Tag};
 use super::{Entry, Node, NodeId, TypeConfig};
 use crate::convert::ConvertError;
 use crate::message::Message;
@@ -43,7 +43,15 @@ pub struct Replicated {
     applied: watch::Sender<u64>,
     /// Every claim applied (a node holding a session of an older epoch must let go).
     claims: tokio::sync::broadcast::Sender<ClaimApplied>,
+    /// This node's id (batches it proposed are noted in `own`).
+    local: std::sync::OnceLock<NodeId>,
+    /// Outcomes of the last batches this node proposed, by number: a proposer that lost
+    /// its leader's answer looks here once the new leader's term is applied.
+    own: std::sync::Mutex<std::collections::VecDeque<(u64, Vec<Reply>)>>,
 }
+
+/// Outcomes of this node's own batches kept (the proposer asks about its latest only).
+const OWN_KEPT: usize = 64;
 
 /// A claim the log applied: `node` owns `client_id` under `epoch` from now on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +76,31 @@ impl Replicated {
             registry: MemoryRegistry::new(),
             applied: watch::Sender::new(0),
             claims: tokio::sync::broadcast::Sender::new(CLAIM_EVENTS),
+            local: std::sync::OnceLock::new(),
+            own: std::sync::Mutex::new(std::collections::VecDeque::new()),
         }
+    }
+
+    /// Sets this node's id (once, at start).
+    pub(crate) fn set_local(&self, id: NodeId) {
+        let _ = self.local.set(id);
+    }
+
+    fn note_own(&self, tag: Tag, replies: &[Reply]) {
+        if tag.seq == 0 || self.local.get() != Some(&tag.proposer) {
+            return;
+        }
+        if let Ok(mut own) = self.own.lock() {
+            if own.len() == OWN_KEPT {
+                own.pop_front();
+            }
+            own.push_back((tag.seq, replies.to_vec()));
+        }
+    }
+
+    /// The outcomes of this node's batch `seq`, if it was applied (and is recent).
+    pub(crate) fn own_outcome(&self, seq: u64) -> Option<Vec<Reply>> {
+        self.own.lock().ok()?.iter().find(|(s, _)| *s == seq).map(|(_, r)| r.clone())
     }
 
     /// Claims applied from now on.
@@ -80,6 +112,11 @@ impl Replicated {
     pub async fn applied_up_to(&self, index: u64) {
         let mut rx = self.applied.subscribe();
         let _ = rx.wait_for(|applied| *applied >= index).await;
+    }
+
+    /// The applied index, to watch.
+    pub(crate) fn applied_changes(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     /// The index of the last applied entry.
@@ -281,7 +318,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             match entry.payload {
                 EntryPayload::Blank => {}
                 EntryPayload::Normal(command) => {
-                    for op in decode_batch(&command.batch) {
+                    let (tag, ops) = decode_tagged_batch(&command.batch);
+                    for op in ops {
                         out.push(match op {
                             Ok(op) => self.data.apply_op(op).await,
                             Err(e) => {
@@ -290,6 +328,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             }
                         });
                     }
+                    self.data.note_own(tag, &out);
                 }
                 EntryPayload::Membership(m) => applied.membership = StoredMembership::new(Some(entry.log_id), m),
             }

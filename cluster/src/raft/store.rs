@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::leader::{CallFailure, LeaderLink, Proposed};
 use super::membership::Formation;
 use super::network::Network;
-use super::ops::{encode_batch, Reply, StoreOp};
+use super::ops::{encode_tagged_batch, Reply, StoreOp, Tag};
 use super::{Command, LogStore, Node, NodeId, Replicated, StateMachine, TypeConfig};
 use crate::message::Message;
 use crate::registry::{Claim, ClientRegistry, Epoch};
@@ -197,6 +197,7 @@ impl RaftStore {
         let log = LogStore::open(&db).map_err(open_err)?;
         let sm = StateMachine::open(&db).map_err(|e| RaftStartError::Corrupt { dir: shown.clone(), detail: e.to_string() })?;
         let data = sm.data();
+        data.set_local(config.node_id);
         let raft_config = Config {
             cluster_name: "raftmq".into(),
             heartbeat_interval: config.heartbeat.as_millis() as u64,
@@ -245,6 +246,7 @@ impl RaftStore {
             data: Arc::clone(&store.data),
             me: store.config.node_id,
             timeout: store.config.write_timeout,
+            seq: AtomicU64::new(0),
         };
         tokio::spawn(write_batches(submitter, proposals, store.config.max_batch.max(1), Arc::clone(&store.stats)));
         Ok(store)
@@ -292,28 +294,7 @@ impl RaftStore {
             return Ok(());
         }
         let deadline = tokio::time::Instant::now() + self.config.write_timeout;
-        loop {
-            let index = match leader(&self.raft, &self.link, self.config.node_id, deadline).await? {
-                Leader::Me => match self.raft.get_read_log_id().await {
-                    Ok((read, _)) => Some(read.map_or(0, |l| l.index)),
-                    Err(RaftError::APIError(_)) => None,
-                    Err(e) => return Err(StoreError::Unavailable(e.to_string())),
-                },
-                Leader::Other(address) => match self.link.read_index(&address).await {
-                    Ok(Ok(index)) => Some(index),
-                    // Reading twice is harmless: ask again (the leader may have changed).
-                    Ok(Err(_)) | Err(CallFailure::Unreachable(_) | CallFailure::TimedOut(_)) => None,
-                    Err(e) => return Err(e.into()),
-                },
-            };
-            if let Some(index) = index {
-                return tokio::time::timeout_at(deadline, self.data.applied_up_to(index)).await.map_err(|_| StoreError::Timeout);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(StoreError::Timeout);
-            }
-            tokio::time::sleep(RETRY).await;
-        }
+        linearize(&self.raft, &self.link, &self.data, self.config.node_id, deadline).await
     }
 
     /// Waits until this node has applied every entry it knows is committed (bounded by the
@@ -425,6 +406,8 @@ struct Submitter {
     data: Arc<Replicated>,
     me: NodeId,
     timeout: Duration,
+    /// The number of the last batch this node proposed.
+    seq: AtomicU64,
 }
 
 /// The leader as this node knows it.
@@ -449,21 +432,27 @@ impl Submitter {
     /// on with the next (the log keeps their order; the leader flushes many together); on
     /// a follower the entry goes to the leader and the writer waits for it (two calls in
     /// flight could overtake each other).
-    async fn start(&self, batch: bytes::Bytes) -> Started {
+    async fn start(&self, batch: bytes::Bytes, seq: u64) -> Started {
         let deadline = tokio::time::Instant::now() + self.timeout;
         match leader(&self.raft, &self.link, self.me, deadline).await {
             Ok(Leader::Me) => match self.raft.client_write_ff(Command { batch: batch.clone() }).await {
                 Ok(answer) => Started::Appending(answer),
                 Err(e) => Started::Done(Err(StoreError::Unavailable(e.to_string()))),
             },
-            Ok(Leader::Other(_)) => Started::Done(self.submit(batch).await),
+            Ok(Leader::Other(_)) => Started::Done(self.submit(batch, seq).await),
             Err(e) => Started::Done(Err(e)),
         }
     }
 
-    async fn submit(&self, batch: bytes::Bytes) -> Result<Vec<Reply>, StoreError> {
+    /// The tag of the next batch this node proposes.
+    fn next_tag(&self) -> Tag {
+        Tag { proposer: self.me, seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1 }
+    }
+
+    async fn submit(&self, batch: bytes::Bytes, seq: u64) -> Result<Vec<Reply>, StoreError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
+            let term = self.raft.metrics().borrow().current_term;
             match leader(&self.raft, &self.link, self.me, deadline).await? {
                 Leader::Me => match self.raft.client_write(Command { batch: batch.clone() }).await {
                     Ok(response) => return Ok(response.data),
@@ -479,6 +468,13 @@ impl Submitter {
                     // Not (or no longer) the leader there, or it could not be dialled:
                     // nothing was written, so trying again is safe.
                     Ok(Proposed::NotLeader) | Err(CallFailure::Unreachable(_)) => {}
+                    // Sent, and no answer: find out whether it was written before proposing
+                    // it again (never twice).
+                    Err(CallFailure::TimedOut(_)) => {
+                        if let Some(replies) = self.settle_unanswered(seq, term, deadline).await? {
+                            return Ok(replies);
+                        }
+                    }
                     // Sent, and whether it was written is unknown: never proposed twice.
                     Err(e) => return Err(e.into()),
                 },
@@ -490,9 +486,72 @@ impl Submitter {
         }
     }
 
+    /// A batch the leader of term `sent_in` did not answer for. Once a leader of a later
+    /// term is known and this node has applied what it committed (its read index covers
+    /// the first entry of its term), the batch was either applied (its outcome is noted
+    /// here) or is gone for good, since an entry of an older term that the new leader
+    /// does not hold can never commit: `None` says to propose it again. While the old
+    /// leader keeps its term, only its own answer (the noted outcome) can settle it.
+    async fn settle_unanswered(&self, seq: u64, sent_in: u64, deadline: tokio::time::Instant) -> Result<Option<Vec<Reply>>, StoreError> {
+        let mut metrics = self.raft.metrics();
+        let mut applied = self.data.applied_changes();
+        loop {
+            if let Some(replies) = self.data.own_outcome(seq) {
+                return Ok(Some(replies));
+            }
+            let newer_leader = {
+                let m = metrics.borrow_and_update();
+                m.current_term > sent_in && m.current_leader.is_some()
+            };
+            if newer_leader {
+                linearize(&self.raft, &self.link, &self.data, self.me, deadline).await?;
+                return Ok(self.data.own_outcome(seq));
+            }
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() { return Err(StoreError::Unavailable("the store stopped".into())) },
+                changed = applied.changed() => if changed.is_err() { return Err(StoreError::Unavailable("the store stopped".into())) },
+                _ = tokio::time::sleep_until(deadline) => return Err(StoreError::Timeout),
+            }
+        }
+    }
+
     /// Waits until this node has applied the entry at `index`.
     async fn applied(&self, index: u64, deadline: tokio::time::Instant) -> Result<(), StoreError> {
         tokio::time::timeout_at(deadline, self.data.applied_up_to(index)).await.map_err(|_| StoreError::Timeout)
+    }
+}
+
+/// Waits until this node has applied everything the leader had committed when it
+/// confirmed its leadership (a read index), trying again (until `deadline`) while the
+/// leader changes.
+async fn linearize(
+    raft: &Raft<TypeConfig>,
+    link: &LeaderLink,
+    data: &Replicated,
+    me: NodeId,
+    deadline: tokio::time::Instant,
+) -> Result<(), StoreError> {
+    loop {
+        let index = match leader(raft, link, me, deadline).await? {
+            Leader::Me => match raft.get_read_log_id().await {
+                Ok((read, _)) => Some(read.map_or(0, |l| l.index)),
+                Err(RaftError::APIError(_)) => None,
+                Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+            },
+            Leader::Other(address) => match link.read_index(&address).await {
+                Ok(Ok(index)) => Some(index),
+                // Reading twice is harmless: ask again (the leader may have changed).
+                Ok(Err(_)) | Err(CallFailure::Unreachable(_) | CallFailure::TimedOut(_)) => None,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if let Some(index) = index {
+            return tokio::time::timeout_at(deadline, data.applied_up_to(index)).await.map_err(|_| StoreError::Timeout);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StoreError::Timeout);
+        }
+        tokio::time::sleep(RETRY).await;
     }
 }
 
@@ -558,9 +617,10 @@ async fn write_batches(submitter: Submitter, mut proposals: mpsc::Receiver<Propo
             batch.push(p);
         }
         waiting = rest;
-        let encoded = encode_batch(batch.iter().flat_map(|p: &Proposal| p.ops.iter()));
+        let tag = submitter.next_tag();
+        let encoded = encode_tagged_batch(batch.iter().flat_map(|p: &Proposal| p.ops.iter()), tag);
         let started = std::time::Instant::now();
-        let outcome = submitter.start(encoded).await;
+        let outcome = submitter.start(encoded, tag.seq).await;
         stats.entries.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(ops as u64, Ordering::Relaxed);
         if in_flight.send(InFlight { batch, outcome, started }).await.is_err() {

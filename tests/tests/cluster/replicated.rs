@@ -414,3 +414,36 @@ async fn the_will_of_a_session_whose_node_died_is_published_by_a_survivor() -> a
     watcher.expect_silence(Duration::from_millis(500)).await?;
     Ok(())
 }
+
+/// Issue 13, items 3 and 5: writes handed to a leader that is paused (SIGSTOP) are not
+/// lost to it: once a leader of a later term has committed its first entry, a write the
+/// paused one never answered is known either applied or gone, and is proposed again. A
+/// client connecting to a follower meanwhile (its client id claimed through the group) is
+/// accepted at the first attempt, after the election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_a_paused_leader_go_through_its_successor() -> anyhow::Result<()> {
+    let nodes = start_three().await?;
+    let leader = agreed_leader(&nodes, &[0, 1, 2]).await?;
+    let follower = (leader + 1) % 3;
+    nodes[leader].signal("STOP")?;
+    let paused = Instant::now();
+    let result = async {
+        let (mut c, ack) = persistent_once(&nodes[follower], "during-election").await?;
+        anyhow::ensure!(ack == 0, "CONNACK {ack:#04x} at the first attempt");
+        assert_eq!(c.subscribe(1, "elected/#", QoS::AtLeastOnce).await?, vec![1]);
+        Ok(paused.elapsed())
+    }
+    .await;
+    nodes[leader].signal("CONT")?;
+    let took = result?;
+    println!("accepted {took:?} after the leader was paused");
+    Ok(())
+}
+
+/// A persistent MQTT 5 session, one attempt: the CONNACK code.
+async fn persistent_once(node: &Node, client_id: &str) -> anyhow::Result<(Raw, u8)> {
+    let mut c = connect_packet(Protocol::V5, client_id, false);
+    c.properties.session_expiry_interval = Some(300);
+    let (raw, ack) = Raw::connect_with(node.mqtt, c).await?;
+    Ok((raw, ack.code))
+}
