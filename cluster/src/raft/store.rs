@@ -316,7 +316,7 @@ impl RaftStore {
                 Leader::Me => {
                     super::leader::serve_remove(&self.raft, node).await.map_err(|s| StoreError::Unavailable(s.message().to_owned()))?
                 }
-                Leader::Other(address) => match self.link.remove(&address, node).await {
+                Leader::Other(address, _) => match self.link.remove(&address, node).await {
                     Ok(reply) => reply,
                     // Removing twice is harmless: ask again.
                     Err(CallFailure::Unreachable(_) | CallFailure::TimedOut(_)) => Default::default(),
@@ -413,7 +413,8 @@ struct Submitter {
 /// The leader as this node knows it.
 enum Leader {
     Me,
-    Other(String),
+    /// Its address, and the term this node knew it in.
+    Other(String, u64),
 }
 
 /// Pause between attempts while the group has no usable leader (an election runs).
@@ -439,7 +440,7 @@ impl Submitter {
                 Ok(answer) => Started::Appending(answer),
                 Err(e) => Started::Done(Err(StoreError::Unavailable(e.to_string()))),
             },
-            Ok(Leader::Other(_)) => Started::Done(self.submit(batch, seq).await),
+            Ok(Leader::Other(..)) => Started::Done(self.submit(batch, seq).await),
             Err(e) => Started::Done(Err(e)),
         }
     }
@@ -452,7 +453,6 @@ impl Submitter {
     async fn submit(&self, batch: bytes::Bytes, seq: u64) -> Result<Vec<Reply>, StoreError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
-            let term = self.raft.metrics().borrow().current_term;
             match leader(&self.raft, &self.link, self.me, deadline).await? {
                 Leader::Me => match self.raft.client_write(Command { batch: batch.clone() }).await {
                     Ok(response) => return Ok(response.data),
@@ -460,7 +460,9 @@ impl Submitter {
                     Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {}
                     Err(other) => return Err(StoreError::Unavailable(other.to_string())),
                 },
-                Leader::Other(address) => match self.link.propose(&address, batch.clone()).await {
+                // The term is the one this node learnt the leader in (together, from the
+                // leader's own messages): a leader of a later term is another leader.
+                Leader::Other(address, term) => match self.link.propose(&address, batch.clone()).await {
                     Ok(Proposed::Applied { replies, index }) => {
                         self.applied(index, deadline).await?;
                         return Ok(replies);
@@ -538,7 +540,7 @@ async fn linearize(
                 Err(RaftError::APIError(_)) => None,
                 Err(e) => return Err(StoreError::Unavailable(e.to_string())),
             },
-            Leader::Other(address) => match link.read_index(&address).await {
+            Leader::Other(address, _) => match link.read_index(&address).await {
                 Ok(Ok(index)) => Some(index),
                 // Reading twice is harmless: ask again (the leader may have changed).
                 Ok(Err(_)) | Err(CallFailure::Unreachable(_) | CallFailure::TimedOut(_)) => None,
@@ -566,10 +568,10 @@ async fn leader(raft: &Raft<TypeConfig>, link: &LeaderLink, me: NodeId, deadline
                 Some(id) if id == me => return Ok(Leader::Me),
                 Some(id) => {
                     if let Some(address) = link.address_of(id) {
-                        return Ok(Leader::Other(address));
+                        return Ok(Leader::Other(address, m.current_term));
                     }
                     if let Some(node) = m.membership_config.membership().get_node(&id) {
-                        return Ok(Leader::Other(node.addr.clone()));
+                        return Ok(Leader::Other(node.addr.clone(), m.current_term));
                     }
                 }
                 None => {}
