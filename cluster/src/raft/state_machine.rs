@@ -129,13 +129,12 @@ impl Replicated {
             // The registry fences too: once another node claimed the client id, an
             // operation of the old owner's epoch is refused even before the new owner's
             // first session operation lands (a paused or partitioned owner writes nothing).
-            StoreOp::Session(cmd) if self.registry.current(&cmd.client_id).is_some_and(|c| c.epoch > cmd.epoch) => {
-                let session = self.registry.current(&cmd.client_id).map_or(0, |c| c.epoch);
-                Reply::Fenced { command: cmd.epoch, session }
-            }
-            StoreOp::Session(cmd) => match self.sessions.apply(vec![cmd]).await {
-                Ok(mut outcomes) => outcomes.pop().map_or(Reply::Invalid, Reply::from),
-                Err(_) => Reply::Invalid,
+            StoreOp::Session(cmd) => match self.registry.current(&cmd.client_id).filter(|c| c.epoch > cmd.epoch) {
+                Some(claim) => Reply::Fenced { command: cmd.epoch, session: claim.epoch },
+                None => match self.sessions.apply(vec![cmd]).await {
+                    Ok(mut outcomes) => outcomes.pop().map_or(Reply::Invalid, Reply::from),
+                    Err(_) => Reply::Invalid,
+                },
             },
             StoreOp::Retain { message, limits } => {
                 // Copied out of the entry's buffer, so a kept message does not pin a batch.

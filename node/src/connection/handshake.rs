@@ -400,10 +400,8 @@ pub(super) async fn accept<S: ClientStream>(
         if let Some(will) = will_message(&client_id, &connect) {
             // A persistent session's will is stored while the client is connected: if this
             // node dies, the node adopting the session publishes it.
-            if let crate::session::Durability::Pending(p) = slot.arm_will(will) {
-                if let Err(e) = Box::pin(p.wait()).await {
-                    tracing::debug!(client_id = %Printable(&client_id), error = %e, "the will could not be stored");
-                }
+            if let Err(e) = Box::pin(slot.stored(slot.arm_will(will))).await {
+                tracing::debug!(client_id = %Printable(&client_id), error = %e, "the will could not be stored");
             }
         }
     }

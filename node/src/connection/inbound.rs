@@ -326,14 +326,7 @@ pub(super) async fn send_recorded_pubrels<S: AsyncRead + AsyncWrite + Unpin + Se
     framed: &mut Framed<S>,
 ) -> Result<(), ConnectionError> {
     for (packet_id, durability) in std::mem::take(&mut client.pending_rel) {
-        match durability {
-            Durability::Memory => {}
-            // Fenced (the session moved meanwhile): the new owner answers from now on.
-            Durability::Pending(p) => {
-                let _ = p.wait().await?;
-            }
-            Durability::Resync => slot.resync().await?,
-        }
+        slot.stored(durability).await?;
         framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, packet_id, 0)));
     }
     Ok(())
@@ -380,11 +373,7 @@ async fn finish_ack<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let failed = std::mem::take(&mut ack.receipt).wait().await;
     let mut confirmed = stored.and_then(|()| broker.confirmed(ack.qos, failed));
     if confirmed.is_ok() {
-        confirmed = match std::mem::replace(&mut ack.recorded, Durability::Memory) {
-            Durability::Memory => Ok(()),
-            Durability::Pending(p) => p.wait().await.map(|_| ()),
-            Durability::Resync => slot.resync().await,
-        };
+        confirmed = slot.stored(std::mem::replace(&mut ack.recorded, Durability::Memory)).await;
     }
     answer(broker, slot, client, framed, &ack, confirmed)
 }

@@ -279,6 +279,17 @@ impl SessionSlot {
         }
     }
 
+    /// Waits until a change whose [`Durability`] a method returned is stored. A change the
+    /// store fenced (the session moved meanwhile) is no failure here: the new owner answers
+    /// for the session from then on.
+    pub async fn stored(&self, durability: Durability) -> Result<(), StoreError> {
+        match durability {
+            Durability::Memory => Ok(()),
+            Durability::Pending(p) => p.wait().await.map(|_| ()),
+            Durability::Resync => self.resync().await,
+        }
+    }
+
     /// Sends the whole session to the store if operations were lost on the way, and waits
     /// until it is durable.
     pub async fn resync(&self) -> Result<(), StoreError> {

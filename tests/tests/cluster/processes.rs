@@ -158,6 +158,20 @@ impl Node {
         .await?
     }
 
+    /// Waits (bounded by [`DEADLINE`]) until this node shows `name` down; the admin API is
+    /// the only window onto another process, so it is polled.
+    pub(super) async fn wait_until_seen_down(&self, name: &str) -> anyhow::Result<()> {
+        let since = Instant::now();
+        loop {
+            let view = self.cluster().await?;
+            if view.iter().any(|(n, status)| n == name && status == "down") {
+                return Ok(());
+            }
+            anyhow::ensure!(since.elapsed() < DEADLINE, "{name} never seen down: {view:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The status of every node as this one sees it.
     pub(super) async fn cluster(&self) -> anyhow::Result<Vec<(String, String)>> {
         let (_, body) = self.get("/api/v1/cluster").await?;
@@ -212,7 +226,6 @@ pub(super) async fn wait_ready(nodes: &[&Node], up: usize) -> anyhow::Result<()>
 async fn a_paused_node_blocks_nobody_and_comes_back() -> anyhow::Result<()> {
     let nodes = start_three().await?;
     nodes[2].signal("STOP")?;
-    let paused = Instant::now();
     // If the paused node led the Raft group, a CONNECT is refused (busy) until another is
     // elected: the clients connect again, as clients do.
     let (mut sub, _) = connect_accepted(nodes[0].mqtt, connect_packet(Protocol::V5, "near", true)).await?;
@@ -222,14 +235,7 @@ async fn a_paused_node_blocks_nobody_and_comes_back() -> anyhow::Result<()> {
     let (mut publ, _) = connect_accepted(nodes[1].mqtt, connect_packet(Protocol::V5, "other", true)).await?;
     assert_eq!(publ.publish("live/x", b"flows", QoS::AtLeastOnce, false, 1).await?, 0);
     assert_eq!(&sub.recv_publish().await?.payload[..], b"flows");
-    loop {
-        let view = nodes[0].cluster().await?;
-        if view.iter().any(|(name, status)| name == "n3" && status == "down") {
-            break;
-        }
-        anyhow::ensure!(paused.elapsed() < DEADLINE, "n3 never seen down: {view:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    nodes[0].wait_until_seen_down("n3").await?;
     nodes[2].signal("CONT")?;
     let resumed = Instant::now();
     loop {
@@ -282,14 +288,7 @@ async fn three_processes_form_one_cluster_and_notice_a_killed_node() -> anyhow::
 
     nodes[2].kill();
     let killed = Instant::now();
-    loop {
-        let view = nodes[0].cluster().await?;
-        if view.iter().any(|(name, status)| name == "n3" && status == "down") {
-            break;
-        }
-        anyhow::ensure!(killed.elapsed() < DEADLINE, "n3 never seen down: {view:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    nodes[0].wait_until_seen_down("n3").await?;
     let noticed = killed.elapsed();
     assert!(noticed <= FAILURE_TIMEOUT + Duration::from_secs(1), "noticed after {noticed:?}");
     // A dead peer does not make the others unready: they keep serving.

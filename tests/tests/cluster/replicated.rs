@@ -206,7 +206,7 @@ async fn killing_the_leader_under_qos1_load_loses_no_acknowledged_message() -> a
     sink.subscribe(1, "load/#", QoS::AtLeastOnce).await?;
     let (tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
     let pub_addr = nodes[pub_node].mqtt;
-    let publisher = tokio::spawn(async move {
+    let mut publisher = tokio::spawn(async move {
         let mut sent = Vec::new();
         let mut client = None;
         let started = Instant::now();
@@ -249,11 +249,7 @@ async fn killing_the_leader_under_qos1_load_loses_no_acknowledged_message() -> a
                     received.push(String::from_utf8_lossy(&p.payload).trim_start_matches('m').parse()?);
                 }
             }
-            done = async { if publisher.is_finished() { Some(()) } else { tokio::time::sleep(Duration::from_millis(50)).await; None } } => {
-                if done.is_some() {
-                    break publisher.await?;
-                }
-            }
+            sent = &mut publisher => break sent?,
         }
     };
     while let Ok(Some(seq)) = acked_rx.try_recv().map(Some) {
@@ -355,10 +351,7 @@ async fn a_paused_old_owner_lets_go_when_it_continues() -> anyhow::Result<()> {
         // A publish that matches the paused node's routes is refused until the node is
         // seen down (its copy cannot be confirmed); then its routes are gone.
         let paused = Instant::now();
-        while !nodes[0].cluster().await?.iter().any(|(name, status)| name == "n2" && status == "down") {
-            anyhow::ensure!(paused.elapsed() < DEADLINE, "n2 never seen down");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        nodes[0].wait_until_seen_down("n2").await?;
         // If the paused node led the Raft group, writes fail until another is elected (the
         // publisher is refused, not acknowledged): it publishes again, as a client does.
         let (mut publ, _) = connect_accepted(nodes[0].mqtt, connect_packet(Protocol::V5, "sensor", true)).await?;
