@@ -189,13 +189,18 @@ impl Server {
         self.listeners.iter().find(|(k, _)| *k == kind).map(|(_, a)| *a)
     }
 
-    /// Graceful shutdown: the cluster's peers are told this node leaves (they drop its
-    /// routes at once); MQTT 5 clients get DISCONNECT 0x8B; waits up to `grace`.
+    /// Graceful shutdown: MQTT 5 clients get DISCONNECT 0x8B (waits up to `grace` for
+    /// the connections to close, their last writes replicating through the cluster); a
+    /// leader hands its leadership to a caught-up voter; then the cluster's peers are told
+    /// this node leaves (they drop its routes at once) and the group stops.
     pub async fn shutdown(&self, grace: Duration) {
+        self.broker.shutdown(grace).await;
+        if let Some(raft) = self.broker.raft() {
+            raft.hand_over().await;
+        }
         if let Some(mesh) = self.broker.mesh() {
             mesh.leave().await;
         }
-        self.broker.shutdown(grace).await;
         if let Some(raft) = self.broker.raft() {
             raft.shutdown().await;
         }

@@ -262,6 +262,11 @@ impl Cluster for Service {
         Ok(Response::new(crate::raft::leader::serve_remove(raft, request.into_inner().node).await?))
     }
 
+    async fn campaign(&self, request: Request<pb::CampaignRequest>) -> Result<Response<pb::CampaignReply>, Status> {
+        let raft = self.raft()?;
+        Ok(Response::new(crate::raft::leader::serve_campaign(raft, request.into_inner().last_index).await?))
+    }
+
     async fn forward(&self, request: Request<Streaming<pb::ForwardBatch>>) -> Result<Response<Self::ForwardStream>, Status> {
         let mut batches = request.into_inner();
         let (tx, rx) = mpsc::channel(16);

@@ -131,6 +131,13 @@ impl LeaderLink {
         let call = async { c.remove_node(pb::RemoveRequest { node }).await.map_err(|s| self.failed(address, s)) };
         Ok(self.bounded(address, call).await?.into_inner())
     }
+
+    /// Asks the node at `address` to stand for election (this node, the leader, stops).
+    pub(crate) async fn campaign(&self, address: &str, last_index: u64) -> Result<bool, CallFailure> {
+        let mut c = self.client(address).await?;
+        let call = async { c.campaign(pb::CampaignRequest { last_index }).await.map_err(|s| self.failed(address, s)) };
+        Ok(self.bounded(address, call).await?.into_inner().started)
+    }
 }
 
 /// The leader a write error points at (`Some(None)`: not the leader, none known), or
@@ -185,6 +192,18 @@ pub(crate) async fn serve_join(raft: &Raft<TypeConfig>, node: NodeId, address: S
             None => Err(Status::unavailable(e.to_string())),
         },
     }
+}
+
+/// A successor's side of `Campaign`: it stands for election at once, if it holds the
+/// stopping leader's whole log (else it could not win, and a failed campaign only costs a
+/// term).
+pub(crate) async fn serve_campaign(raft: &Raft<TypeConfig>, last_index: u64) -> Result<pb::CampaignReply, Status> {
+    let held = raft.metrics().borrow().last_log_index.unwrap_or(0);
+    if held < last_index {
+        return Ok(pb::CampaignReply { started: false });
+    }
+    raft.trigger().elect().await.map_err(|e| Status::unavailable(e.to_string()))?;
+    Ok(pb::CampaignReply { started: true })
 }
 
 /// The leader's side of `RemoveNode`: the node stops being a voter, then a member.

@@ -110,6 +110,8 @@ pub struct RaftStore {
     link: Arc<LeaderLink>,
     /// The last committed index this node knows of (kept by the log store).
     committed: Arc<AtomicU64>,
+    /// Since when this node leads, and in which term (see [`RaftStore::hand_over`]).
+    leading_since: Arc<std::sync::Mutex<Option<(u64, tokio::time::Instant)>>>,
 }
 
 /// What the writer did since start.
@@ -236,7 +238,9 @@ impl RaftStore {
             stats: Arc::default(),
             link,
             committed,
+            leading_since: Arc::default(),
         });
+        tokio::spawn(watch_leadership(store.raft.clone(), store.config.node_id, Arc::clone(&store.leading_since)));
         if let Some(mesh) = mesh {
             mesh.set_raft(raft.clone());
         }
@@ -330,6 +334,72 @@ impl RaftStore {
                 return Err(StoreError::Timeout);
             }
             tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    /// Hands this node's leadership to another voter before it stops (SIGTERM), so the
+    /// group does not wait out a lease and an election timeout for a successor. Picks the
+    /// voter with the most of the log, waits until it holds all of it, and asks it to
+    /// campaign; this node, leader for longer than the lease, grants the vote and steps
+    /// down, which in a group of three is already a majority. Bounded by two election
+    /// timeouts; returns the new leader. Does nothing on a follower or a group of one.
+    pub async fn hand_over(&self) -> Option<NodeId> {
+        let me = self.config.node_id;
+        // A voter refuses to vote while its leader's lease (the longest election timeout)
+        // runs, counted on the leader itself from its election: a leader elected just now
+        // waits it out, or its successor's campaign would fail and cost a term.
+        let lease = 2 * self.config.election_timeout;
+        let since = self.leading_since.lock().ok().and_then(|s| *s).map(|(_, at)| at)?;
+        let deadline = since.max(tokio::time::Instant::now()) + lease + 2 * self.config.election_timeout;
+        tokio::time::sleep_until(since + lease + LEASE_MARGIN).await;
+        let mut metrics = self.raft.metrics();
+        let (successor, last_index) = loop {
+            let picked = {
+                let m = metrics.borrow_and_update();
+                if m.current_leader != Some(me) {
+                    return None;
+                }
+                let last = m.last_log_index.unwrap_or(0);
+                let matched = |id: &NodeId| m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map_or(0, |l| l.index);
+                let voters = m.membership_config.membership().voter_ids().filter(|v| *v != me);
+                voters.map(|v| (matched(&v), v)).max().map(|(index, v)| (v, index >= last, last))
+            };
+            match picked {
+                None => return None,
+                Some((v, true, last)) => break (v, last),
+                Some(_) => {}
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed()).await.is_err() {
+                tracing::warn!("no voter caught up in time; stopping without handing leadership over");
+                return None;
+            }
+        };
+        let address = self.link.address_of(successor).or_else(|| {
+            let m = self.raft.metrics().borrow().clone();
+            m.membership_config.membership().get_node(&successor).map(|n| n.addr.clone())
+        })?;
+        // Once stepped down this node must not stand again (it is going).
+        self.raft.runtime_config().elect(false);
+        match self.link.campaign(&address, last_index).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(successor, "the successor does not hold the whole log; stopping without handing over");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(successor, error = ?e, "could not ask a successor to take over");
+                return None;
+            }
+        }
+        loop {
+            if let Some(leader) = metrics.borrow_and_update().current_leader.filter(|l| *l != me) {
+                tracing::info!(leader, "leadership handed over");
+                return Some(leader);
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed()).await.is_err() {
+                tracing::warn!(successor, "no successor took over in time");
+                return None;
+            }
         }
     }
 
@@ -554,6 +624,31 @@ async fn linearize(
             return Err(StoreError::Timeout);
         }
         tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// Slack past a leader's lease before its successor campaigns (the lease is counted from
+/// a moment just before this node learns it leads).
+const LEASE_MARGIN: Duration = Duration::from_millis(50);
+
+/// Keeps `leading_since` up to date: when this node became leader, per term.
+async fn watch_leadership(raft: Raft<TypeConfig>, me: NodeId, leading_since: Arc<std::sync::Mutex<Option<(u64, tokio::time::Instant)>>>) {
+    let mut metrics = raft.metrics();
+    loop {
+        let (leader, term) = {
+            let m = metrics.borrow_and_update();
+            (m.current_leader, m.current_term)
+        };
+        if let Ok(mut since) = leading_since.lock() {
+            if leader != Some(me) {
+                *since = None;
+            } else if since.is_none_or(|(t, _)| t != term) {
+                *since = Some((term, tokio::time::Instant::now()));
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
     }
 }
 

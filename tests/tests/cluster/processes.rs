@@ -139,6 +139,19 @@ impl Node {
         Ok(())
     }
 
+    /// SIGTERM, then waits (bounded by [`DEADLINE`]) for the process to exit.
+    pub(super) async fn terminate(&self) -> anyhow::Result<()> {
+        self.signal("TERM")?;
+        let since = Instant::now();
+        loop {
+            if self.child.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.try_wait()?.is_some() {
+                return Ok(());
+            }
+            anyhow::ensure!(since.elapsed() < DEADLINE, "{} did not exit after SIGTERM", self.name);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// SIGKILL.
     pub(super) fn kill(&self) {
         if let Ok(mut c) = self.child.lock() {

@@ -433,6 +433,37 @@ async fn writes_to_a_paused_leader_go_through_its_successor() -> anyhow::Result<
     Ok(())
 }
 
+/// Issue 13, item 6: a leader stopped with SIGTERM hands its leadership over before it
+/// exits, so when its process is gone a survivor already leads (without the hand-over the
+/// survivors would still follow it for the lease, then wait an election timeout); its
+/// client resumes on a survivor at the first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_by_sigterm_hands_over_before_it_exits() -> anyhow::Result<()> {
+    let nodes = start_three().await?;
+    let leader = agreed_leader(&nodes, &[0, 1, 2]).await?;
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let (mut c, _) = persistent(&nodes[leader], "handed-over").await?;
+    assert_eq!(c.subscribe(1, "handed/#", QoS::AtLeastOnce).await?, vec![1]);
+    let term = raft_of(&nodes[leader]).await?["term"].as_u64().unwrap_or(0);
+    let signalled = Instant::now();
+    nodes[leader].terminate().await?;
+    println!("the leader exited {:?} after SIGTERM", signalled.elapsed());
+    let mut named = Vec::new();
+    for &i in &survivors {
+        let raft = raft_of(&nodes[i]).await?;
+        named.push((nodes[i].name.clone(), raft["leader"].as_str().map(str::to_owned), raft["term"].as_u64()));
+    }
+    assert!(
+        named.iter().any(|(me, leader, _)| leader.as_deref() == Some(me.as_str())),
+        "no survivor leads when the old leader has exited: {named:?} (old term {term})"
+    );
+    let successor = agreed_leader(&nodes, &survivors).await?;
+    assert!(raft_of(&nodes[successor]).await?["term"].as_u64() > Some(term));
+    let (_, ack) = persistent_once(&nodes[survivors[0]], "handed-over").await?;
+    assert_eq!(ack, 0, "CONNACK at the first attempt after the hand-over");
+    Ok(())
+}
+
 /// A persistent MQTT 5 session, one attempt: the CONNACK code.
 async fn persistent_once(node: &Node, client_id: &str) -> anyhow::Result<(Raw, u8)> {
     let mut c = connect_packet(Protocol::V5, client_id, false);
