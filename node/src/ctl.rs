@@ -33,6 +33,13 @@ pub struct CtlArgs {
 enum CtlCommand {
     /// Node information and statistics.
     Status,
+    /// Exits 0 when the node answers `/healthz` (with `--ready`: `/readyz`) with 200; for
+    /// container health checks (images without curl).
+    Health {
+        /// Ask `/readyz`: serving, and in a cluster with a Raft leader.
+        #[arg(long)]
+        ready: bool,
+    },
     /// The nodes of the cluster and how this one sees them; join or leave.
     Cluster {
         #[command(subcommand)]
@@ -220,6 +227,15 @@ impl Client {
         Client { agent: config.into(), base: args.url.trim_end_matches('/').to_owned(), auth }
     }
 
+    /// `GET` of a probe (`/healthz`, `/readyz`): its status and body.
+    fn probe(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.auth.clone().unwrap_or_default();
+        let mut response =
+            self.agent.get(&url).header("Authorization", &auth).call().with_context(|| format!("cannot reach {}", self.base))?;
+        Ok((response.status().as_u16(), response.body_mut().read_to_string().unwrap_or_default()))
+    }
+
     /// Calls the API; returns the JSON body (null for 204) or fails with the API's message.
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
         let url = format!("{}/api/v1{path}", self.base);
@@ -283,6 +299,15 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
     let paging = |p: &Paging| vec![("page", p.page.map(|v| v.to_string())), ("limit", p.limit.map(|v| v.to_string()))];
     let (value, render): (Value, Render) = match &args.command {
         CtlCommand::Status => (client.call("GET", "/status", None)?, Box::new(fields)),
+        CtlCommand::Health { ready } => {
+            let path = if *ready { "/readyz" } else { "/healthz" };
+            let (status, body) = client.probe(path)?;
+            if status != 200 {
+                bail!("{path}: {status} {}", body.trim());
+            }
+            println!("{}", body.trim());
+            return Ok(());
+        }
         CtlCommand::Cluster { action: None } => {
             let cols = ["name", "address", "status", "raft_role", "raft_member", "routes", "forwarded_messages", "forward_queue"];
             (client.call("GET", "/cluster", None)?, Box::new(move |v| table(v["nodes"].as_array().map_or(&[], |a| a), &cols)))

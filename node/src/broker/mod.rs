@@ -311,6 +311,7 @@ impl Broker {
                 undeliverable: mesh.undeliverable(),
                 redelivered: mesh.redelivered(),
                 failed_dials: mesh.failed_dials(),
+                forward_queue_capacity: self.config.cluster.forward_queue,
             }),
             raft: self.raft().map(|r| r.view()),
         };

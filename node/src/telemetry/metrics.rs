@@ -90,6 +90,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
         "Messages for a peer dropped: its queue stayed full, its link was down, or it could not deliver them.",
     ),
     ("raftmq_cluster_forward_queue", "Messages waiting to be forwarded to a peer."),
+    ("raftmq_cluster_forward_queue_capacity", "Messages one peer's forward queue holds at most (cluster.forward_queue)."),
     ("raftmq_cluster_undeliverable_total", "Messages peers forwarded here that no local session could take."),
     (
         "raftmq_cluster_failed_dials_total",
@@ -235,6 +236,7 @@ impl Metrics {
         self.counter("raftmq_cluster_undeliverable_total", &[]).absolute(cluster.undeliverable);
         self.counter("raftmq_cluster_redelivered_total", &[]).absolute(cluster.redelivered);
         self.counter("raftmq_cluster_failed_dials_total", &[]).absolute(cluster.failed_dials);
+        self.gauge("raftmq_cluster_forward_queue_capacity", &[]).set(cluster.forward_queue_capacity as f64);
     }
 
     /// The replicated store's group.

@@ -286,6 +286,8 @@ pub struct ClusterGauges {
     pub redelivered: u64,
     /// Introductions to new addresses that failed.
     pub failed_dials: u64,
+    /// Messages one peer's forward queue holds at most (`cluster.forward_queue`).
+    pub forward_queue_capacity: usize,
 }
 
 /// Totals over every session, for metrics.
