@@ -85,19 +85,32 @@ impl LeaderLink {
             return Ok(c);
         }
         let shared = self.mesh.as_ref().ok_or_else(|| CallFailure::Unreachable("no cluster mesh on this node".into()))?;
-        let c = client(shared, address).await.map_err(|e| CallFailure::Unreachable(format!("dial {address}: {e}")))?;
+        // A host that is gone (a killed container's address) may take the whole connect
+        // timeout to fail; nothing was sent either way.
+        let c = match tokio::time::timeout(self.bound, client(shared, address)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(CallFailure::Unreachable(format!("dial {address}: {e}"))),
+            Err(_) => return Err(CallFailure::Unreachable(format!("dial {address}: no connection within {:?}", self.bound))),
+        };
         if let Ok(mut clients) = self.clients.lock() {
             clients.insert(address.to_owned(), c.clone());
         }
         Ok(c)
     }
 
-    /// A failed call drops the cached channel (the next call dials again).
+    /// A failed call drops the cached channel (the next call dials again). A cached
+    /// channel whose connection broke reconnects on the next call; tonic reports a
+    /// reconnection that failed as UNAVAILABLE with the connector's message (its
+    /// `ConnectError` is not kept as the source): then nothing was sent.
     fn failed(&self, address: &str, status: Status) -> CallFailure {
         if let Ok(mut clients) = self.clients.lock() {
             clients.remove(address);
         }
-        CallFailure::Failed(format!("{address}: {}", status.message()))
+        let message = format!("{address}: {}", status.message());
+        if status.code() == tonic::Code::Unavailable && status.message().contains("connect error") {
+            return CallFailure::Unreachable(message);
+        }
+        CallFailure::Failed(message)
     }
 
     pub(crate) async fn propose(&self, address: &str, batch: bytes::Bytes) -> Result<Proposed, CallFailure> {

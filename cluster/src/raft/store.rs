@@ -532,7 +532,12 @@ impl Submitter {
                 },
                 // The term is the one this node learnt the leader in (together, from the
                 // leader's own messages): a leader of a later term is another leader.
-                Leader::Other(address, term) => match self.link.propose(&address, batch.clone()).await {
+                // A leader of a later term ends the wait for this one's answer (a dead
+                // leader may leave a dial or a call hanging until its bound).
+                Leader::Other(address, term) => match tokio::select! {
+                    proposed = self.link.propose(&address, batch.clone()) => proposed,
+                    () = newer_leader(&self.raft, term) => Err(CallFailure::TimedOut(format!("{address}: a leader of a later term was elected"))),
+                } {
                     Ok(Proposed::Applied { replies, index }) => {
                         self.applied(index, deadline).await?;
                         return Ok(replies);
@@ -540,15 +545,13 @@ impl Submitter {
                     // Not (or no longer) the leader there, or it could not be dialled:
                     // nothing was written, so trying again is safe.
                     Ok(Proposed::NotLeader) | Err(CallFailure::Unreachable(_)) => {}
-                    // Sent, and no answer: find out whether it was written before proposing
-                    // it again (never twice).
-                    Err(CallFailure::TimedOut(_)) => {
+                    // Sent, and no answer or a failure: find out whether it was written
+                    // before proposing it again (never twice).
+                    Err(CallFailure::TimedOut(_) | CallFailure::Failed(_)) => {
                         if let Some(replies) = self.settle_unanswered(seq, term, deadline).await? {
                             return Ok(replies);
                         }
                     }
-                    // Sent, and whether it was written is unknown: never proposed twice.
-                    Err(e) => return Err(e.into()),
                 },
             }
             if tokio::time::Instant::now() >= deadline {
@@ -613,8 +616,7 @@ async fn linearize(
             Leader::Other(address, _) => match link.read_index(&address).await {
                 Ok(Ok(index)) => Some(index),
                 // Reading twice is harmless: ask again (the leader may have changed).
-                Ok(Err(_)) | Err(CallFailure::Unreachable(_) | CallFailure::TimedOut(_)) => None,
-                Err(e) => return Err(e.into()),
+                Ok(Err(_)) | Err(_) => None,
             },
         };
         if let Some(index) = index {
@@ -624,6 +626,23 @@ async fn linearize(
             return Err(StoreError::Timeout);
         }
         tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// Resolves once this node knows a leader of a term later than `term`.
+async fn newer_leader(raft: &Raft<TypeConfig>, term: u64) {
+    let mut metrics = raft.metrics();
+    loop {
+        {
+            let m = metrics.borrow_and_update();
+            if m.current_term > term && m.current_leader.is_some() {
+                return;
+            }
+        }
+        if metrics.changed().await.is_err() {
+            // The store stopped: the call's own bound ends the wait.
+            std::future::pending::<()>().await;
+        }
     }
 }
 

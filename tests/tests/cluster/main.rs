@@ -2,6 +2,7 @@
 //! three nodes inside this test process, linked over loopback gRPC; `processes` runs real
 //! `raftmq` processes.
 
+mod deploy;
 mod in_process;
 mod processes;
 mod replicated;

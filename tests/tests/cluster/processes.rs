@@ -23,7 +23,7 @@ const ROUTE_ACK_TIMEOUT: Duration = Duration::from_millis(500);
 /// The `raftmq` binary next to this test's. `cargo test --workspace` builds it (the node
 /// package has tests of its own); when it is missing or older than a source file (this
 /// crate's tests run alone) it is built first.
-fn binary() -> anyhow::Result<PathBuf> {
+pub(super) fn binary() -> anyhow::Result<PathBuf> {
     static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
     let built = BUILT.get_or_init(|| {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -57,7 +57,7 @@ fn newest(path: &std::path::Path) -> Option<std::time::SystemTime> {
     std::fs::read_dir(path).ok()?.filter_map(|e| e.ok()).filter_map(|e| newest(&e.path())).max()
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(super) fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
