@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Writes dashboards/raftmq.json, the raftmq Grafana dashboard, from the panel list below.
 
-Edit the panels here and run `python3 deploy/grafana/dashboard.py`; the JSON is committed
-so Grafana (docker-compose provisioning, the Helm chart's ConfigMap) needs no build step.
+Edit the panels here and run `python3 deploy/grafana/dashboard.py`; the JSON (and the Helm
+chart's copy) is committed so Grafana (docker-compose provisioning, the chart's ConfigMap)
+needs no build step.
 tests/tests/deploy checks that every query parses and, against a Prometheus scraping a
 live three-node cluster, returns data.
 """
@@ -128,6 +129,9 @@ def dashboard():
 
 if __name__ == "__main__":
     here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "dashboards", "raftmq.json"), "w") as f:
-        json.dump(dashboard(), f, indent=2)
-        f.write("\n")
+    text = json.dumps(dashboard(), indent=2) + "\n"
+    # The Helm chart ships a copy (charts cannot read files outside their directory).
+    for path in [os.path.join(here, "dashboards", "raftmq.json"),
+                 os.path.join(here, "..", "..", "helm", "raftmq", "files", "raftmq-dashboard.json")]:
+        with open(path, "w") as f:
+            f.write(text)

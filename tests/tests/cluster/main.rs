@@ -4,6 +4,7 @@
 
 mod deploy;
 mod in_process;
+mod monitoring;
 mod processes;
 mod replicated;
 

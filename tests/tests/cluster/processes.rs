@@ -139,6 +139,11 @@ impl Node {
         Ok(())
     }
 
+    /// `host:port` of the admin listener (health, metrics, API).
+    pub(super) fn admin_addr(&self) -> &str {
+        self.admin.trim_start_matches("http://")
+    }
+
     /// SIGTERM, then waits (bounded by [`DEADLINE`]) for the process to exit.
     pub(super) async fn terminate(&self) -> anyhow::Result<()> {
         self.signal("TERM")?;
