@@ -90,6 +90,8 @@ def check_promises(objects, replicas, values):
     env = {e["name"]: e for e in container["env"]}
     if env["RAFTMQ_CLUSTER__BOOTSTRAP_EXPECT"]["value"] != str(replicas) or env["RAFTMQ_CLUSTER__DISCOVERY"]["value"] != "dns":
         fail("the nodes must discover each other by DNS and expect every replica before forming")
+    if int(env["RAFTMQ_CLUSTER__AUTOCLEAN_SECS"]["value"]) <= 0:
+        fail("nodes scaled away must leave the Raft group (cluster.autoclean_secs)")
     headless = [s for s in by_kind(objects, "Service") if s["spec"].get("clusterIP") == "None"]
     if len(headless) != 1 or not headless[0]["spec"].get("publishNotReadyAddresses"):
         fail("a headless Service must publish not-ready pods (they must meet before they can be ready)")

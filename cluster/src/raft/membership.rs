@@ -3,11 +3,12 @@
 //! of them belongs to one and `bootstrap_expect` nodes have met, the one with the lowest id
 //! initializes the group with all of them as voters. The leader adds a node that asks as a
 //! learner and promotes caught-up learners to voters while the group has fewer than
-//! `max_voters`.
+//! `max_voters`, and removes members gone for longer than `autoclean` (a node scaled away).
+//! A member that was removed and comes back asks the leader to add it again.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
 
@@ -23,6 +24,9 @@ pub struct Formation {
     pub bootstrap_expect: usize,
     /// Voters the leader promotes learners up to (the rest stay learners).
     pub max_voters: usize,
+    /// A member the leader has not seen up for this long is removed from the group (like
+    /// EMQX's `cluster.autoclean`); `None`: members stay until removed by hand.
+    pub autoclean: Option<Duration>,
 }
 
 /// How often the membership task looks at the mesh.
@@ -32,8 +36,15 @@ const DNS_EXPECT: usize = 3;
 /// A learner this close to the leader's last log index is caught up (promotable).
 const CAUGHT_UP: u64 = 100;
 
+/// How long a node in a group knows no leader, while a peer says it leads, before it asks
+/// that leader to add it (it was removed while it was away).
+const REJOIN_AFTER: Duration = Duration::from_secs(3);
+
 /// Runs until the mesh stops.
 pub(crate) async fn run(raft: Raft<TypeConfig>, shared: Arc<Shared>, link: Arc<LeaderLink>, formation: Formation, address: String) {
+    // The leader's view of members it has not seen up, since when (kept while it leads).
+    let mut down_since: HashMap<NodeId, Instant> = HashMap::new();
+    let mut leaderless_since: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(ROUND) => {}
@@ -49,10 +60,67 @@ pub(crate) async fn run(raft: Raft<TypeConfig>, shared: Arc<Shared>, link: Arc<L
             join_or_bootstrap(&raft, &shared, &link, &address, &live, formation).await;
             continue;
         }
-        if raft.metrics().borrow().state == ServerState::Leader {
+        let (leading, has_leader) = {
+            let m = raft.metrics().borrow().clone();
+            (m.state == ServerState::Leader, m.current_leader.is_some())
+        };
+        if leading {
             repair_addresses(&raft, shared.id, &address, &live).await;
             grow(&raft, &live, formation).await;
+            if let Some(after) = formation.autoclean {
+                autoclean(&raft, shared.id, &live, after, &mut down_since).await;
+            }
+        } else {
+            down_since.clear();
         }
+        leaderless_since = if has_leader { None } else { leaderless_since.or(Some(Instant::now())) };
+        if leaderless_since.is_some_and(|since| since.elapsed() >= REJOIN_AFTER) && rejoin(&shared, &link, &address, &live).await {
+            leaderless_since = None;
+        }
+    }
+}
+
+/// The leader: members not seen up for `after` are removed (voters first stop voting).
+/// Counting starts when this node leads, so a new leader waits the whole time again.
+async fn autoclean(
+    raft: &Raft<TypeConfig>,
+    me: NodeId,
+    live: &BTreeMap<NodeId, String>,
+    after: Duration,
+    down_since: &mut HashMap<NodeId, Instant>,
+) {
+    let membership = raft.metrics().borrow().membership_config.membership().clone();
+    let members: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).filter(|id| *id != me).collect();
+    down_since.retain(|id, _| members.contains(id) && !live.contains_key(id));
+    let now = Instant::now();
+    for id in members.iter().filter(|id| !live.contains_key(id)) {
+        down_since.entry(*id).or_insert(now);
+    }
+    let gone: Vec<NodeId> = down_since.iter().filter(|(_, since)| now.duration_since(**since) >= after).map(|(id, _)| *id).collect();
+    for id in gone {
+        tracing::warn!(node = id, after = ?after, "removing a member gone for longer than cluster.autoclean_secs");
+        match super::leader::serve_remove(raft, id).await {
+            Ok(reply) if reply.removed => {
+                down_since.remove(&id);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "autoclean"),
+        }
+    }
+}
+
+/// A node in a group that has known no leader for a while, while a peer says it leads:
+/// it was removed from the group while away (autoclean, `ctl cluster leave`) or missed its
+/// promotion. It asks that leader to add it (a member already known is left as it is).
+async fn rejoin(shared: &Shared, link: &LeaderLink, address: &str, live: &BTreeMap<NodeId, String>) -> bool {
+    let leader = shared.raft_positions.iter().find(|p| p.role == "leader" && live.contains_key(p.key())).map(|p| *p.key());
+    let Some(leader_address) = leader.and_then(|id| live.get(&id)) else { return false };
+    match link.join(leader_address, shared.id, address).await {
+        Ok(reply) if reply.joined => {
+            tracing::info!(via = %leader_address, "asked the leader to add this node to the raft group again");
+            true
+        }
+        _ => false,
     }
 }
 

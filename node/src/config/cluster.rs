@@ -86,6 +86,9 @@ pub struct ClusterConfig {
     /// Voters of the Raft group at most; nodes beyond are learners (replicas that do not
     /// vote).
     pub max_voters: usize,
+    /// Seconds a member may be gone before the leader removes it from the Raft group (0:
+    /// never; like EMQX's `cluster.autoclean`, 24 h).
+    pub autoclean_secs: u64,
 }
 
 impl Default for ClusterConfig {
@@ -109,6 +112,7 @@ impl Default for ClusterConfig {
             tls: None,
             bootstrap_expect: 0,
             max_voters: 5,
+            autoclean_secs: 86_400,
         }
     }
 }
@@ -151,7 +155,11 @@ impl ClusterConfig {
 
     /// How this node forms or joins the cluster's Raft group.
     pub fn formation(&self) -> Formation {
-        Formation { bootstrap_expect: self.bootstrap_expect, max_voters: self.max_voters }
+        Formation {
+            bootstrap_expect: self.bootstrap_expect,
+            max_voters: self.max_voters,
+            autoclean: (self.autoclean_secs > 0).then(|| std::time::Duration::from_secs(self.autoclean_secs)),
+        }
     }
 
     /// The mesh settings for node `name`.

@@ -62,7 +62,13 @@ pub(super) fn free_port() -> anyhow::Result<u16> {
 }
 
 /// Starts one process with a deadline: a watchdog kills it by pid if the test did not.
-fn spawn(name: &str, ports: (u16, u16, u16), seeds: &str, dir: &std::path::Path) -> anyhow::Result<Arc<Mutex<Child>>> {
+fn spawn(
+    name: &str,
+    ports: (u16, u16, u16),
+    seeds: &str,
+    dir: &std::path::Path,
+    extra: &[(String, String)],
+) -> anyhow::Result<Arc<Mutex<Child>>> {
     let (mqtt, admin, cluster) = ports;
     let child = Command::new(binary()?)
         .args(["--node-name", name])
@@ -81,6 +87,7 @@ fn spawn(name: &str, ports: (u16, u16, u16), seeds: &str, dir: &std::path::Path)
         .env("RAFTMQ_RAFT__HEARTBEAT_MS", "100")
         .env("RAFTMQ_RAFT__ELECTION_TIMEOUT_MS", "500")
         .env("RUST_LOG", std::env::var("RAFTMQ_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .envs(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::null())
         .stderr(if std::env::var_os("RAFTMQ_TEST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
         .spawn()?;
@@ -106,12 +113,14 @@ pub(super) struct Node {
     ports: (u16, u16, u16),
     seeds: String,
     dir: tempfile::TempDir,
+    /// Variables this node is started with besides the common ones.
+    extra: Vec<(String, String)>,
 }
 
 impl Node {
-    fn start(name: &str, ports: (u16, u16, u16), seeds: &str) -> anyhow::Result<Node> {
+    fn start(name: &str, ports: (u16, u16, u16), seeds: &str, extra: &[(String, String)]) -> anyhow::Result<Node> {
         let dir = tempfile::tempdir()?;
-        let child = spawn(name, ports, seeds, dir.path())?;
+        let child = spawn(name, ports, seeds, dir.path(), extra)?;
         let (mqtt, admin, _) = ports;
         Ok(Node {
             child,
@@ -121,13 +130,14 @@ impl Node {
             ports,
             seeds: seeds.to_owned(),
             dir,
+            extra: extra.to_vec(),
         })
     }
 
     /// Starts the process again (same name, ports and data directory) after it was killed.
     pub(super) fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        self.child = spawn(&self.name, self.ports, &self.seeds, self.dir.path())?;
+        self.child = spawn(&self.name, self.ports, &self.seeds, self.dir.path(), &self.extra)?;
         Ok(())
     }
 
@@ -211,10 +221,16 @@ impl Drop for Node {
 /// Starts three nodes with the same seeds and waits until each sees the whole cluster and
 /// is ready.
 pub(super) async fn start_three() -> anyhow::Result<Vec<Node>> {
+    start_three_with(&[]).await
+}
+
+/// [`start_three`] with more variables for every node.
+pub(super) async fn start_three_with(extra: &[(&str, &str)]) -> anyhow::Result<Vec<Node>> {
+    let extra: Vec<(String, String)> = extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
     let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| Ok((free_port()?, free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
     let seeds = ports.iter().map(|p| format!("127.0.0.1:{}", p.2)).collect::<Vec<_>>().join(",");
     let nodes: Vec<Node> =
-        ports.iter().enumerate().map(|(i, p)| Node::start(&format!("n{}", i + 1), *p, &seeds)).collect::<anyhow::Result<_>>()?;
+        ports.iter().enumerate().map(|(i, p)| Node::start(&format!("n{}", i + 1), *p, &seeds, &extra)).collect::<anyhow::Result<_>>()?;
     wait_ready(&nodes.iter().collect::<Vec<_>>(), 3).await?;
     Ok(nodes)
 }

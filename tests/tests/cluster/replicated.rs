@@ -8,7 +8,7 @@ use raftmq_cluster::message::QoS;
 use raftmq_node::codec::{reason, Packet, Protocol, PubKind, PubResponse};
 use raftmq_tests::*;
 
-use super::processes::{start_three, wait_ready, Node};
+use super::processes::{start_three, start_three_with, wait_ready, Node};
 use super::{connect_accepted, DEADLINE};
 
 /// The Raft part of `GET /api/v1/cluster` as `node` sees it.
@@ -461,6 +461,44 @@ async fn a_leader_stopped_by_sigterm_hands_over_before_it_exits() -> anyhow::Res
     assert!(raft_of(&nodes[successor]).await?["term"].as_u64() > Some(term));
     let (_, ack) = persistent_once(&nodes[survivors[0]], "handed-over").await?;
     assert_eq!(ack, 0, "CONNACK at the first attempt after the hand-over");
+    Ok(())
+}
+
+/// Issue 14, item 5 (scaling down leaves cleanly) and issue 13, item 6: with
+/// `cluster.autoclean_secs`, the leader removes a member gone that long (a node scaled
+/// away), so the group counts only the nodes that remain; when the node comes back with its
+/// data, it asks to be added again and is promoted back to voter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_gone_for_the_autoclean_time_is_removed_and_rejoins_when_back() -> anyhow::Result<()> {
+    let mut nodes = start_three_with(&[("RAFTMQ_CLUSTER__AUTOCLEAN_SECS", "2")]).await?;
+    let leader = agreed_leader(&nodes, &[0, 1, 2]).await?;
+    let gone = (leader + 1) % 3;
+    let voters = |raft: &serde_json::Value| raft["voters"].as_array().map_or(0, Vec::len);
+    nodes[gone].kill();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let raft = raft_of(&nodes[leader]).await?;
+        if voters(&raft) == 2 && raft["learners"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the gone node was never removed: {raft}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What the two remaining nodes write still commits (a majority of two).
+    let (mut c, _) = persistent(&nodes[leader], "after-autoclean").await?;
+    assert_eq!(c.subscribe(1, "autoclean/#", QoS::AtLeastOnce).await?, vec![1]);
+
+    nodes[gone].restart()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let raft = raft_of(&nodes[leader]).await.unwrap_or_default();
+        let back = raft_of(&nodes[gone]).await.unwrap_or_default();
+        if voters(&raft) == 3 && back["leader"] == raft["leader"] {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the node never came back as a voter: leader {raft}, node {back}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }
 
