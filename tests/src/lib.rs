@@ -4,6 +4,7 @@
 //! Every wait has a deadline; nothing sleeps and hopes.
 
 pub mod pki;
+pub mod processes;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -11,8 +11,8 @@ use raftmq_cluster::message::QoS;
 use raftmq_node::codec::Protocol;
 use raftmq_tests::*;
 
-use super::processes::{binary, free_port};
 use super::{connect_accepted, DEADLINE};
+use raftmq_tests::processes::{binary, free_port};
 
 /// A command-line step never outlives this.
 const STEP_DEADLINE: Duration = Duration::from_secs(180);

@@ -14,7 +14,7 @@ use raftmq_node::codec::Protocol;
 use raftmq_tests::*;
 
 use super::connect_accepted;
-use super::processes::{free_port, start_three};
+use raftmq_tests::processes::{free_port, start_three};
 
 fn deploy() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("deploy")

@@ -8,8 +8,8 @@ use raftmq_cluster::message::QoS;
 use raftmq_node::codec::{reason, Packet, Protocol, PubKind, PubResponse};
 use raftmq_tests::*;
 
-use super::processes::{start_three, start_three_with, wait_ready, Node};
 use super::{connect_accepted, DEADLINE};
+use raftmq_tests::processes::{start_three, start_three_with, wait_ready, Node};
 
 /// The Raft part of `GET /api/v1/cluster` as `node` sees it.
 async fn raft_of(node: &Node) -> anyhow::Result<serde_json::Value> {
