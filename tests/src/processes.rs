@@ -209,8 +209,7 @@ impl Node {
     }
 
     /// Waits (bounded by [`CLUSTER_DEADLINE`]) until this node shows `name` down; the admin
-    /// API is
-    /// the only window onto another process, so it is polled.
+    /// API is the only window onto another process, so it is polled.
     pub async fn wait_until_seen_down(&self, name: &str) -> anyhow::Result<()> {
         let since = Instant::now();
         loop {
