@@ -70,6 +70,11 @@ impl MemoryRegistry {
         (claims, self.next.lock().map(|n| *n).unwrap_or(0))
     }
 
+    /// Whether any client id is claimed by `node`.
+    pub fn owns_any(&self, node: NodeId) -> bool {
+        self.claims.lock().is_ok_and(|c| c.values().any(|claim| claim.node == node))
+    }
+
     /// Replaces every claim and the counter (a snapshot being installed).
     pub fn replace_all(&self, claims: Vec<(String, Claim)>, next: Epoch) -> Result<(), StoreError> {
         *self.claims.lock().map_err(|_| StoreError::Poisoned)? = claims.into_iter().map(|(id, c)| (id.into_boxed_str(), c)).collect();

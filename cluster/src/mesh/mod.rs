@@ -220,6 +220,9 @@ pub(crate) struct Shared {
     pub(crate) failed_dials: AtomicU64,
     /// The Raft group this node's store runs, once started (its RPCs arrive here).
     pub(crate) raft: OnceLock<openraft::Raft<crate::raft::TypeConfig>>,
+    /// What the group applied: whose client ids are claimed decides when a gone node's
+    /// routes may be dropped ([`routes_gone`]).
+    pub(crate) replicated: OnceLock<Arc<crate::raft::state_machine::Replicated>>,
     /// Each peer's place in the Raft group, from its route updates.
     pub(crate) raft_positions: DashMap<NodeId, RaftPosition>,
 }
@@ -300,6 +303,7 @@ impl Mesh {
             failed_dials: AtomicU64::new(0),
             raft: OnceLock::new(),
             raft_positions: DashMap::new(),
+            replicated: OnceLock::new(),
             config,
         });
         if config_has_no_secret(&shared.config) {
@@ -371,8 +375,9 @@ impl Mesh {
     }
 
     /// Serves the Raft RPCs of `raft` from now on.
-    pub fn set_raft(&self, raft: openraft::Raft<crate::raft::TypeConfig>) {
+    pub fn set_raft(&self, raft: openraft::Raft<crate::raft::TypeConfig>, replicated: Arc<crate::raft::state_machine::Replicated>) {
         let _ = self.shared.raft.set(raft);
+        let _ = self.shared.replicated.set(replicated);
     }
 
     /// This node's id.
@@ -461,6 +466,45 @@ impl Mesh {
         futures_util::future::join_all(calls).await;
         self.shared.shutdown.cancel();
     }
+}
+
+/// How often a gone node's routes are looked at.
+const ROUTES_GONE_ROUND: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// `node`'s route stream ended (it died, left or was cut off), stream `generation` (`None`:
+/// whichever is current). Its routes stay while it may still own sessions: a message
+/// matching them then fails to forward, so its QoS 1/2 publisher is refused rather than
+/// acknowledged for subscribers who would never get it (a persistent session of a dead
+/// node is owed every message until the leader adopts it or its client resumes
+/// elsewhere). They are dropped once no client id is claimed by the node any more, or at
+/// once without a replicated registry, or kept when a new stream from the node replaced
+/// them.
+pub(crate) fn routes_gone(shared: &Arc<Shared>, node: NodeId, generation: Option<u64>) {
+    let Some(generation) = generation.or_else(|| shared.remote.generation_of(node)) else { return };
+    let Some(replicated) = shared.replicated.get().cloned() else {
+        shared.remote.drop_origin(node, Some(generation));
+        return;
+    };
+    let shared = Arc::clone(shared);
+    // Claims moving (an adoption, a client resuming elsewhere) are the events to look at.
+    let mut claims = replicated.claims();
+    tokio::spawn(async move {
+        loop {
+            if !shared.remote.is_current(node, generation) {
+                return;
+            }
+            if !replicated.registry.owns_any(node) {
+                tracing::debug!(node, "a gone node owns no session any more: its routes are dropped");
+                shared.remote.drop_origin(node, Some(generation));
+                return;
+            }
+            tokio::select! {
+                _ = claims.recv() => {}
+                _ = tokio::time::sleep(ROUTES_GONE_ROUND) => {}
+                _ = shared.shutdown.cancelled() => return,
+            }
+        }
+    });
 }
 
 fn config_has_no_secret(config: &MeshConfig) -> bool {

@@ -124,6 +124,16 @@ impl RemoteRoutes {
         inner.origins.remove(&node);
     }
 
+    /// The generation of `node`'s current route stream, if any.
+    pub(crate) fn generation_of(&self, node: NodeId) -> Option<u64> {
+        self.read().origins.get(&node).map(|o| o.generation)
+    }
+
+    /// Whether `generation` is still `node`'s current route stream.
+    pub(crate) fn is_current(&self, node: NodeId, generation: u64) -> bool {
+        Self::current(&self.read(), node, generation)
+    }
+
     /// Whether `node` has a route stream open here.
     pub(crate) fn has_origin(&self, node: NodeId) -> bool {
         self.read().origins.contains_key(&node)

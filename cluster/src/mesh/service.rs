@@ -221,7 +221,7 @@ impl Cluster for Service {
                 }
             }
             if let Some((node, generation)) = origin {
-                shared.remote.drop_origin(node, Some(generation));
+                super::routes_gone(&shared, node, Some(generation));
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -361,7 +361,7 @@ impl Cluster for Service {
         let name = request.into_inner().name;
         let node = crate::stable_hash(name.as_bytes());
         let shared = &self.shared;
-        shared.remote.drop_origin(node, None);
+        super::routes_gone(shared, node, None);
         if let Some((_, peer)) = shared.peers.remove(&node) {
             super::discovery::forget(shared, peer.address());
             peer.mark_left(shared);

@@ -180,12 +180,22 @@ pub(crate) async fn serve_propose(raft: &Raft<TypeConfig>, batch: bytes::Bytes) 
 /// index a reader must have applied.
 pub(crate) async fn serve_read_index(raft: &Raft<TypeConfig>) -> Result<pb::ReadIndexReply, Status> {
     match raft.get_read_log_id().await {
-        Ok((read, _)) => Ok(pb::ReadIndexReply { leader: 0, index: read.map_or(0, |l| l.index), ok: true }),
+        Ok((read, _)) => Ok(pb::ReadIndexReply { leader: 0, index: read_index(raft, read.map_or(0, |l| l.index)), ok: true }),
         Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
             Ok(pb::ReadIndexReply { leader: f.leader_id.unwrap_or(0), index: 0, ok: false })
         }
         Err(e) => Err(Status::unavailable(e.to_string())),
     }
+}
+
+/// The index a linearizable read waits for: openraft's read log id, or the leader's last
+/// log index if that is later. A leader that restarted takes up its old term again
+/// without a new first entry, and its read log id can then lag behind entries committed
+/// before the crash (the fault suite's full restart resumed sessions from that state);
+/// every entry of its log commits with the next round, so waiting for all of them is
+/// always safe and costs a read at most one commit.
+pub(crate) fn read_index(raft: &Raft<TypeConfig>, read: u64) -> u64 {
+    read.max(raft.metrics().borrow().last_log_index.unwrap_or(0))
 }
 
 /// The leader's side of `Join`: the node becomes a learner (replication starts at once;

@@ -242,7 +242,7 @@ impl RaftStore {
         });
         tokio::spawn(watch_leadership(store.raft.clone(), store.config.node_id, Arc::clone(&store.leading_since)));
         if let Some(mesh) = mesh {
-            mesh.set_raft(raft.clone());
+            mesh.set_raft(raft.clone(), Arc::clone(&store.data));
         }
         let submitter = Submitter {
             raft,
@@ -609,7 +609,7 @@ async fn linearize(
     loop {
         let index = match leader(raft, link, me, deadline).await? {
             Leader::Me => match raft.get_read_log_id().await {
-                Ok((read, _)) => Some(read.map_or(0, |l| l.index)),
+                Ok((read, _)) => Some(super::leader::read_index(raft, read.map_or(0, |l| l.index))),
                 Err(RaftError::APIError(_)) => None,
                 Err(e) => return Err(StoreError::Unavailable(e.to_string())),
             },

@@ -38,6 +38,22 @@ async fn agreed_leader(nodes: &[Node], live: &[usize]) -> anyhow::Result<usize> 
     }
 }
 
+/// Waits until `observer` holds no route of the dead node `dead` any more (it owns no
+/// session: adopted, or resumed elsewhere).
+async fn routes_dropped(observer: &Node, dead: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (_, body) = observer.get("/api/v1/cluster").await?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        let held = v["nodes"].as_array().into_iter().flatten().find(|n| n["name"] == dead).map_or(0, |n| n["routes"].as_u64().unwrap_or(0));
+        if held == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{} still holds {held} routes of {dead}", observer.name);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A persistent MQTT 5 session (expiry 300 s).
 async fn persistent(node: &Node, client_id: &str) -> anyhow::Result<(Raw, bool)> {
     let mut c = connect_packet(Protocol::V5, client_id, false);
@@ -126,6 +142,9 @@ async fn an_offline_queue_survives_the_death_of_its_node() -> anyhow::Result<()>
         anyhow::ensure!(killed.elapsed() < DEADLINE, "the session was never adopted");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The dead node's routes are dropped once it owns no session (till then a message
+    // matching them is refused, not acknowledged for nobody).
+    routes_dropped(&nodes[0], &nodes[1].name).await?;
     for n in 6..=7u16 {
         assert_eq!(publ.publish("orders/new", format!("o{n}").as_bytes(), QoS::AtLeastOnce, false, n).await?, 0);
     }
@@ -330,6 +349,7 @@ async fn qos2_is_exactly_once_across_the_death_of_a_node() -> anyhow::Result<()>
     }
     sub.send(&Packet::PubResponse(PubResponse::new(PubKind::PubComp, sub_id, 0))).await?;
     // Nothing else arrives: the next message is the next one.
+    routes_dropped(&nodes[2], &nodes[1].name).await?;
     assert_eq!(publ.publish("pay/2", b"EUR 20", QoS::ExactlyOnce, false, 8).await?, 0);
     let p = sub.recv_publish().await?;
     assert_eq!(&p.payload[..], b"EUR 20", "the first message was not delivered twice");
