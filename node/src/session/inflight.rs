@@ -89,6 +89,22 @@ pub enum Ack {
 }
 
 impl SlotInner {
+    /// The packet id a delivery goes out with: for one with a stored sequence number, the
+    /// id that number gives, so a node that takes the session over after its sender died
+    /// (before the `Sent` reached the store) sends it again under the same id and the
+    /// subscriber recognises a QoS 2 resend [MQTT-4.4.0-1] (the fault suite caught one
+    /// received twice under a new id); otherwise, or if that id is in flight already, the
+    /// next free one.
+    pub(super) fn packet_id_for(&mut self, seq: u64) -> Option<u16> {
+        if seq != 0 {
+            let id = ((seq - 1) % u64::from(u16::MAX)) as u16 + 1;
+            if !self.inflight.contains_key(&id) {
+                return Some(id);
+            }
+        }
+        self.next_packet_id()
+    }
+
     /// Next free outbound packet id [MQTT-2.2.1-4], `None` if all 65,535 are in use.
     pub(super) fn next_packet_id(&mut self) -> Option<u16> {
         for _ in 0..u16::MAX {
@@ -248,6 +264,23 @@ mod tests {
         // An id still in flight is skipped when ids come round again.
         inner.last_packet_id = 0;
         assert_eq!(inner.next_packet_id(), Some(2));
+    }
+
+    /// [MQTT-4.4.0-1]: a stored delivery gets the packet id its sequence number gives, so
+    /// whichever node sends it (again) uses the same one; an id in flight already falls
+    /// back to the next free one.
+    #[test]
+    fn a_stored_delivery_always_gets_the_packet_id_of_its_sequence_number() {
+        let mut inner = SlotInner::default();
+        assert_eq!(inner.packet_id_for(1), Some(1));
+        assert_eq!(inner.packet_id_for(70_000), Some(((70_000u64 - 1) % 65_535 + 1) as u16));
+        assert_eq!(inner.packet_id_for(65_535), Some(u16::MAX));
+        inner.inflight.insert(5, sent(QoS::ExactlyOnce));
+        inner.last_packet_id = 4;
+        assert_eq!(inner.packet_id_for(5 + 65_535), Some(6), "5 is in flight: the next free id");
+        // Without a sequence number (a transient session), the next free id.
+        inner.last_packet_id = 0;
+        assert_eq!(inner.packet_id_for(0), Some(1));
     }
 
     #[test]

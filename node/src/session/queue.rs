@@ -293,7 +293,7 @@ impl SessionSlot {
         let packet_id = if front.qos == QoS::AtMostOnce {
             0
         } else {
-            match inner.next_packet_id() {
+            match inner.packet_id_for(front.seq) {
                 Some(id) => id,
                 None => return false,
             }
