@@ -121,6 +121,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if !state.broker.cluster_ready() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "waiting for the routes of every cluster peer");
     }
+    if !state.broker.is_serving() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "recovering persistent sessions and the routes of the nodes that own sessions");
+    }
     "ready".into_response()
 }
 

@@ -65,6 +65,10 @@ pub struct MeshConfig {
     pub forward_wait: Duration,
     /// Route changes remembered for peers that reconnect (older ones get a snapshot).
     pub route_log: usize,
+    /// Hold this node's routes back from its peers until [`super::Mesh::routes_ready`]:
+    /// a restarted node sends them only once it has recovered its persistent sessions, so
+    /// no peer takes an incomplete set for the whole.
+    pub hold_routes: bool,
 }
 
 impl MeshConfig {
@@ -85,6 +89,7 @@ impl MeshConfig {
             forward_batch: 256,
             forward_wait: Duration::from_millis(500),
             route_log: 65_536,
+            hold_routes: false,
         }
     }
 }

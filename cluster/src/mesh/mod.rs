@@ -225,6 +225,8 @@ pub(crate) struct Shared {
     pub(crate) replicated: OnceLock<Arc<crate::raft::state_machine::Replicated>>,
     /// Each peer's place in the Raft group, from its route updates.
     pub(crate) raft_positions: DashMap<NodeId, RaftPosition>,
+    /// Whether this node's routes may go to its peers ([`MeshConfig::hold_routes`]).
+    pub(crate) routes_ready: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -283,6 +285,7 @@ impl Mesh {
         };
         let (local_seq, _) = tokio::sync::watch::channel(0);
         let (events, _) = tokio::sync::broadcast::channel(64);
+        let hold_routes = config.hold_routes;
         let shared = Arc::new(Shared {
             id: crate::stable_hash(config.name.as_bytes()),
             local: LocalRoutes::with_log(config.route_log),
@@ -304,6 +307,7 @@ impl Mesh {
             raft: OnceLock::new(),
             raft_positions: DashMap::new(),
             replicated: OnceLock::new(),
+            routes_ready: tokio::sync::watch::Sender::new(!hold_routes),
             config,
         });
         if config_has_no_secret(&shared.config) {
@@ -378,6 +382,18 @@ impl Mesh {
     pub fn set_raft(&self, raft: openraft::Raft<crate::raft::TypeConfig>, replicated: Arc<crate::raft::state_machine::Replicated>) {
         let _ = self.shared.raft.set(raft);
         let _ = self.shared.replicated.set(replicated);
+    }
+
+    /// This node's routes are complete (its persistent sessions recovered): its links send
+    /// them to its peers from now on.
+    pub fn routes_ready(&self) {
+        self.shared.routes_ready.send_replace(true);
+    }
+
+    /// Whether this node has the routes of `node` (a stream from it began, or a gone node's
+    /// are kept).
+    pub fn has_routes_of(&self, node: NodeId) -> bool {
+        self.shared.remote.has_origin(node)
     }
 
     /// This node's id.

@@ -418,6 +418,14 @@ impl Peer {
         }
         super::discovery::learn(shared, reply.known.iter().map(|n| (n.name.clone(), n.address.clone())));
 
+        // A restarted node's routes go out once its sessions are recovered (bounded by the
+        // node: recovery always ends, if need be with what this node has). The peer counts
+        // as up meanwhile: the two can form the Raft group recovery waits for.
+        let mut ready = shared.routes_ready.subscribe();
+        if !*ready.borrow() {
+            self.set_status(shared, PeerStatus::Up);
+            let _ = ready.wait_for(|r| *r).await;
+        }
         let (routes_tx, routes_rx) = mpsc::channel::<pb::RouteUpdate>(16);
         let mut acks = client.routes(ReceiverStream::new(routes_rx)).await?.into_inner();
         let (batches_tx, batches_rx) = mpsc::channel::<pb::ForwardBatch>(4);

@@ -153,7 +153,9 @@ async fn join_or_bootstrap(
     let lowest = live.keys().all(|id| me < *id);
     let enough = match formation.bootstrap_expect {
         0 if matches!(shared.config.discovery, crate::mesh::Discovery::Dns { .. }) => live.len() + 1 >= DNS_EXPECT,
-        0 => shared.seeds_met(),
+        // Every seed answered, and every node met is linked (its introduction alone does not
+        // put it in `live`: initializing then would leave it out, a group of its own).
+        0 => shared.seeds_met() && shared.peers.iter().all(|p| p.status() == PeerStatus::Up),
         n => live.len() + 1 >= n,
     };
     if someone_has_a_group || !enough || !lowest {

@@ -42,7 +42,9 @@ impl Broker {
 
     async fn adopt_orphans(self: &Arc<Self>, absent: &mut HashMap<NodeId, Instant>, failure_timeout: Duration) {
         let (Some(raft), Some(mesh)) = (self.raft.get(), self.mesh.get()) else { return };
-        if !raft.is_leader() {
+        // A node still starting does not judge its peers gone: its own links to them wait
+        // for its recovery.
+        if !raft.is_leader() || !self.is_serving() {
             absent.clear();
             return;
         }

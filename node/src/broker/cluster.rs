@@ -1,7 +1,9 @@
 //! The broker as a member of a cluster: what it does with messages peers forward to it,
 //! and what it tells about the mesh (nodes, readiness, peer metrics, `$SYS` events).
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use raftmq_cluster::mesh::{Delivered, HandOver, HandOverRequest, Incoming, LocalBroker, Mesh, NodeView};
@@ -84,6 +86,9 @@ impl Broker {
     /// the group committed (waiting, bounded, for a leader).
     pub async fn recover_own_sessions(self: &Arc<Self>) {
         let Some(store) = self.raft.get() else { return };
+        if store.clustered() {
+            self.serving.store(false, Ordering::Release);
+        }
         if let Err(e) = store.read_index().await {
             tracing::warn!(error = %e, "recovering sessions from a store that may be behind the cluster");
         }
@@ -102,6 +107,39 @@ impl Broker {
         let n = self.recover_sessions(sessions);
         if n > 0 {
             tracing::info!(sessions = n, "persistent sessions recovered from the data directory");
+        }
+        if let Some(mesh) = self.mesh() {
+            mesh.routes_ready();
+            self.wait_for_owners_routes(store).await;
+        }
+        self.serving.store(true, Ordering::Release);
+    }
+
+    /// Whether this node takes clients (see [`Broker::serving`]).
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
+
+    /// Waits until this node holds the routes of every other node that owns a session (a
+    /// node that restarted with the others sends them once it recovered its own), bounded
+    /// by the write timeout and the failure timeout: a node that does not come back has
+    /// its sessions adopted by the leader, which sends their routes.
+    async fn wait_for_owners_routes(&self, store: &raftmq_cluster::raft::store::RaftStore) {
+        let Some(mesh) = self.mesh() else { return };
+        let bound = Duration::from_millis(self.config.raft.write_timeout_ms + self.config.cluster.failure_timeout_ms);
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let (claims, _) = store.data().registry.export();
+            let owners: std::collections::BTreeSet<NodeId> = claims.iter().map(|(_, c)| c.node).filter(|n| *n != self.node_id).collect();
+            let missing: Vec<NodeId> = owners.into_iter().filter(|n| !mesh.has_routes_of(*n)).collect();
+            if missing.is_empty() {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(nodes = ?missing, "serving without the routes of nodes that own sessions");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -133,6 +133,10 @@ pub struct Broker {
     pub shutdown: CancellationToken,
     /// Every connection and timer task, awaited at shutdown.
     pub tasks: TaskTracker,
+    /// False while a node of a cluster starts: until it has recovered its persistent
+    /// sessions and holds the routes of every node that owns sessions, a message published
+    /// here could miss a subscriber (CONNECTs are refused as unavailable meanwhile).
+    pub(crate) serving: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Broker {
@@ -242,6 +246,7 @@ impl Broker {
             metrics: crate::telemetry::metrics::Metrics::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            serving: std::sync::atomic::AtomicBool::new(true),
         }))
     }
 

@@ -365,17 +365,19 @@ impl Durable {
         self.pending.is_empty() && self.resync.is_empty()
     }
 
-    /// Waits for every write. A subscriber whose session moved to another node (fenced)
-    /// is no failure of this publish; a store that failed is.
+    /// Waits for every write. An append the store fenced is a failure: the subscriber's
+    /// session moved to another node meanwhile, which took it over without this message
+    /// (acknowledging it lost it there; the fault suite caught that). The publisher is
+    /// refused and sends again, and the new owner routes the copy. A session the store no
+    /// longer has takes nothing and is no failure.
     pub(crate) async fn wait(self) -> Result<(), StoreError> {
         for p in self.pending {
-            p.wait().await?.ok();
+            if let Err(raftmq_cluster::session_ops::OpError::Fenced { .. }) = p.wait().await? {
+                return Err(StoreError::Fenced);
+            }
         }
         for slot in self.resync {
-            match slot.resync().await {
-                Ok(()) | Err(StoreError::Fenced) => {}
-                Err(e) => return Err(e),
-            }
+            slot.resync().await?;
         }
         Ok(())
     }

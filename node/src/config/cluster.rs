@@ -195,6 +195,8 @@ impl ClusterConfig {
             forward_queue: self.forward_queue,
             forward_batch: self.forward_batch,
             forward_wait: Duration::from_millis(self.forward_wait_ms),
+            // A node of a cluster recovers its persistent sessions before its routes count.
+            hold_routes: true,
             ..MeshConfig::new(name, self.listen, Vec::new())
         }
     }

@@ -367,6 +367,13 @@ pub(super) async fn accept<S: ClientStream>(
         tracing::debug!(%peer, max = framed.max_out, "CONNACK does not fit the client's maximum packet size");
         return None;
     }
+    if !broker.is_serving() {
+        // A node of a cluster that is starting: its persistent sessions or the routes of
+        // its peers' are not all back yet, so a message published now could miss a
+        // subscriber. The client tries again in a moment (MQTT 5: 0x88 Server unavailable).
+        broker.stats.connect_result(ConnectResult::ServerUnavailable);
+        return refuse(&mut framed, protocol, reason::SERVER_UNAVAILABLE, connack_v3::SERVER_UNAVAILABLE, "the node is starting").await;
+    }
     let conn_id = broker.next_conn_id();
     let info = ConnInfo { protocol: protocol.level(), keep_alive, clean_start: connect.clean_start, connected_at_ms: now_ms() };
     let owner = Arc::new(Owner { identity, peer });

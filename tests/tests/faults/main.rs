@@ -208,6 +208,21 @@ async fn run(fault: Fault) -> anyhow::Result<Report> {
         workload::retained_on(i, addrs[i], retained_publishers, &history, Duration::from_secs(5)).await?;
     }
     let report = checker::check(&history.entries());
+    if let Some((subscriber, publisher, id)) = report.lost.first() {
+        // What the history says around the first lost message, for the failure's reader.
+        for e in history.entries() {
+            let relevant = match &e.event {
+                Event::Sent { publisher: p, id: n, .. } | Event::Acked { publisher: p, id: n } => p == publisher && n.abs_diff(*id) <= 1,
+                Event::Received { subscriber: s, publisher: p, id: n, .. } => s == subscriber && p == publisher && n.abs_diff(*id) <= 1,
+                Event::Connected { client, .. } | Event::SessionLost { client } => client == subscriber || client == publisher,
+                Event::Fault { .. } | Event::Healed { .. } => true,
+                _ => false,
+            };
+            if relevant {
+                println!("{:>9.3} s {:?}", e.at.as_secs_f64(), e.event);
+            }
+        }
+    }
     let row = report.row(fault.name());
     println!("{row}");
     println!("{} refused, {} QoS 1 redelivered", report.refused, report.redelivered);
