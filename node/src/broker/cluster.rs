@@ -85,10 +85,10 @@ impl Broker {
     /// adopted by the leader when their node is gone). A clustered node first reads what
     /// the group committed (waiting, bounded, for a leader).
     pub async fn recover_own_sessions(self: &Arc<Self>) {
-        let Some(store) = self.raft.get() else { return };
-        if store.clustered() {
-            self.serving.store(false, Ordering::Release);
-        }
+        let Some(store) = self.raft.get() else {
+            self.serving.store(true, Ordering::Release);
+            return;
+        };
         if let Err(e) = store.read_index().await {
             tracing::warn!(error = %e, "recovering sessions from a store that may be behind the cluster");
         }

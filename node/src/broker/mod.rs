@@ -219,6 +219,8 @@ impl Broker {
             LoginFailures::new(a.max_failures_per_address, a.max_failures_per_user, Duration::from_secs(a.failure_window_secs));
         let workers = a.verify_workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
         let verify_pool = VerifyPool::new(workers, a.verify_queue);
+        // A node of a cluster takes clients once it recovered its sessions.
+        let serving = !config.cluster.active();
         Ok(Arc::new(Broker {
             security,
             bans,
@@ -246,7 +248,7 @@ impl Broker {
             metrics: crate::telemetry::metrics::Metrics::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            serving: std::sync::atomic::AtomicBool::new(true),
+            serving: std::sync::atomic::AtomicBool::new(serving),
         }))
     }
 
