@@ -18,7 +18,9 @@ rows = sorted(set(open(sys.argv[1]).read().splitlines()))
 head = ("| fault | operations checked | lost | QoS 2 duplicated | reordered | longest time without an acknowledgement | until every publisher was acknowledged again |\n"
         "| --- | --- | --- | --- | --- | --- | --- |\n")
 table = head + "\n".join(rows) + "\n"
-stamp = f"Measured {datetime.date.today()} (`bash tests/faults/run.sh`).\n\n"
+import os
+scale = os.environ.get("RAFTMQ_FAULTS_SCALE", "1")
+stamp = f"Measured {datetime.date.today()} at scale {scale} ({int(scale) * 100} messages per publisher; `RAFTMQ_FAULTS_SCALE={scale} bash tests/faults/run.sh`).\n\n"
 doc = open("docs/reliability.md").read()
 doc = re.sub(r"(<!-- faults-table -->\n).*?(<!-- /faults-table -->)", lambda m: m.group(1) + stamp + table + m.group(2), doc, flags=re.S)
 open("docs/reliability.md", "w").write(doc)
