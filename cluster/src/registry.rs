@@ -70,6 +70,11 @@ impl MemoryRegistry {
         (claims, self.next.lock().map(|n| *n).unwrap_or(0))
     }
 
+    /// The nodes that claim at least one client id.
+    pub fn owners(&self) -> std::collections::BTreeSet<NodeId> {
+        self.claims.lock().map(|c| c.values().map(|claim| claim.node).collect()).unwrap_or_default()
+    }
+
     /// Whether any client id is claimed by `node`.
     pub fn owns_any(&self, node: NodeId) -> bool {
         self.claims.lock().is_ok_and(|c| c.values().any(|claim| claim.node == node))

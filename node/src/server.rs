@@ -192,7 +192,7 @@ impl Server {
     /// Graceful shutdown: MQTT 5 clients get DISCONNECT 0x8B (waits up to `grace` for
     /// the connections to close, their last writes replicating through the cluster); a
     /// leader hands its leadership to a caught-up voter; then the cluster's peers are told
-    /// this node leaves (they drop its routes at once) and the group stops.
+    /// this node leaves (they drop its routes once it owns no session) and the group stops.
     pub async fn shutdown(&self, grace: Duration) {
         self.broker.shutdown(grace).await;
         if let Some(raft) = self.broker.raft() {

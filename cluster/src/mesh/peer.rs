@@ -424,7 +424,10 @@ impl Peer {
         let mut ready = shared.routes_ready.subscribe();
         if !*ready.borrow() {
             self.set_status(shared, PeerStatus::Up);
-            let _ = ready.wait_for(|r| *r).await;
+            tokio::select! {
+                _ = ready.wait_for(|r| *r) => {}
+                _ = shared.shutdown.cancelled() => return Ok(()),
+            }
         }
         let (routes_tx, routes_rx) = mpsc::channel::<pb::RouteUpdate>(16);
         let mut acks = client.routes(ReceiverStream::new(routes_rx)).await?.into_inner();

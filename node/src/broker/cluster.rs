@@ -129,9 +129,8 @@ impl Broker {
         let bound = Duration::from_millis(self.config.raft.write_timeout_ms + self.config.cluster.failure_timeout_ms);
         let deadline = tokio::time::Instant::now() + bound;
         loop {
-            let (claims, _) = store.data().registry.export();
-            let owners: std::collections::BTreeSet<NodeId> = claims.iter().map(|(_, c)| c.node).filter(|n| *n != self.node_id).collect();
-            let missing: Vec<NodeId> = owners.into_iter().filter(|n| !mesh.has_routes_of(*n)).collect();
+            let owners = store.data().registry.owners();
+            let missing: Vec<NodeId> = owners.into_iter().filter(|n| *n != self.node_id && !mesh.has_routes_of(*n)).collect();
             if missing.is_empty() {
                 return;
             }
