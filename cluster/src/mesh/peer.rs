@@ -512,9 +512,12 @@ impl Peer {
                     Ok(Some(ack)) => {
                         last_heard = Instant::now();
                         while unacked.front().is_some_and(|(seq, _)| *seq <= ack.seq) {
-                            if let Some((_, dones)) = unacked.pop_front() {
+                            if let Some((seq, dones)) = unacked.pop_front() {
+                                // A batch whose copies were not all stored there is no
+                                // delivery its publishers may be told of.
+                                let kept = !(ack.unstored && seq == ack.seq);
                                 for done in dones {
-                                    let _ = done.send(true);
+                                    let _ = done.send(kept);
                                 }
                             }
                         }

@@ -404,7 +404,7 @@ async fn acknowledge(
                 while let Ok(id) = settlements.try_recv() {
                     settled.push(id);
                 }
-                if tx.send(Ok(pb::ForwardAck { seq: last_seq, failed: 0, settled })).await.is_err() {
+                if tx.send(Ok(pb::ForwardAck { seq: last_seq, failed: 0, settled, unstored: false })).await.is_err() {
                     return;
                 }
                 continue;
@@ -412,6 +412,7 @@ async fn acknowledge(
         };
         let Acknowledge { seq, mut failed, mut settled, ids, delivered } = ack;
         let stored_ok = delivered.stored.await;
+        let unstored = !stored_ok;
         for (taken, id) in delivered.taken.into_iter().zip(ids) {
             if !(taken && stored_ok) {
                 failed += 1;
@@ -422,7 +423,7 @@ async fn acknowledge(
         }
         shared.undeliverable.fetch_add(u64::from(failed), Ordering::Relaxed);
         last_seq = seq;
-        if tx.send(Ok(pb::ForwardAck { seq, failed, settled })).await.is_err() {
+        if tx.send(Ok(pb::ForwardAck { seq, failed, settled, unstored })).await.is_err() {
             return;
         }
     }

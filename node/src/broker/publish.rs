@@ -89,6 +89,15 @@ impl Broker {
     /// anybody here took it; `stored` resolves once every append is stored (one wait for
     /// the whole batch: a commit covers many messages).
     pub fn deliver_forwarded(&self, batch: &[raftmq_cluster::mesh::Incoming]) -> raftmq_cluster::mesh::Delivered {
+        if self.shutdown.is_cancelled() {
+            // Stopping: its clients are leaving and its sessions are about to be taken over
+            // elsewhere, so nothing more is stored here for them. The batch fails: its
+            // publishers are refused and send again, to where the sessions went (a copy
+            // stored here now could miss the session handed over a moment later; the
+            // fault suite's rolling restart caught that).
+            let stored = Box::pin(async { false });
+            return raftmq_cluster::mesh::Delivered { taken: vec![false; batch.len()], stored };
+        }
         let mut durable = Durable::default();
         let mut taken = Vec::with_capacity(batch.len());
         for m in batch {

@@ -49,6 +49,8 @@ enum Fault {
     PauseLeader,
     /// F8: SIGKILL of every node at once, then all restarted with their data.
     KillAllThenRestart,
+    /// F18: every node in turn stopped with SIGTERM (a leader hands over) and restarted.
+    RollingRestart,
 }
 
 impl Fault {
@@ -60,6 +62,7 @@ impl Fault {
             Fault::KillPublishersNode => "F3 SIGKILL QoS 2 publisher's node",
             Fault::PauseLeader => "F7 SIGSTOP leader 3 s, SIGCONT",
             Fault::KillAllThenRestart => "F8 SIGKILL all, restart",
+            Fault::RollingRestart => "F18 rolling restart (SIGTERM)",
         }
     }
 
@@ -99,6 +102,17 @@ impl Fault {
                 tokio::time::sleep(Duration::from_secs(3)).await;
                 nodes[leader].signal("CONT")?;
                 healed("SIGCONT leader");
+                all
+            }
+            Fault::RollingRestart => {
+                record("rolling restart");
+                for i in all.iter().copied() {
+                    nodes[i].terminate().await?;
+                    nodes[i].restart()?;
+                    let everyone: Vec<&Node> = nodes.iter().collect();
+                    wait_ready(&everyone, nodes.len()).await?;
+                }
+                healed("every node restarted in turn");
                 all
             }
             Fault::KillAllThenRestart => {
@@ -274,6 +288,14 @@ async fn f3_sigkill_of_a_qos2_publishers_node_duplicates_nothing() -> anyhow::Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f7_a_paused_leader_acknowledges_nothing_it_loses() -> anyhow::Result<()> {
     holds(Fault::PauseLeader).await
+}
+
+/// Found by this suite and not fixed yet (docs/reliability.md, "Open"): about one run in
+/// three loses a message acknowledged while the subscriber's node was stopping.
+#[ignore = "open finding: a message forwarded to a stopping node can be lost (docs/reliability.md)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f18_a_rolling_restart_loses_no_acknowledged_message() -> anyhow::Result<()> {
+    holds(Fault::RollingRestart).await
 }
 
 /// Found by this suite and not fixed yet (docs/reliability.md, "Open"): after every node
