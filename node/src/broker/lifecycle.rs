@@ -114,11 +114,15 @@ impl Broker {
             } else if existed {
                 session_present = true;
             } else if let Some(state) = stored.take() {
+                // Restored before its subscriptions are indexed: a message routed to the
+                // slot in between would otherwise find no persistent session (dropped) or
+                // be overwritten by the restored queue (the fault suite caught both).
+                let subscriptions = state.subscriptions.clone();
+                slot.restore(state, !handed_over);
                 let mut last_change = None;
-                for (filter, opts) in &state.subscriptions {
+                for (filter, opts) in &subscriptions {
                     last_change = self.index_subscribe(&slot, filter, *opts).1.or(last_change);
                 }
-                slot.restore(state, !handed_over);
                 if let Some(seq) = last_change {
                     // The resumed subscriptions are routed everywhere before the CONNACK.
                     self.routes.settle(seq).await;
