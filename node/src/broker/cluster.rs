@@ -181,7 +181,7 @@ impl Broker {
     /// Another node's client connected with `request.client_id`: disconnects the
     /// connection here (MQTT 5: 0x8E) and, when the client resumes its session, gives the
     /// session up (returned, with its pending will) instead of ending it here.
-    pub async fn hand_over(&self, request: HandOverRequest) -> HandOver {
+    pub async fn hand_over(self: &Arc<Self>, request: HandOverRequest) -> HandOver {
         let Some(slot) = self.slot(&request.client_id) else { return HandOver::NotHere };
         let _guard = match slot.connect_lock.try_lock() {
             Ok(guard) => guard,
@@ -211,8 +211,21 @@ impl Broker {
             }
             return HandOver::Moved { session: None, epoch };
         }
-        let session = slot.snapshot();
-        self.forget_moved(&slot).await;
+        // The slot stays (its deliveries failing) until the new owner's claim is applied
+        // here: forgotten at once, its routes would go before the new owner's come, and a
+        // message published in between would be acknowledged for nobody (the fault
+        // suite's rolling restart caught that).
+        let session = slot.hand_off();
+        let broker = Arc::clone(self);
+        let client_id = request.client_id.clone();
+        let moved = Arc::clone(&slot);
+        self.tasks.spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(broker.config.mqtt.takeover_timeout_secs.max(1));
+            while broker.registry.current(&client_id).is_some_and(|c| c.epoch <= epoch) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            broker.forget_moved(&moved).await;
+        });
         HandOver::Moved { session: Some(Box::new(session)), epoch }
     }
 

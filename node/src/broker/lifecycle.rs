@@ -51,6 +51,12 @@ impl Broker {
             if slot.is_removed() {
                 continue;
             }
+            if slot.is_moved() {
+                // Handed to another node a moment ago: this CONNECT claims it back from
+                // there, not from the copy left here.
+                self.forget_moved(&slot).await;
+                continue;
+            }
             // A session, live or stored, is only for the identity that created it: checked
             // before anything is kicked, taken over or cleaned.
             let live_owner = slot.owner();

@@ -358,6 +358,8 @@ impl Broker {
 pub(crate) struct Durable {
     pending: Vec<Pending>,
     resync: Vec<Arc<SessionSlot>>,
+    /// A subscriber's session was handed to another node meanwhile: the publish fails.
+    moved: bool,
 }
 
 impl Durable {
@@ -366,12 +368,13 @@ impl Durable {
             Durability::Memory => {}
             Durability::Pending(p) => self.pending.push(p),
             Durability::Resync => self.resync.push(Arc::clone(slot)),
+            Durability::Moved => self.moved = true,
         }
     }
 
     /// Nothing to wait for.
     pub(crate) fn is_empty(&self) -> bool {
-        self.pending.is_empty() && self.resync.is_empty()
+        self.pending.is_empty() && self.resync.is_empty() && !self.moved
     }
 
     /// Waits for every write. An append the store fenced is a failure: the subscriber's
@@ -380,6 +383,9 @@ impl Durable {
     /// refused and sends again, and the new owner routes the copy. A session the store no
     /// longer has takes nothing and is no failure.
     pub(crate) async fn wait(self) -> Result<(), StoreError> {
+        if self.moved {
+            return Err(StoreError::Fenced);
+        }
         for p in self.pending {
             if let Err(raftmq_cluster::session_ops::OpError::Fenced { .. }) = p.wait().await? {
                 return Err(StoreError::Fenced);

@@ -119,6 +119,10 @@ struct SlotInner {
     will_armed: bool,
     /// The slot has been removed from the broker; nothing may be added any more.
     removed: bool,
+    /// The session was handed over to another node; until that node's claim is applied
+    /// here and the slot forgotten, a delivery offered to it fails (its publisher is
+    /// refused) rather than vanish with a copy the new owner never got.
+    moved: bool,
     /// Messages dropped because the queue was full or they could not be queued.
     dropped: u64,
     /// The queue went over half full while online: publishers feeding it wait on
@@ -287,6 +291,7 @@ impl SessionSlot {
             Durability::Memory => Ok(()),
             Durability::Pending(p) => p.wait().await.map(|_| ()),
             Durability::Resync => self.resync().await,
+            Durability::Moved => Err(StoreError::Fenced),
         }
     }
 
@@ -390,6 +395,19 @@ impl SessionSlot {
     /// The session as data, for the session store.
     pub fn snapshot(&self) -> SessionState {
         self.state_of(&self.lock())
+    }
+
+    /// The session, handed to another node: from now on deliveries to this slot fail
+    /// ([`Durability::Moved`]) until it is forgotten.
+    pub fn hand_off(&self) -> SessionState {
+        let mut inner = self.lock();
+        inner.moved = true;
+        self.state_of(&inner)
+    }
+
+    /// Whether the session was handed to another node ([`SessionSlot::hand_off`]).
+    pub fn is_moved(&self) -> bool {
+        self.lock().moved
     }
 
     fn state_of(&self, inner: &SlotInner) -> SessionState {

@@ -44,6 +44,8 @@ pub enum Durability {
     Pending(Pending),
     /// The session fell out of step with the store: [`SessionSlot::resync`] makes it durable.
     Resync,
+    /// The session was handed to another node: the delivery was not taken and must fail.
+    Moved,
 }
 
 /// What one pass of [`SessionSlot::pump`] found.
@@ -87,6 +89,9 @@ impl SessionSlot {
         let mut inner = self.lock();
         if inner.removed {
             return refused();
+        }
+        if inner.moved {
+            return Offered { offer: Offer::Dropped, lost: 0, congested: false, durability: Durability::Moved };
         }
         let online = inner.conn.is_some();
         if !online && (!inner.persistent || (item.qos == QoS::AtMostOnce && !queue_qos0)) {

@@ -290,9 +290,6 @@ async fn f7_a_paused_leader_acknowledges_nothing_it_loses() -> anyhow::Result<()
     holds(Fault::PauseLeader).await
 }
 
-/// Found by this suite and not fixed yet (docs/reliability.md, "Open"): about one run in
-/// three loses a message acknowledged while the subscriber's node was stopping.
-#[ignore = "open finding: a message forwarded to a stopping node can be lost (docs/reliability.md)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f18_a_rolling_restart_loses_no_acknowledged_message() -> anyhow::Result<()> {
     holds(Fault::RollingRestart).await
