@@ -106,15 +106,12 @@ async fn d04_a_stalled_subscriber_slows_neither_publishers_nor_round_trips() -> 
     let dropped = attacked.server.broker.stats.messages_dropped();
     println!("deliveries dropped for the stalled subscriber: {dropped}");
     assert!(dropped > 0, "the stalled subscriber's queue overflowed and drops were counted");
-    // A publisher held back by the stalled subscriber would run at a fraction of the rate;
-    // the two measures (paired rounds, medians) each wander by 10-20 % on a loaded 2-core
-    // machine (CI once saw 0.83 paired with equal medians), so one of them must hold.
-    assert!(
-        ratio >= 0.75 && (ratio >= 0.9 || hit_rate >= 0.9 * calm_rate),
-        "publisher rate {hit_rate:.0} vs {calm_rate:.0} msg/s (paired ratio {ratio:.3})"
-    );
-    // 10 %, with 50 microseconds for the timer's granularity at sub-millisecond medians.
-    assert!(hit_rtt <= calm_rtt.mul_f64(1.1) + Duration::from_micros(50), "round trip {hit_rtt:?} vs {calm_rtt:?}");
+    // A publisher held back by the stalled subscriber waits for it (the stall bound, or
+    // forever without the fix): its rate falls by orders of magnitude. The figures above
+    // are measurements (they wander by 10-30 % on a loaded 2-core machine; the benchmark
+    // in docs/benchmarks.md is where speed is compared), so the checks only catch that.
+    assert!(ratio >= 0.5 || hit_rate >= 0.5 * calm_rate, "publisher rate {hit_rate:.0} vs {calm_rate:.0} msg/s (paired ratio {ratio:.3})");
+    assert!(hit_rtt <= calm_rtt * 2 + Duration::from_millis(1), "round trip {hit_rtt:?} vs {calm_rtt:?}");
     drop(stalled.send_bytes(&[]).await);
     Ok(())
 }
