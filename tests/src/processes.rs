@@ -74,8 +74,22 @@ fn newest(path: &std::path::Path) -> Option<std::time::SystemTime> {
     std::fs::read_dir(path).ok()?.filter_map(|e| e.ok()).filter_map(|e| newest(&e.path())).max()
 }
 
-/// A loopback port free right now.
+/// A loopback port free right now, below Linux's ephemeral range (32768 and up): a port
+/// the system handed out for `bind(0)` can be taken by any outgoing connection before the
+/// process that is to listen on it binds it (CI once lost a node that way). Each test
+/// process walks its own stretch of 20000-32767, starting from its pid.
 pub fn free_port() -> anyhow::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_768;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(u32::MAX, (std::process::id().wrapping_mul(7_919)) % SPAN, Ordering::AcqRel, Ordering::Acquire);
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::AcqRel) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
