@@ -62,22 +62,29 @@ impl LeaderLink {
         LeaderLink { mesh, clients: Mutex::new(HashMap::new()), bound }
     }
 
-    /// Runs one call within the bound; a call that times out drops the cached channel.
-    async fn bounded<T>(&self, address: &str, call: impl std::future::Future<Output = Result<T, CallFailure>>) -> Result<T, CallFailure> {
-        match tokio::time::timeout(self.bound, call).await {
-            Ok(result) => result,
+    /// Makes one call to the node at `address` (dialled, or its cached channel) within the
+    /// bound; a call that times out or fails drops the cached channel.
+    async fn call<R, F, Fut>(&self, address: &str, call: F) -> Result<R, CallFailure>
+    where
+        F: FnOnce(LinkClient) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
+    {
+        let c = self.client(address).await?;
+        match tokio::time::timeout(self.bound, call(c)).await {
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+            Ok(Err(status)) => Err(self.failed(address, status)),
             Err(_) => {
-                if let Ok(mut clients) = self.clients.lock() {
-                    clients.remove(address);
-                }
+                self.forget(address);
                 Err(CallFailure::TimedOut(format!("{address}: no answer within {:?}", self.bound)))
             }
         }
     }
 
-    /// Where the mesh reaches node `id` now, if it is linked.
-    pub(crate) fn address_of(&self, id: NodeId) -> Option<String> {
-        self.mesh.as_ref()?.peers.get(&id).map(|p| p.address.clone())
+    /// Drops the cached channel to `address` (the next call dials again).
+    fn forget(&self, address: &str) {
+        if let Ok(mut clients) = self.clients.lock() {
+            clients.remove(address);
+        }
     }
 
     async fn client(&self, address: &str) -> Result<LinkClient, CallFailure> {
@@ -103,9 +110,7 @@ impl LeaderLink {
     /// reconnection that failed as UNAVAILABLE with the connector's message (its
     /// `ConnectError` is not kept as the source): then nothing was sent.
     fn failed(&self, address: &str, status: Status) -> CallFailure {
-        if let Ok(mut clients) = self.clients.lock() {
-            clients.remove(address);
-        }
+        self.forget(address);
         let message = format!("{address}: {}", status.message());
         if status.code() == tonic::Code::Unavailable && status.message().contains("connect error") {
             return CallFailure::Unreachable(message);
@@ -114,9 +119,7 @@ impl LeaderLink {
     }
 
     pub(crate) async fn propose(&self, address: &str, batch: bytes::Bytes) -> Result<Proposed, CallFailure> {
-        let mut c = self.client(address).await?;
-        let call = async { c.propose(pb::ProposeRequest { batch }).await.map_err(|s| self.failed(address, s)) };
-        let reply = self.bounded(address, call).await?.into_inner();
+        let reply = self.call(address, |mut c| async move { c.propose(pb::ProposeRequest { batch }).await }).await?;
         if reply.index == 0 {
             return Ok(Proposed::NotLeader);
         }
@@ -126,30 +129,29 @@ impl LeaderLink {
 
     /// The leader's read index, or the leader it knows of.
     pub(crate) async fn read_index(&self, address: &str) -> Result<Result<u64, Option<NodeId>>, CallFailure> {
-        let mut c = self.client(address).await?;
-        let call = async { c.read_index(pb::ReadIndexRequest {}).await.map_err(|s| self.failed(address, s)) };
-        let reply = self.bounded(address, call).await?.into_inner();
+        let reply = self.call(address, |mut c| async move { c.read_index(pb::ReadIndexRequest {}).await }).await?;
         Ok(if reply.ok { Ok(reply.index) } else { Err((reply.leader != 0).then_some(reply.leader)) })
     }
 
     pub(crate) async fn join(&self, address: &str, node: NodeId, own_address: &str) -> Result<pb::JoinReply, CallFailure> {
-        let mut c = self.client(address).await?;
         let request = pb::JoinRequest { node, address: own_address.to_owned() };
-        let call = async { c.join(request).await.map_err(|s| self.failed(address, s)) };
-        Ok(self.bounded(address, call).await?.into_inner())
+        self.call(address, |mut c| async move { c.join(request).await }).await
     }
 
     pub(crate) async fn remove(&self, address: &str, node: NodeId) -> Result<pb::RemoveReply, CallFailure> {
-        let mut c = self.client(address).await?;
-        let call = async { c.remove_node(pb::RemoveRequest { node }).await.map_err(|s| self.failed(address, s)) };
-        Ok(self.bounded(address, call).await?.into_inner())
+        self.call(address, |mut c| async move { c.remove_node(pb::RemoveRequest { node }).await }).await
     }
 
     /// Asks the node at `address` to stand for election (this node, the leader, stops).
     pub(crate) async fn campaign(&self, address: &str, last_index: u64) -> Result<bool, CallFailure> {
-        let mut c = self.client(address).await?;
-        let call = async { c.campaign(pb::CampaignRequest { last_index }).await.map_err(|s| self.failed(address, s)) };
-        Ok(self.bounded(address, call).await?.into_inner().started)
+        Ok(self.call(address, |mut c| async move { c.campaign(pb::CampaignRequest { last_index }).await }).await?.started)
+    }
+
+    /// Where node `id` is reached: by the mesh now, else at the address the group
+    /// recorded (which may be older).
+    pub(crate) fn member_address(&self, metrics: &openraft::RaftMetrics<NodeId, BasicNode>, id: NodeId) -> Option<String> {
+        let linked = self.mesh.as_ref().and_then(|m| m.peers.get(&id).map(|p| p.address.clone()));
+        linked.or_else(|| metrics.membership_config.membership().get_node(&id).map(|n| n.addr.clone()))
     }
 }
 

@@ -374,10 +374,7 @@ impl RaftStore {
                 return None;
             }
         };
-        let address = self.link.address_of(successor).or_else(|| {
-            let m = self.raft.metrics().borrow().clone();
-            m.membership_config.membership().get_node(&successor).map(|n| n.addr.clone())
-        })?;
+        let address = self.link.member_address(&self.raft.metrics().borrow(), successor)?;
         // Once stepped down this node must not stand again (it is going).
         self.raft.runtime_config().elect(false);
         match self.link.campaign(&address, last_index).await {
@@ -681,11 +678,8 @@ async fn leader(raft: &Raft<TypeConfig>, link: &LeaderLink, me: NodeId, deadline
             match m.current_leader {
                 Some(id) if id == me => return Ok(Leader::Me),
                 Some(id) => {
-                    if let Some(address) = link.address_of(id) {
+                    if let Some(address) = link.member_address(&m, id) {
                         return Ok(Leader::Other(address, m.current_term));
-                    }
-                    if let Some(node) = m.membership_config.membership().get_node(&id) {
-                        return Ok(Leader::Other(node.addr.clone(), m.current_term));
                     }
                 }
                 None => {}

@@ -215,18 +215,38 @@ impl Broker {
         // here: forgotten at once, its routes would go before the new owner's come, and a
         // message published in between would be acknowledged for nobody (the fault
         // suite's rolling restart caught that).
+        let claims = self.raft().map(|r| r.data().claims());
         let session = slot.hand_off();
         let broker = Arc::clone(self);
         let client_id = request.client_id.clone();
         let moved = Arc::clone(&slot);
         self.tasks.spawn(async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(broker.config.mqtt.takeover_timeout_secs.max(1));
-            while broker.registry.current(&client_id).is_some_and(|c| c.epoch <= epoch) && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Some(claims) = claims {
+                broker.claimed_above(&client_id, epoch, claims).await;
             }
             broker.forget_moved(&moved).await;
         });
         HandOver::Moved { session: Some(Box::new(session)), epoch }
+    }
+
+    /// Waits until a claim of `client_id` above `epoch` is applied here (or it is released),
+    /// bounded by the takeover timeout.
+    async fn claimed_above(
+        &self,
+        client_id: &str,
+        epoch: u64,
+        mut claims: tokio::sync::broadcast::Receiver<raftmq_cluster::raft::state_machine::ClaimApplied>,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(self.config.mqtt.takeover_timeout_secs.max(1));
+        loop {
+            if self.registry.current(client_id).is_none_or(|c| c.epoch > epoch) {
+                return;
+            }
+            match tokio::time::timeout_at(deadline, claims.recv()).await {
+                Ok(Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) | Err(_) => return,
+            }
+        }
     }
 
     /// Whether the cluster view is complete: every known peer up and its routes received,

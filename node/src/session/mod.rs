@@ -285,7 +285,8 @@ impl SessionSlot {
 
     /// Waits until a change whose [`Durability`] a method returned is stored. A change the
     /// store fenced (the session moved meanwhile) is no failure here: the new owner answers
-    /// for the session from then on.
+    /// for the session from then on. A delivery to a slot already handed over
+    /// ([`Durability::Moved`]) never reached the session: that is one.
     pub async fn stored(&self, durability: Durability) -> Result<(), StoreError> {
         match durability {
             Durability::Memory => Ok(()),

@@ -175,10 +175,11 @@ pub async fn subscriber(
             awaiting.clear();
         }
         let conn = client.conn().await?;
-        let packet = match conn.recv_within(Duration::from_millis(500)).await {
+        // Quiet for a while (nobody publishes): look at `stop` again. Reading is
+        // cancellation-safe (what arrived stays buffered).
+        let Ok(read) = tokio::time::timeout(Duration::from_millis(500), conn.recv_within(ANSWER)).await else { continue };
+        let packet = match read {
             Ok(Some(p)) => p,
-            // Quiet: a subscriber hears nothing while nobody publishes.
-            Err(e) if e.to_string().contains("timed out") => continue,
             _ => {
                 client.lost();
                 continue;
