@@ -102,7 +102,8 @@ pub fn spawn(
     extra: &[(String, String)],
 ) -> anyhow::Result<Arc<Mutex<Child>>> {
     let (mqtt, admin, cluster) = ports;
-    let child = Command::new(binary()?)
+    let logging = std::env::var_os("RAFTMQ_TEST_LOG").is_some();
+    let mut child = Command::new(binary()?)
         .args(["--node-name", name])
         .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
         .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
@@ -121,8 +122,18 @@ pub fn spawn(
         .env("RUST_LOG", std::env::var("RAFTMQ_TEST_LOG").unwrap_or_else(|_| "warn".into()))
         .envs(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::null())
-        .stderr(if std::env::var_os("RAFTMQ_TEST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
+        .stderr(if logging { Stdio::piped() } else { Stdio::null() })
         .spawn()?;
+    if let Some(stderr) = child.stderr.take() {
+        // Each line of the node's log, prefixed with its name (three nodes share the output).
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[{name}] {line}");
+            }
+        });
+    }
     let child = Arc::new(Mutex::new(child));
     let watched = Arc::downgrade(&child);
     std::thread::spawn(move || {

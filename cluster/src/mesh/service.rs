@@ -134,9 +134,13 @@ struct Service {
     shared: Arc<Shared>,
 }
 
+/// What a node whose Raft group is not open yet (it is starting) answers to Raft calls:
+/// nothing was done, so a caller may simply call again.
+pub(crate) const NO_GROUP: &str = "no raft group on this node yet";
+
 impl Service {
     fn raft(&self) -> Result<&openraft::Raft<crate::raft::TypeConfig>, Status> {
-        self.shared.raft.get().ok_or_else(|| Status::unavailable("no raft group on this node yet"))
+        self.shared.raft.get().ok_or_else(|| Status::unavailable(NO_GROUP))
     }
 
     async fn raft_rpc(&self, kind: Rpc, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {

@@ -108,11 +108,14 @@ impl LeaderLink {
     /// A failed call drops the cached channel (the next call dials again). A cached
     /// channel whose connection broke reconnects on the next call; tonic reports a
     /// reconnection that failed as UNAVAILABLE with the connector's message (its
-    /// `ConnectError` is not kept as the source): then nothing was sent.
+    /// `ConnectError` is not kept as the source): then nothing was sent. Neither was it to
+    /// a node still opening its group (a restarted leader answers so for a moment; taken
+    /// for a lost call, the batch waited out the whole write timeout in the F8 suite).
     fn failed(&self, address: &str, status: Status) -> CallFailure {
         self.forget(address);
         let message = format!("{address}: {}", status.message());
-        if status.code() == tonic::Code::Unavailable && status.message().contains("connect error") {
+        let unsent = status.message().contains("connect error") || status.message() == crate::mesh::service::NO_GROUP;
+        if status.code() == tonic::Code::Unavailable && unsent {
             return CallFailure::Unreachable(message);
         }
         CallFailure::Failed(message)

@@ -83,14 +83,30 @@ impl Broker {
     /// Brings back the persistent sessions the store holds for this node (in a cluster,
     /// the ones the registry says this node owns; the others belong to their nodes, or are
     /// adopted by the leader when their node is gone). A clustered node first reads what
-    /// the group committed (waiting, bounded, for a leader).
+    /// the group committed (waiting for a leader as long as it takes: until then the node
+    /// refuses clients).
     pub async fn recover_own_sessions(self: &Arc<Self>) {
         let Some(store) = self.raft.get() else {
             self.serving.store(true, Ordering::Release);
             return;
         };
-        if let Err(e) = store.read_index().await {
-            tracing::warn!(error = %e, "recovering sessions from a store that may be behind the cluster");
+        // Not before the local state machine holds everything the group committed: a node
+        // restarted with the others (F8) may hold sessions older than what was
+        // acknowledged, and serving them would roll them back. Without a quorum there is
+        // nothing to serve persistent sessions from anyway.
+        let mut attempts = 0u32;
+        while let Err(e) = store.read_index().await {
+            attempts += 1;
+            if attempts == 1 {
+                tracing::warn!(error = %e, "waiting for the cluster's commit before recovering sessions");
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+        if attempts > 0 {
+            tracing::info!(attempts, "caught up with the cluster's commit");
         }
         let clustered = store.clustered();
         let me = self.node_id;
@@ -99,9 +115,17 @@ impl Broker {
             .sessions
             .export()
             .into_iter()
-            .filter(|s| match store.data().registry.current(&s.client_id) {
-                Some(claim) => claim.node == me,
-                None => !clustered,
+            .filter_map(|mut s| match store.data().registry.current(&s.client_id) {
+                // Under the registry's epoch: a claim applied before the crash whose
+                // session claim was not would otherwise leave the slot writing under an
+                // epoch the store fences (every message for it refused until its client
+                // came back; the fault suite's F8 saw the stall).
+                Some(claim) if claim.node == me => {
+                    s.epoch = s.epoch.max(claim.epoch);
+                    Some(s)
+                }
+                Some(_) => None,
+                None => (!clustered).then_some(s),
             })
             .collect();
         let n = self.recover_sessions(sessions);

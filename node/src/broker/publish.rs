@@ -387,7 +387,8 @@ impl Durable {
             return Err(StoreError::Fenced);
         }
         for p in self.pending {
-            if let Err(raftmq_cluster::session_ops::OpError::Fenced { .. }) = p.wait().await? {
+            if let Err(raftmq_cluster::session_ops::OpError::Fenced { command, session }) = p.wait().await? {
+                tracing::debug!(command, session, "append fenced");
                 return Err(StoreError::Fenced);
             }
         }

@@ -301,10 +301,11 @@ pub(super) async fn handle_publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         return Ok(());
     };
     // Exactly once from here on, even before the PUBREC goes out [MQTT-4.3.3-10]; a
-    // persistent session's PUBREC waits until the id is recorded in the store.
-    let recorded = if kind == PubKind::PubRec { slot.inbound_received(p.packet_id) } else { Durability::Memory };
-    let ack = PendingAck { kind, packet_id: p.packet_id, qos: p.qos, matched: routed.matched, receipt, durable, recorded };
-    if ack.receipt.is_settled() && ack.durable.is_empty() && matches!(ack.recorded, Durability::Memory) && client.deferred.is_empty() {
+    // persistent session's PUBREC waits until the id is recorded in the store, which
+    // happens once the copies are stored (`finish_ack`).
+    let record = kind == PubKind::PubRec && slot.inbound_accepted(p.packet_id);
+    let ack = PendingAck { kind, packet_id: p.packet_id, qos: p.qos, matched: routed.matched, receipt, durable, record };
+    if ack.receipt.is_settled() && ack.durable.is_empty() && !ack.record && client.deferred.is_empty() {
         // Nothing to wait for (the common case): answered at once, with no await that
         // would grow every PUBLISH's future.
         let failed = ack.receipt.failed;
@@ -326,7 +327,7 @@ pub(super) async fn send_recorded_pubrels<S: AsyncRead + AsyncWrite + Unpin + Se
     framed: &mut Framed<S>,
 ) -> Result<(), ConnectionError> {
     for (packet_id, durability) in std::mem::take(&mut client.pending_rel) {
-        slot.stored(durability).await?;
+        slot.stored_here(durability).await?;
         framed.send(&Packet::PubResponse(PubResponse::new(PubKind::PubRel, packet_id, 0)));
     }
     Ok(())
@@ -344,8 +345,8 @@ pub(super) struct PendingAck {
     receipt: ForwardReceipt,
     /// The local persistent subscribers' appends on their way to the store.
     durable: crate::broker::Durable,
-    /// A QoS 2 packet id on its way to the store.
-    recorded: Durability,
+    /// A QoS 2 packet id to record in the store once the copies are stored.
+    record: bool,
 }
 
 /// Sends the acknowledgements waiting for other nodes, in the order the PUBLISHes came
@@ -372,8 +373,9 @@ async fn finish_ack<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let stored = std::mem::take(&mut ack.durable).wait().await;
     let failed = std::mem::take(&mut ack.receipt).wait().await;
     let mut confirmed = stored.and_then(|()| broker.confirmed(ack.qos, failed));
-    if confirmed.is_ok() {
-        confirmed = slot.stored(std::mem::replace(&mut ack.recorded, Durability::Memory)).await;
+    if confirmed.is_ok() && ack.record {
+        // Only now: the id says "delivered" once the copies are stored, never before.
+        confirmed = slot.stored(slot.inbound_record(ack.packet_id)).await;
     }
     answer(broker, slot, client, framed, &ack, confirmed)
 }

@@ -194,12 +194,34 @@ impl SessionSlot {
         (inner.awaiting_rel.contains_key(&packet_id), inner.awaiting_rel.len())
     }
 
-    /// An inbound QoS 2 PUBLISH was accepted: its id awaits PUBREL (exactly once). The
-    /// PUBREC waits for the returned durability: a node that dies after it leaves the id
-    /// recorded, so the PUBLISH re-sent to another node is not delivered twice.
+    /// An inbound QoS 2 PUBLISH that delivers nothing was accepted: its id awaits PUBREL
+    /// (exactly once), recorded in the store at once.
     pub fn inbound_received(&self, packet_id: u16) -> Durability {
+        self.inbound_accepted(packet_id);
+        self.inbound_record(packet_id)
+    }
+
+    /// An inbound QoS 2 PUBLISH was accepted: its id awaits PUBREL from now on, so a
+    /// resend to this node is acknowledged and never delivered again [MQTT-4.3.3-10].
+    /// Returns whether the id must also be recorded in the store
+    /// ([`SessionSlot::inbound_record`]) before the PUBREC goes out.
+    pub fn inbound_accepted(&self, packet_id: u16) -> bool {
         let mut inner = self.lock();
         inner.awaiting_rel.insert(packet_id, std::time::Instant::now());
+        Self::journaled(&inner)
+    }
+
+    /// Records an accepted inbound id in the store; the PUBREC waits for the returned
+    /// durability, so a PUBLISH re-sent to another node after this one died is not
+    /// delivered twice. Called only once the message's copies are stored: an id recorded
+    /// before them says "delivered" for a message that a crash of every node holding it
+    /// could still lose, and the re-sent PUBLISH would be acknowledged and dropped (the
+    /// fault suite's F8 caught that).
+    pub fn inbound_record(&self, packet_id: u16) -> Durability {
+        let mut inner = self.lock();
+        if !inner.awaiting_rel.contains_key(&packet_id) {
+            return Durability::Memory;
+        }
         self.log_pending(&mut inner, SessionOp::InboundReceived { packet_id })
     }
 

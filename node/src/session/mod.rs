@@ -296,6 +296,16 @@ impl SessionSlot {
         }
     }
 
+    /// Like [`SessionSlot::stored`], but a change the store fenced is an error: for a
+    /// PUBREL, whose stage the new owner does not have (it would send the PUBLISH again,
+    /// which the client, told to release the id, would take as new).
+    pub async fn stored_here(&self, durability: Durability) -> Result<(), StoreError> {
+        match durability {
+            Durability::Pending(p) => fenced_is_error(p.wait().await?),
+            other => self.stored(other).await,
+        }
+    }
+
     /// Sends the whole session to the store if operations were lost on the way, and waits
     /// until it is durable.
     pub async fn resync(&self) -> Result<(), StoreError> {

@@ -101,7 +101,7 @@ pub fn check(entries: &[Entry]) -> Report {
                 acked.insert((publisher.clone(), *id), *at);
             }
             Event::Refused { .. } => r.refused += 1,
-            Event::Received { subscriber, publisher, id, qos } => {
+            Event::Received { subscriber, publisher, id, qos, .. } => {
                 r.received += 1;
                 let key = (subscriber.clone(), publisher.clone(), *id);
                 if !sent.contains_key(&(publisher.clone(), *id)) {
@@ -189,7 +189,7 @@ mod tests {
     }
 
     fn got(s: &str, p: &str, id: u64, qos: u8) -> Event {
-        Event::Received { subscriber: s.into(), publisher: p.into(), id, qos }
+        Event::Received { subscriber: s.into(), publisher: p.into(), id, qos, packet_id: 1, dup: false }
     }
 
     fn ack(p: &str, id: u64) -> Event {

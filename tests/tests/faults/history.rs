@@ -17,8 +17,9 @@ pub enum Event {
     /// The broker refused it (a failure code): not owed to anyone.
     Refused { publisher: String, id: u64, code: u8 },
     /// A subscriber received a message: for QoS 2 only a new packet (not a resend of one
-    /// awaiting PUBREL), for QoS 1 every copy.
-    Received { subscriber: String, publisher: String, id: u64, qos: u8 },
+    /// awaiting PUBREL), for QoS 1 every copy; with its packet id and DUP flag (for the
+    /// reader of a failure).
+    Received { subscriber: String, publisher: String, id: u64, qos: u8, packet_id: u16, dup: bool },
     /// A client's connection was accepted on node `node`; `resumed` is Session Present.
     Connected { client: String, node: usize, resumed: bool },
     /// A client reconnected with Clean Start 0 and the broker had no session for it.

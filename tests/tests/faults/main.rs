@@ -222,8 +222,9 @@ async fn run(fault: Fault) -> anyhow::Result<Report> {
         workload::retained_on(i, addrs[i], retained_publishers, &history, Duration::from_secs(5)).await?;
     }
     let report = checker::check(&history.entries());
-    if let Some((subscriber, publisher, id)) = report.lost.first() {
-        // What the history says around the first lost message, for the failure's reader.
+    if let Some((subscriber, publisher, id)) = report.lost.first().or(report.duplicated.first()) {
+        // What the history says around the first lost (or else duplicated) message, for
+        // the failure's reader.
         for e in history.entries() {
             let relevant = match &e.event {
                 Event::Sent { publisher: p, id: n, .. } | Event::Acked { publisher: p, id: n } => p == publisher && n.abs_diff(*id) <= 1,
@@ -295,11 +296,7 @@ async fn f18_a_rolling_restart_loses_no_acknowledged_message() -> anyhow::Result
     holds(Fault::RollingRestart).await
 }
 
-/// Found by this suite and not fixed yet (docs/reliability.md, "Open"): after every node
-/// is killed at once and restarted, some persistent sessions come back older than what was
-/// acknowledged (lost and QoS 2 duplicated messages) or not at all. Run it with
-/// `cargo test -p raftmq-tests --test faults -- --ignored`.
-#[ignore = "open finding: a full-cluster crash can roll persistent sessions back (docs/reliability.md)"]
+/// F8 found four bugs (docs/reliability.md, fixes 3, 10-13); it passes since.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f8_sigkill_of_every_node_loses_no_acknowledged_message() -> anyhow::Result<()> {
     holds(Fault::KillAllThenRestart).await

@@ -190,12 +190,26 @@ pub async fn subscriber(
                 let Some((publisher, n)) = parse(&p.payload) else { continue };
                 match p.qos {
                     QoS::AtLeastOnce => {
-                        history.record(Event::Received { subscriber: id.clone(), publisher, id: n, qos: 1 });
+                        history.record(Event::Received {
+                            subscriber: id.clone(),
+                            publisher,
+                            id: n,
+                            qos: 1,
+                            packet_id: p.packet_id,
+                            dup: p.dup,
+                        });
                         Some(PubResponse::new(PubKind::PubAck, p.packet_id, 0))
                     }
                     QoS::ExactlyOnce => {
                         if awaiting.insert(p.packet_id) {
-                            history.record(Event::Received { subscriber: id.clone(), publisher, id: n, qos: 2 });
+                            history.record(Event::Received {
+                                subscriber: id.clone(),
+                                publisher,
+                                id: n,
+                                qos: 2,
+                                packet_id: p.packet_id,
+                                dup: p.dup,
+                            });
                         }
                         Some(PubResponse::new(PubKind::PubRec, p.packet_id, 0))
                     }
