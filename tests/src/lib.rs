@@ -3,6 +3,7 @@
 //!
 //! Every wait has a deadline; nothing sleeps and hopes.
 
+pub mod netns;
 pub mod pki;
 pub mod processes;
 

@@ -1,7 +1,8 @@
-//! Real `raftmq` processes on loopback, each with its own ports and data directory,
-//! started with a deadline and killed by pid: the cluster and fault suites' nodes.
+//! Real `raftmq` processes on loopback (or each in its own network namespace, see
+//! [`crate::netns`]), each with its own ports and data directory, started with a deadline
+//! and killed by pid: the cluster and fault suites' nodes.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -93,9 +94,27 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Where a node runs: an address of this machine, or its own network namespace with its
+/// address there.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// The address its listeners bind.
+    pub ip: IpAddr,
+    /// The namespace it runs in (`ip netns exec`), if not this one.
+    pub netns: Option<String>,
+}
+
+impl Host {
+    /// Loopback, in the test's own namespace.
+    pub fn loopback() -> Host {
+        Host { ip: IpAddr::V4(Ipv4Addr::LOCALHOST), netns: None }
+    }
+}
+
 /// Starts one process with a deadline: a watchdog kills it by pid if the test did not.
 pub fn spawn(
     name: &str,
+    host: &Host,
     ports: (u16, u16, u16),
     seeds: &str,
     dir: &std::path::Path,
@@ -103,11 +122,21 @@ pub fn spawn(
 ) -> anyhow::Result<Arc<Mutex<Child>>> {
     let (mqtt, admin, cluster) = ports;
     let logging = std::env::var_os("RAFTMQ_TEST_LOG").is_some();
-    let mut child = Command::new(binary()?)
+    let ip = host.ip;
+    // `ip netns exec` enters the namespace and execs the binary: the pid stays the node's.
+    let mut command = match &host.netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(binary()?);
+            c
+        }
+        None => Command::new(binary()?),
+    };
+    let mut child = command
         .args(["--node-name", name])
-        .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-        .args(["--cluster-listen", &format!("127.0.0.1:{cluster}")])
+        .args(["--mqtt-listen", &SocketAddr::new(ip, mqtt).to_string()])
+        .args(["--admin-listen", &SocketAddr::new(ip, admin).to_string()])
+        .args(["--cluster-listen", &SocketAddr::new(ip, cluster).to_string()])
         .args(["--seeds", seeds])
         .arg("--data-dir")
         .arg(dir)
@@ -156,6 +185,7 @@ pub struct Node {
     pub mqtt: SocketAddr,
     /// `http://host:port` of its admin listener.
     pub admin: String,
+    host: Host,
     ports: (u16, u16, u16),
     seeds: String,
     dir: tempfile::TempDir,
@@ -164,15 +194,16 @@ pub struct Node {
 }
 
 impl Node {
-    fn start(name: &str, ports: (u16, u16, u16), seeds: &str, extra: &[(String, String)]) -> anyhow::Result<Node> {
+    fn start(name: &str, host: &Host, ports: (u16, u16, u16), seeds: &str, extra: &[(String, String)]) -> anyhow::Result<Node> {
         let dir = tempfile::tempdir()?;
-        let child = spawn(name, ports, seeds, dir.path(), extra)?;
+        let child = spawn(name, host, ports, seeds, dir.path(), extra)?;
         let (mqtt, admin, _) = ports;
         Ok(Node {
             child,
             name: name.to_owned(),
-            mqtt: SocketAddr::from(([127, 0, 0, 1], mqtt)),
-            admin: format!("http://127.0.0.1:{admin}"),
+            mqtt: SocketAddr::new(host.ip, mqtt),
+            admin: format!("http://{}", SocketAddr::new(host.ip, admin)),
+            host: host.clone(),
             ports,
             seeds: seeds.to_owned(),
             dir,
@@ -183,7 +214,7 @@ impl Node {
     /// Starts the process again (same name, ports and data directory) after it was killed.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        self.child = spawn(&self.name, self.ports, &self.seeds, self.dir.path(), &self.extra)?;
+        self.child = spawn(&self.name, &self.host, self.ports, &self.seeds, self.dir.path(), &self.extra)?;
         Ok(())
     }
 
@@ -273,11 +304,21 @@ pub async fn start_three() -> anyhow::Result<Vec<Node>> {
 
 /// [`start_three`] with more variables for every node.
 pub async fn start_three_with(extra: &[(&str, &str)]) -> anyhow::Result<Vec<Node>> {
+    start_three_on(&[Host::loopback(), Host::loopback(), Host::loopback()], extra).await
+}
+
+/// [`start_three_with`], node `i` on `hosts[i]` (three namespaces of a
+/// [`crate::netns::Testnet`], say).
+pub async fn start_three_on(hosts: &[Host; 3], extra: &[(&str, &str)]) -> anyhow::Result<Vec<Node>> {
     let extra: Vec<(String, String)> = extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
     let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| Ok((free_port()?, free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
-    let seeds = ports.iter().map(|p| format!("127.0.0.1:{}", p.2)).collect::<Vec<_>>().join(",");
-    let nodes: Vec<Node> =
-        ports.iter().enumerate().map(|(i, p)| Node::start(&format!("n{}", i + 1), *p, &seeds, &extra)).collect::<anyhow::Result<_>>()?;
+    let seeds = ports.iter().zip(hosts).map(|(p, h)| SocketAddr::new(h.ip, p.2).to_string()).collect::<Vec<_>>().join(",");
+    let nodes: Vec<Node> = ports
+        .iter()
+        .zip(hosts)
+        .enumerate()
+        .map(|(i, (p, h))| Node::start(&format!("n{}", i + 1), h, *p, &seeds, &extra))
+        .collect::<anyhow::Result<_>>()?;
     wait_ready(&nodes.iter().collect::<Vec<_>>(), 3).await?;
     Ok(nodes)
 }

@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use raftmq_cluster::message::QoS;
-use raftmq_tests::processes::{start_three, wait_ready, Node};
+use raftmq_tests::netns::Testnet;
+use raftmq_tests::processes::{start_three, start_three_on, wait_ready, Host, Node};
 
 use checker::Report;
 use history::{Event, History};
@@ -51,7 +52,17 @@ enum Fault {
     KillAllThenRestart,
     /// F18: every node in turn stopped with SIGTERM (a leader hands over) and restarted.
     RollingRestart,
+    /// F4: the leader cut off from both other nodes (its clients still reach it), healed.
+    IsolateLeader,
+    /// F5: a 2-vs-1 split, the one a follower with a QoS 2 publisher on it, healed.
+    IsolateFollower,
+    /// F6: each node in turn cut off for a moment, several rounds.
+    FlappingPartitions,
 }
+
+/// How long a partition lasts: past the election timeout (0.5 s) and the failure timeout
+/// (1.5 s) the nodes are started with.
+const PARTITION: Duration = Duration::from_secs(3);
 
 impl Fault {
     fn name(self) -> &'static str {
@@ -63,11 +74,19 @@ impl Fault {
             Fault::PauseLeader => "F7 SIGSTOP leader 3 s, SIGCONT",
             Fault::KillAllThenRestart => "F8 SIGKILL all, restart",
             Fault::RollingRestart => "F18 rolling restart (SIGTERM)",
+            Fault::IsolateLeader => "F4 leader isolated 3 s",
+            Fault::IsolateFollower => "F5 2-vs-1 split 3 s",
+            Fault::FlappingPartitions => "F6 flapping partitions",
         }
     }
 
+    /// Whether the fault is made on a [`Testnet`] (between nodes) rather than with signals.
+    fn needs_network(self) -> bool {
+        matches!(self, Fault::IsolateLeader | Fault::IsolateFollower | Fault::FlappingPartitions)
+    }
+
     /// Applies the fault; returns the nodes still up when the workload ends.
-    async fn apply(self, nodes: &mut [Node], history: &History) -> anyhow::Result<Vec<usize>> {
+    async fn apply(self, nodes: &mut [Node], net: Option<&Testnet>, history: &History) -> anyhow::Result<Vec<usize>> {
         let all: Vec<usize> = (0..nodes.len()).collect();
         let record = |what: &str| history.record(Event::Fault { what: what.to_owned() });
         let healed = |what: &str| history.record(Event::Healed { what: what.to_owned() });
@@ -113,6 +132,35 @@ impl Fault {
                     wait_ready(&everyone, nodes.len()).await?;
                 }
                 healed("every node restarted in turn");
+                all
+            }
+            Fault::IsolateLeader | Fault::IsolateFollower => {
+                let net = net.ok_or_else(|| anyhow::anyhow!("a partition needs a test network"))?;
+                let node = match self {
+                    Fault::IsolateLeader => leader_of(nodes, &all).await?,
+                    _ => {
+                        let leader = leader_of(nodes, &all).await?;
+                        current_node(history, "p2").filter(|n| *n != leader).unwrap_or((leader + 1) % nodes.len())
+                    }
+                };
+                record("node isolated");
+                net.isolate(node)?;
+                tokio::time::sleep(PARTITION).await;
+                net.rejoin(node)?;
+                healed("partition healed");
+                all
+            }
+            Fault::FlappingPartitions => {
+                let net = net.ok_or_else(|| anyhow::anyhow!("a partition needs a test network"))?;
+                record("flapping partitions");
+                for round in 0..6 {
+                    let node = round % nodes.len();
+                    net.isolate(node)?;
+                    tokio::time::sleep(Duration::from_millis(700)).await;
+                    net.rejoin(node)?;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                healed("partitions healed");
                 all
             }
             Fault::KillAllThenRestart => {
@@ -164,8 +212,14 @@ async fn leader_of(nodes: &[Node], live: &[usize]) -> anyhow::Result<usize> {
 
 /// Runs the workload with `fault` injected after a quarter of the messages were
 /// acknowledged; checks the history and reports.
-async fn run(fault: Fault) -> anyhow::Result<Report> {
-    let mut nodes = start_three().await?;
+async fn run(fault: Fault, net: Option<&Testnet>) -> anyhow::Result<Report> {
+    let mut nodes = match net {
+        Some(net) => {
+            let host = |i: usize| Host { ip: net.ip(i), netns: Some(net.namespace(i)) };
+            start_three_on(&[host(0), host(1), host(2)], &[]).await?
+        }
+        None => start_three().await?,
+    };
     let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.mqtt).collect();
     let history = Arc::new(History::new());
     let deadline = Instant::now() + RUN_DEADLINE;
@@ -194,7 +248,7 @@ async fn run(fault: Fault) -> anyhow::Result<Report> {
         anyhow::ensure!(Instant::now() < deadline, "the workload never got going");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let live = fault.apply(&mut nodes, &history).await?;
+    let live = fault.apply(&mut nodes, net, &history).await?;
     for p in publishers {
         p.await??;
     }
@@ -255,7 +309,17 @@ async fn run(fault: Fault) -> anyhow::Result<Report> {
 /// (the open finding in docs/reliability.md; storing the id first instead loses the
 /// message when the node dies before delivering it, which this suite also caught).
 async fn holds(fault: Fault) -> anyhow::Result<()> {
-    let report = run(fault).await?;
+    let net = if fault.needs_network() {
+        if let Some(why) = raftmq_tests::netns::unavailable() {
+            println!("{}: skipped: {why}", fault.name());
+            return Ok(());
+        }
+        Some(Testnet::create(3)?)
+    } else {
+        None
+    };
+    let report = run(fault, net.as_ref()).await?;
+    drop(net);
     let mut violations = report.violations();
     if !matches!(fault, Fault::PauseLeader) && !report.duplicated.is_empty() {
         println!("open finding, not failed: QoS 2 duplicated {:?}", report.duplicated);
@@ -300,4 +364,19 @@ async fn f18_a_rolling_restart_loses_no_acknowledged_message() -> anyhow::Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f8_sigkill_of_every_node_loses_no_acknowledged_message() -> anyhow::Result<()> {
     holds(Fault::KillAllThenRestart).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f4_an_isolated_leader_acknowledges_nothing_it_cannot_commit() -> anyhow::Result<()> {
+    holds(Fault::IsolateLeader).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f5_a_minority_side_loses_nothing_acknowledged() -> anyhow::Result<()> {
+    holds(Fault::IsolateFollower).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f6_flapping_partitions_lose_nothing_and_the_cluster_recovers() -> anyhow::Result<()> {
+    holds(Fault::FlappingPartitions).await
 }

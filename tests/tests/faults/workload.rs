@@ -96,6 +96,9 @@ pub async fn publisher(
 ) -> anyhow::Result<()> {
     let mut client = Client::new(&id, &nodes, first, &history, deadline);
     let topic = format!("faults/{id}");
+    // Refusals in a row from the node connected to: a node cut off from the others refuses
+    // every write, and a client there backs off and, after a few, tries another node.
+    let mut refusals = 0;
     for n in 1..=count {
         let retain = n % 10 == 0;
         let packet_id = (n % 65_535 + 1) as u16;
@@ -121,8 +124,14 @@ pub async fn publisher(
                 Ok(r) if r.kind == PubKind::PubAck || (r.kind == PubKind::PubRec && !released) => {
                     if r.reason >= 0x80 {
                         history.record(Event::Refused { publisher: id.clone(), id: n, code: r.reason });
+                        refusals += 1;
+                        if refusals % 3 == 0 {
+                            client.lost();
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         break;
                     }
+                    refusals = 0;
                     history.record(Event::Acked { publisher: id.clone(), id: n });
                     if r.kind == PubKind::PubAck {
                         break;
