@@ -122,7 +122,17 @@ fn main() -> anyhow::Result<()> {
         let server = Server::start(config).await?;
         let _ = server.log_control.set(log_control);
         spawn_reload_on_sighup(&server)?;
-        wait_for_signal().await?;
+        tokio::select! {
+            signalled = wait_for_signal() => signalled?,
+            reason = server.failed() => {
+                // Fail-stop: a node that cannot store must not look alive to its peers
+                // and clients. A supervisor (systemd, Docker, Kubernetes) restarts it;
+                // it starts again once its data directory is writable.
+                tracing::error!(error = %reason, "the replicated store stopped; this node stops (restart it once its data directory is writable)");
+                server.shutdown_failed().await;
+                bail!("the replicated store stopped: {reason}");
+            }
+        }
         tracing::info!("shutting down");
         server.shutdown(Duration::from_secs(10)).await;
         Ok(())

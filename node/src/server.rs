@@ -206,6 +206,28 @@ impl Server {
         }
     }
 
+    /// Shutdown after the store failed (see [`Server::failed`]): clients are told to go
+    /// and the peers that this node leaves; there is no group left to hand over or stop.
+    /// Bounded: a node that cannot store must not linger.
+    pub async fn shutdown_failed(&self) {
+        let stop = async {
+            self.broker.shutdown(Duration::from_secs(2)).await;
+            if let Some(mesh) = self.broker.mesh() {
+                mesh.leave().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), stop).await;
+    }
+
+    /// Resolves (with the reason) if the replicated store stopped on an error it cannot
+    /// go on from: the process must then stop (see `RaftStore::failed`).
+    pub async fn failed(&self) -> String {
+        match self.broker.raft() {
+            Some(raft) => raft.failed().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// The bound cluster gRPC address, when the node is in a cluster.
     pub fn cluster_addr(&self) -> Option<SocketAddr> {
         self.broker.mesh().map(|m| m.local_addr)

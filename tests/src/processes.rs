@@ -111,15 +111,15 @@ impl Host {
     }
 }
 
-/// Starts one process with a deadline: a watchdog kills it by pid if the test did not.
-pub fn spawn(
+/// The command that starts a node (not started yet).
+pub fn command(
     name: &str,
     host: &Host,
     ports: (u16, u16, u16),
     seeds: &str,
     dir: &std::path::Path,
     extra: &[(String, String)],
-) -> anyhow::Result<Arc<Mutex<Child>>> {
+) -> anyhow::Result<Command> {
     let (mqtt, admin, cluster) = ports;
     let logging = std::env::var_os("RAFTMQ_TEST_LOG").is_some();
     let ip = host.ip;
@@ -132,7 +132,7 @@ pub fn spawn(
         }
         None => Command::new(binary()?),
     };
-    let mut child = command
+    command
         .args(["--node-name", name])
         .args(["--mqtt-listen", &SocketAddr::new(ip, mqtt).to_string()])
         .args(["--admin-listen", &SocketAddr::new(ip, admin).to_string()])
@@ -151,8 +151,20 @@ pub fn spawn(
         .env("RUST_LOG", std::env::var("RAFTMQ_TEST_LOG").unwrap_or_else(|_| "warn".into()))
         .envs(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::null())
-        .stderr(if logging { Stdio::piped() } else { Stdio::null() })
-        .spawn()?;
+        .stderr(if logging { Stdio::piped() } else { Stdio::null() });
+    Ok(command)
+}
+
+/// Starts one process with a deadline: a watchdog kills it by pid if the test did not.
+pub fn spawn(
+    name: &str,
+    host: &Host,
+    ports: (u16, u16, u16),
+    seeds: &str,
+    dir: &std::path::Path,
+    extra: &[(String, String)],
+) -> anyhow::Result<Arc<Mutex<Child>>> {
+    let mut child = command(name, host, ports, seeds, dir, extra)?.spawn()?;
     if let Some(stderr) = child.stderr.take() {
         // Each line of the node's log, prefixed with its name (three nodes share the output).
         let name = name.to_owned();
@@ -176,6 +188,67 @@ pub fn spawn(
     Ok(child)
 }
 
+/// A node's data directory: a temporary directory, or a size-limited tmpfs mounted on one
+/// (for full-disk and read-only faults; root only). Unmounted and removed when dropped.
+pub struct DataDir {
+    dir: tempfile::TempDir,
+    tmpfs: bool,
+}
+
+impl DataDir {
+    /// A temporary directory.
+    pub fn temporary() -> anyhow::Result<DataDir> {
+        Ok(DataDir { dir: tempfile::tempdir()?, tmpfs: false })
+    }
+
+    /// A tmpfs of `mib` MiB.
+    pub fn tmpfs(mib: u64) -> anyhow::Result<DataDir> {
+        let dir = tempfile::tempdir()?;
+        let status = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"]).arg(dir.path()).status()?;
+        anyhow::ensure!(status.success(), "mounting a tmpfs failed");
+        Ok(DataDir { dir, tmpfs: true })
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills the filesystem to its last byte; returns the filler file (remove it to free
+    /// the space).
+    pub fn fill(&self) -> anyhow::Result<PathBuf> {
+        use std::io::Write;
+        let filler = self.path().join("filler");
+        let mut f = std::fs::File::create(&filler)?;
+        let mut chunk = vec![0u8; 1 << 20];
+        while !chunk.is_empty() {
+            match f.write_all(&chunk) {
+                Ok(()) => {}
+                Err(_) => chunk.truncate(chunk.len() / 2),
+            }
+        }
+        let _ = f.sync_all();
+        Ok(filler)
+    }
+
+    /// Remounts the tmpfs read-only (`true`) or read-write.
+    pub fn set_read_only(&self, read_only: bool) -> anyhow::Result<()> {
+        anyhow::ensure!(self.tmpfs, "only a tmpfs can be remounted");
+        let mode = if read_only { "remount,ro" } else { "remount,rw" };
+        let status = Command::new("mount").args(["-o", mode]).arg(self.path()).status()?;
+        anyhow::ensure!(status.success(), "mount -o {mode} failed");
+        Ok(())
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        if self.tmpfs {
+            let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        }
+    }
+}
+
 /// One `raftmq` process.
 pub struct Node {
     child: Arc<Mutex<Child>>,
@@ -188,14 +261,20 @@ pub struct Node {
     host: Host,
     ports: (u16, u16, u16),
     seeds: String,
-    dir: tempfile::TempDir,
+    dir: DataDir,
     /// Variables this node is started with besides the common ones.
     extra: Vec<(String, String)>,
 }
 
 impl Node {
-    fn start(name: &str, host: &Host, ports: (u16, u16, u16), seeds: &str, extra: &[(String, String)]) -> anyhow::Result<Node> {
-        let dir = tempfile::tempdir()?;
+    fn start(
+        name: &str,
+        host: &Host,
+        dir: DataDir,
+        ports: (u16, u16, u16),
+        seeds: &str,
+        extra: &[(String, String)],
+    ) -> anyhow::Result<Node> {
         let child = spawn(name, host, ports, seeds, dir.path(), extra)?;
         let (mqtt, admin, _) = ports;
         Ok(Node {
@@ -216,6 +295,44 @@ impl Node {
         self.kill();
         self.child = spawn(&self.name, &self.host, self.ports, &self.seeds, self.dir.path(), &self.extra)?;
         Ok(())
+    }
+
+    /// Whether the process has exited (on its own: a node whose store failed stops).
+    pub fn exited(&self) -> bool {
+        self.child.lock().ok().is_some_and(|mut c| c.try_wait().is_ok_and(|s| s.is_some()))
+    }
+
+    /// Its data directory.
+    pub fn data_dir(&self) -> &DataDir {
+        &self.dir
+    }
+
+    /// Starts the process again in the foreground, for a start that must fail: waits
+    /// (bounded by `within`) until it exits; returns its status and what it printed.
+    pub fn start_expecting_exit(&mut self, within: Duration) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        use std::io::Read;
+        self.kill();
+        let mut command = command(&self.name, &self.host, self.ports, &self.seeds, self.dir.path(), &self.extra)?;
+        let mut child = command.env("RUST_LOG", "error").stderr(Stdio::piped()).spawn()?;
+        let mut stderr = child.stderr.take().ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+        let reader = std::thread::spawn(move || {
+            let mut out = String::new();
+            let _ = stderr.read_to_string(&mut out);
+            out
+        });
+        let since = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if since.elapsed() > within {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("{} was still running after {within:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok((status, reader.join().unwrap_or_default()))
     }
 
     /// Sends a signal by pid (`STOP`, `CONT`).
@@ -310,14 +427,20 @@ pub async fn start_three_with(extra: &[(&str, &str)]) -> anyhow::Result<Vec<Node
 /// [`start_three_with`], node `i` on `hosts[i]` (three namespaces of a
 /// [`crate::netns::Testnet`], say).
 pub async fn start_three_on(hosts: &[Host; 3], extra: &[(&str, &str)]) -> anyhow::Result<Vec<Node>> {
+    start_three_in(hosts, [DataDir::temporary()?, DataDir::temporary()?, DataDir::temporary()?], extra).await
+}
+
+/// [`start_three_on`], node `i` with data directory `dirs[i]`.
+pub async fn start_three_in(hosts: &[Host; 3], dirs: [DataDir; 3], extra: &[(&str, &str)]) -> anyhow::Result<Vec<Node>> {
     let extra: Vec<(String, String)> = extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
     let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| Ok((free_port()?, free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
     let seeds = ports.iter().zip(hosts).map(|(p, h)| SocketAddr::new(h.ip, p.2).to_string()).collect::<Vec<_>>().join(",");
     let nodes: Vec<Node> = ports
         .iter()
         .zip(hosts)
+        .zip(dirs)
         .enumerate()
-        .map(|(i, (p, h))| Node::start(&format!("n{}", i + 1), h, *p, &seeds, &extra))
+        .map(|(i, ((p, h), dir))| Node::start(&format!("n{}", i + 1), h, dir, *p, &seeds, &extra))
         .collect::<anyhow::Result<_>>()?;
     wait_ready(&nodes.iter().collect::<Vec<_>>(), 3).await?;
     Ok(nodes)

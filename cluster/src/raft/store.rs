@@ -447,6 +447,25 @@ impl RaftStore {
         }
     }
 
+    /// Resolves when the group stopped on its own, on an error it cannot go on from (the
+    /// disk full or read-only, a record that cannot be written): the node must stop too
+    /// (fail-stop, like etcd on a failed fsync), so that its peers treat it as gone
+    /// instead of as a member that answers but stores nothing. Pending forever while the
+    /// group runs or after an orderly [`RaftStore::shutdown`].
+    pub async fn failed(&self) -> String {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Err(fatal) = &metrics.borrow_and_update().running_state {
+                if !matches!(fatal, openraft::error::Fatal::Stopped) {
+                    return fatal.to_string();
+                }
+            }
+            if metrics.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// Stops the group (pending proposals fail) and closes the data directory.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {

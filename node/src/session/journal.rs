@@ -35,6 +35,28 @@ pub type Outcome = Result<Result<Applied, OpError>, StoreError>;
 struct Entry {
     cmd: Option<SessionCommand>,
     done: Option<oneshot::Sender<Outcome>>,
+    mark: Option<Mark>,
+}
+
+/// What a stored append tells its slot: every delivery up to `seq` is in the store (a
+/// slot's operations apply in order), so a QoS 2 one may go out (see
+/// `SessionSlot::stored_seq`).
+#[derive(Debug)]
+pub struct Mark {
+    /// The slot's highest stored sequence number.
+    pub stored: Arc<AtomicU64>,
+    /// This append's sequence number.
+    pub seq: u64,
+    /// The slot's connection, woken to send what waited.
+    pub wake: Arc<tokio::sync::Notify>,
+}
+
+impl Mark {
+    fn reached(&self) {
+        if self.stored.fetch_max(self.seq, Ordering::AcqRel) < self.seq {
+            self.wake.notify_one();
+        }
+    }
 }
 
 /// The sending side, shared by the broker and every slot.
@@ -70,7 +92,7 @@ impl Reserved<'_> {
         let permit = self.permits.next()?;
         self.unapplied.fetch_add(1, Ordering::AcqRel);
         let (done, rx) = oneshot::channel();
-        permit.send(Entry { cmd: Some(cmd), done: Some(done) });
+        permit.send(Entry { cmd: Some(cmd), done: Some(done), mark: None });
         Some(Pending(rx))
     }
 }
@@ -123,6 +145,9 @@ impl Journal {
                     if entry.cmd.is_some() {
                         applied_count.fetch_sub(1, Ordering::AcqRel);
                     }
+                    if let (Some(mark), Ok(Ok(_))) = (&entry.mark, &outcome) {
+                        mark.reached();
+                    }
                     if let Some(done) = entry.done {
                         let _ = done.send(outcome);
                     }
@@ -141,7 +166,7 @@ impl Journal {
     /// Queues an operation without waiting; false (and counted) if there was no room.
     pub fn try_submit(&self, cmd: SessionCommand) -> bool {
         self.unapplied.fetch_add(1, Ordering::AcqRel);
-        let sent = self.tx.try_send(Entry { cmd: Some(cmd), done: None }).is_ok();
+        let sent = self.tx.try_send(Entry { cmd: Some(cmd), done: None, mark: None }).is_ok();
         if !sent {
             self.unapplied.fetch_sub(1, Ordering::AcqRel);
             self.lost.fetch_add(1, Ordering::Relaxed);
@@ -151,10 +176,10 @@ impl Journal {
 
     /// Queues an operation whose outcome the caller will await, without waiting for room;
     /// `None` (and counted) if there was none.
-    pub fn try_submit_pending(&self, cmd: SessionCommand) -> Option<Pending> {
+    pub fn try_submit_pending(&self, cmd: SessionCommand, mark: Option<Mark>) -> Option<Pending> {
         let (done, rx) = oneshot::channel();
         self.unapplied.fetch_add(1, Ordering::AcqRel);
-        match self.tx.try_send(Entry { cmd: Some(cmd), done: Some(done) }) {
+        match self.tx.try_send(Entry { cmd: Some(cmd), done: Some(done), mark }) {
             Ok(()) => Some(Pending(rx)),
             Err(_) => {
                 self.unapplied.fetch_sub(1, Ordering::AcqRel);
@@ -189,7 +214,10 @@ impl Journal {
             return Ok(());
         }
         let (done, rx) = oneshot::channel();
-        self.tx.send(Entry { cmd: None, done: Some(done) }).await.map_err(|_| StoreError::Unavailable("session journal stopped".into()))?;
+        self.tx
+            .send(Entry { cmd: None, done: Some(done), mark: None })
+            .await
+            .map_err(|_| StoreError::Unavailable("session journal stopped".into()))?;
         Pending(rx).wait().await.map(|_| ())
     }
 

@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use raftmq_cluster::message::QoS;
 use raftmq_cluster::registry::Epoch;
 use raftmq_cluster::session::{QueuedMessage, SessionState, SubscriptionOptions, WillMessage};
 use raftmq_cluster::session_ops::{OpError, SessionCommand, SessionOp};
@@ -146,7 +147,14 @@ pub struct SessionSlot {
     /// Where a persistent session's changes go.
     journal: Arc<Journal>,
     /// Work for the owning connection task (a delivery or a kick).
-    pub wake: Notify,
+    pub wake: Arc<Notify>,
+    /// The highest sequence number of this slot's deliveries known to be in the store. A
+    /// QoS 2 delivery waits for it before it goes out: sent earlier, a crash of this node
+    /// could leave the client holding its packet id awaiting PUBREL while the session the
+    /// next node resumes from the store never had it, and reuses the id for another
+    /// message, which the client would then take for a resend and drop (the fault suite
+    /// caught that).
+    stored_seq: Arc<std::sync::atomic::AtomicU64>,
     /// The owning connection detached.
     pub released: Notify,
     /// A congested queue drained (or its client went away): throttled publishers go on.
@@ -224,7 +232,8 @@ impl SessionSlot {
             client_id,
             inner: Mutex::new(SlotInner::default()),
             journal,
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
+            stored_seq: Arc::default(),
             released: Notify::new(),
             drained: Notify::new(),
             connect_lock: tokio::sync::Mutex::new(()),
@@ -268,13 +277,20 @@ impl SessionSlot {
 
     /// Like [`Self::log`], for a change whose durability the caller waits for.
     fn log_pending(&self, inner: &mut SlotInner, op: SessionOp) -> Durability {
+        self.log_pending_marked(inner, op, None)
+    }
+
+    /// Like [`Self::log_pending`], for the append of delivery `seq`: once stored, the
+    /// slot's stored sequence number reaches it ([`SessionSlot::may_send`]).
+    fn log_pending_marked(&self, inner: &mut SlotInner, op: SessionOp, seq: Option<u64>) -> Durability {
         if !Self::journaled(inner) {
             return Durability::Memory;
         }
         if inner.out_of_step {
             return Durability::Resync;
         }
-        match self.journal.try_submit_pending(self.command(inner, op)) {
+        let mark = seq.map(|seq| crate::session::journal::Mark { stored: Arc::clone(&self.stored_seq), seq, wake: Arc::clone(&self.wake) });
+        match self.journal.try_submit_pending(self.command(inner, op), mark) {
             Some(pending) => Durability::Pending(pending),
             None => {
                 inner.out_of_step = true;
@@ -310,19 +326,39 @@ impl SessionSlot {
     /// until it is durable.
     pub async fn resync(&self) -> Result<(), StoreError> {
         let mut room = self.journal.reserve(1).await?;
-        let pending = {
+        let (pending, last_seq) = {
             let mut inner = self.lock();
             if !inner.out_of_step || !Self::journaled(&inner) {
                 return Ok(());
             }
             inner.out_of_step = false;
             let whole = SessionOp::Reset(Box::new(self.state_of(&inner)));
-            room.submit(self.command(&inner, whole))
+            (room.submit(self.command(&inner, whole)), inner.last_seq)
         };
         match pending {
-            Some(p) => fenced_is_error(p.wait().await?),
+            Some(p) => {
+                fenced_is_error(p.wait().await?)?;
+                self.stored_up_to(last_seq);
+                Ok(())
+            }
             None => Ok(()),
         }
+    }
+
+    /// Every delivery up to `seq` is in the store.
+    fn stored_up_to(&self, seq: u64) {
+        if self.stored_seq.fetch_max(seq, std::sync::atomic::Ordering::AcqRel) < seq {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Whether delivery `item` may go out now: anything but a QoS 2 delivery of a stored
+    /// session always; that once its append is stored (see `stored_seq`).
+    fn may_send(&self, inner: &SlotInner, item: &QueuedMessage) -> bool {
+        item.qos != QoS::ExactlyOnce
+            || item.seq == 0
+            || !Self::journaled(inner)
+            || item.seq <= self.stored_seq.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Applies a change and waits until its operation is durable: subscriptions, whose
@@ -457,6 +493,9 @@ impl SessionSlot {
         let now = std::time::Instant::now();
         inner.awaiting_rel = state.awaiting_rel.into_iter().map(|id| (id, now)).collect();
         inner.pending_will = state.will.map(Box::new);
+        if in_store {
+            self.stored_up_to(inner.last_seq);
+        }
     }
 
     /// Restores a session the store held when this node started (it was this node's):
@@ -477,6 +516,7 @@ impl SessionSlot {
     pub async fn attach(&self, a: Attach) -> Result<(), StoreError> {
         let persistent = a.expiry_secs > 0;
         let mut room = if persistent { Some(self.journal.reserve(2).await?) } else { None };
+        let last_seq;
         let pending = {
             let mut inner = self.lock();
             let known_to_store = inner.stored && inner.persistent;
@@ -494,6 +534,7 @@ impl SessionSlot {
             inner.pending_will = None;
             inner.will_armed = false;
             let mut pending = Vec::new();
+            last_seq = inner.last_seq;
             if let Some(room) = room.as_mut() {
                 inner.stored = true;
                 let claim = SessionOp::Claim { clean: a.clean, owner: username, expiry_secs: a.expiry_secs };
@@ -508,6 +549,9 @@ impl SessionSlot {
         for p in pending {
             fenced_is_error(p.wait().await?)?;
         }
+        // What the session held is in the store now (a session handed over from another
+        // node came with deliveries that node may not have stored).
+        self.stored_up_to(last_seq);
         Ok(())
     }
 

@@ -103,7 +103,8 @@ impl SessionSlot {
         if durable {
             inner.number(&mut item);
         }
-        let (seq, needs_ack) = (item.seq, item.qos != QoS::AtMostOnce);
+        let (seq, qos) = (item.seq, item.qos);
+        let needs_ack = qos != QoS::AtMostOnce;
         let was_empty = inner.queue.is_empty();
         let mut evicted: Vec<u64> = Vec::new();
         let SlotInner { queue, queue_bytes, dropped, .. } = &mut *inner;
@@ -121,9 +122,11 @@ impl SessionSlot {
         if durable && queued {
             let Some(item) = inner.queue.back().cloned() else { return refused() };
             let op = SessionOp::Append { item, limits };
-            // The publisher waits for QoS >= 1 only: QoS 0 is never promised.
+            // The publisher waits for QoS >= 1 only: QoS 0 is never promised. A QoS 2
+            // delivery goes out once stored (`may_send`).
             if needs_ack {
-                durability = self.log_pending(&mut inner, op);
+                let mark = (qos == QoS::ExactlyOnce).then_some(seq);
+                durability = self.log_pending_marked(&mut inner, op, mark);
             } else {
                 self.log(&mut inner, op);
             }
@@ -262,6 +265,10 @@ impl SessionSlot {
                     }
                 }
                 continue;
+            }
+            if !self.may_send(&inner, front) {
+                // Its append is on its way to the store: the mark wakes this connection.
+                break;
             }
             let weight = front.message.weight();
             if !self.send_one(&mut inner, &mut queue, &mut send) {

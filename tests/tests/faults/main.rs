@@ -11,6 +11,7 @@
 //! the fault table F1-F22 is in docs/reliability.md.
 
 mod checker;
+mod corrupt;
 mod history;
 mod workload;
 
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use raftmq_cluster::message::QoS;
 use raftmq_tests::netns::Testnet;
-use raftmq_tests::processes::{start_three, start_three_on, wait_ready, Host, Node};
+use raftmq_tests::processes::{start_three, start_three_in, start_three_on, wait_ready, DataDir, Host, Node};
 
 use checker::Report;
 use history::{Event, History};
@@ -58,11 +59,19 @@ enum Fault {
     IsolateFollower,
     /// F6: each node in turn cut off for a moment, several rounds.
     FlappingPartitions,
+    /// F19: the leader's disk full for a while (its data directory a tmpfs filled up).
+    LeaderDiskFull,
+    /// A follower restarted on a read-only data directory (its tmpfs remounted), then on
+    /// a writable one.
+    ReadOnlyDataDir,
 }
 
 /// How long a partition lasts: past the election timeout (0.5 s) and the failure timeout
 /// (1.5 s) the nodes are started with.
 const PARTITION: Duration = Duration::from_secs(3);
+
+/// Size of each node's tmpfs data directory in the disk faults.
+const TMPFS_MIB: u64 = 256;
 
 impl Fault {
     fn name(self) -> &'static str {
@@ -77,7 +86,14 @@ impl Fault {
             Fault::IsolateLeader => "F4 leader isolated 3 s",
             Fault::IsolateFollower => "F5 2-vs-1 split 3 s",
             Fault::FlappingPartitions => "F6 flapping partitions",
+            Fault::LeaderDiskFull => "F19 leader's disk full 3 s",
+            Fault::ReadOnlyDataDir => "follower restarted on a read-only data directory",
         }
+    }
+
+    /// Whether the nodes' data directories are size-limited filesystems.
+    fn needs_tmpfs(self) -> bool {
+        matches!(self, Fault::LeaderDiskFull | Fault::ReadOnlyDataDir)
     }
 
     /// Whether the fault is made on a [`Testnet`] (between nodes) rather than with signals.
@@ -163,6 +179,36 @@ impl Fault {
                 healed("partitions healed");
                 all
             }
+            Fault::LeaderDiskFull => {
+                let leader = leader_of(nodes, &all).await?;
+                record("leader's disk full");
+                let filler = nodes[leader].data_dir().fill()?;
+                // A node that cannot store stops; a supervisor restarts it once there is
+                // room again.
+                stops(&nodes[leader]).await?;
+                tokio::time::sleep(PARTITION).await;
+                std::fs::remove_file(filler)?;
+                restart_if_stopped(&mut nodes[leader], history)?;
+                healed("space freed");
+                all
+            }
+            Fault::ReadOnlyDataDir => {
+                // Linux refuses to make a filesystem read-only while files on it are open
+                // for writing, so the node meets it at a restart: it must refuse to start,
+                // saying why, and start once the directory is writable again.
+                let leader = leader_of(nodes, &all).await?;
+                let node = (leader + 1) % nodes.len();
+                record("follower killed, its data directory made read-only");
+                nodes[node].kill();
+                nodes[node].data_dir().set_read_only(true)?;
+                let (status, stderr) = nodes[node].start_expecting_exit(Duration::from_secs(10))?;
+                nodes[node].data_dir().set_read_only(false)?;
+                let dir = nodes[node].data_dir().path().display().to_string();
+                anyhow::ensure!(!status.success() && stderr.contains(&dir), "a read-only data directory: {status}, {stderr}");
+                nodes[node].restart()?;
+                healed("data directory writable, follower restarted");
+                all
+            }
             Fault::KillAllThenRestart => {
                 record("SIGKILL every node");
                 for n in nodes.iter() {
@@ -176,6 +222,26 @@ impl Fault {
             }
         })
     }
+}
+
+/// A node whose store cannot write stops (fail-stop): waits (bounded) for that.
+async fn stops(node: &Node) -> anyhow::Result<()> {
+    let since = Instant::now();
+    while !node.exited() {
+        anyhow::ensure!(since.elapsed() < Duration::from_secs(10), "{} went on without a writable store", node.name);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// What a supervisor does for a node that stopped because its store failed: starts it
+/// again (recorded in the history).
+fn restart_if_stopped(node: &mut Node, history: &History) -> anyhow::Result<()> {
+    if node.exited() {
+        history.record(Event::Healed { what: format!("{} had stopped; restarted", node.name) });
+        node.restart()?;
+    }
+    Ok(())
 }
 
 /// The node a client last connected to.
@@ -217,6 +283,10 @@ async fn run(fault: Fault, net: Option<&Testnet>) -> anyhow::Result<Report> {
         Some(net) => {
             let host = |i: usize| Host { ip: net.ip(i), netns: Some(net.namespace(i)) };
             start_three_on(&[host(0), host(1), host(2)], &[]).await?
+        }
+        None if fault.needs_tmpfs() => {
+            let dirs = [DataDir::tmpfs(TMPFS_MIB)?, DataDir::tmpfs(TMPFS_MIB)?, DataDir::tmpfs(TMPFS_MIB)?];
+            start_three_in(&[Host::loopback(), Host::loopback(), Host::loopback()], dirs, &[]).await?
         }
         None => start_three().await?,
     };
@@ -309,6 +379,12 @@ async fn run(fault: Fault, net: Option<&Testnet>) -> anyhow::Result<Report> {
 /// (the open finding in docs/reliability.md; storing the id first instead loses the
 /// message when the node dies before delivering it, which this suite also caught).
 async fn holds(fault: Fault) -> anyhow::Result<()> {
+    if fault.needs_tmpfs() {
+        if let Some(why) = raftmq_tests::netns::unavailable() {
+            println!("{}: skipped: mounting a tmpfs needs root ({why})", fault.name());
+            return Ok(());
+        }
+    }
     let net = if fault.needs_network() {
         if let Some(why) = raftmq_tests::netns::unavailable() {
             println!("{}: skipped: {why}", fault.name());
@@ -379,4 +455,14 @@ async fn f5_a_minority_side_loses_nothing_acknowledged() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f6_flapping_partitions_lose_nothing_and_the_cluster_recovers() -> anyhow::Result<()> {
     holds(Fault::FlappingPartitions).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f19_a_full_disk_on_the_leader_acknowledges_nothing_unstored() -> anyhow::Result<()> {
+    holds(Fault::LeaderDiskFull).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_data_directory_on_a_follower_loses_nothing() -> anyhow::Result<()> {
+    holds(Fault::ReadOnlyDataDir).await
 }
