@@ -4,7 +4,7 @@
 #
 #   bash tests/faults/run.sh            # the short version CI runs (100 messages per publisher)
 #   RAFTMQ_FAULTS_SCALE=10 bash tests/faults/run.sh   # the long version
-#   bash tests/faults/run.sh --ignored  # also the scenarios with open findings
+#   bash tests/faults/run.sh --ignored  # also any scenario marked ignored (none now)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 report="$(mktemp)"
