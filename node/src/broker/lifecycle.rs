@@ -108,6 +108,7 @@ impl Broker {
                 continue;
             }
             let mut session_present = false;
+            let mut from_store = false;
             let existed = slot.has_session();
             if clean_start {
                 if existed {
@@ -124,6 +125,11 @@ impl Broker {
                 // slot in between would otherwise find no persistent session (dropped) or
                 // be overwritten by the restored queue (the fault suite caught both).
                 let subscriptions = state.subscriptions.clone();
+                // Read from the store rather than handed over: the old owner (cut off, or
+                // busy) may still append until the claim below fences it, so the slot
+                // takes no delivery until it is read again after the claim.
+                from_store = !handed_over;
+                slot.set_claiming(from_store);
                 slot.restore(state, !handed_over);
                 let mut last_change = None;
                 for (filter, opts) in &subscriptions {
@@ -137,7 +143,24 @@ impl Broker {
             }
             // This node owns the client id from now on, under a new epoch: whatever an
             // earlier owner still has pending for it (expiry, a delayed will) is void.
-            let epoch = self.registry.claim(client_id, self.node_id, above).await?;
+            let claimed = self.registry.claim(client_id, self.node_id, above).await;
+            if from_store {
+                // Everything the old owner stored before the claim, nothing after it.
+                let fresh = match &claimed {
+                    Ok(_) => self.load_stored(client_id, true).await,
+                    Err(e) => Err(e.clone()),
+                };
+                match fresh {
+                    Ok(Some(state)) => slot.restore(state, true),
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.abandon(&slot);
+                        return Err(e.into());
+                    }
+                }
+                slot.set_claiming(false);
+            }
+            let epoch = claimed?;
             if clean_start && stored.is_some() && expiry_secs == 0 {
                 let remove = SessionCommand { client_id: client_id.to_owned(), epoch, op: SessionOp::Remove };
                 self.journal.write(vec![remove]).await?;
@@ -153,7 +176,11 @@ impl Broker {
     /// reads what the group committed (`linearizable`: a read index from the leader); a
     /// clean start, which only discards what it finds, reads what this node has learnt is
     /// committed (no round trip: a CONNECT storm must not cost one each).
-    async fn load_stored(&self, client_id: &str, linearizable: bool) -> Result<Option<raftmq_cluster::session::SessionState>, StoreError> {
+    pub(super) async fn load_stored(
+        &self,
+        client_id: &str,
+        linearizable: bool,
+    ) -> Result<Option<raftmq_cluster::session::SessionState>, StoreError> {
         self.journal.flush().await?;
         if linearizable {
             self.sync_with_cluster().await?;
@@ -161,6 +188,16 @@ impl Broker {
             self.catch_up_with_cluster().await;
         }
         self.store.load(client_id).await
+    }
+
+    /// Drops the local copy of a session restored for a takeover that did not complete
+    /// (its index entries and the slot); the store keeps the session for the next try.
+    pub(super) fn abandon(&self, slot: &Arc<SessionSlot>) {
+        let Discarded { filters, .. } = slot.discard();
+        for filter in filters {
+            self.index_unsubscribe(slot, &filter);
+        }
+        self.sessions.remove_if(&slot.client_id, |_, s| Arc::ptr_eq(s, slot));
     }
 
     /// Removes a slot made for a CONNECT that was refused before attaching, unless another
@@ -279,34 +316,46 @@ impl Broker {
     /// a held will run from the time the client went away (the start, when unknown: the
     /// connection was lost with the node). Returns how many came back.
     pub fn recover_sessions(self: &Arc<Self>, sessions: Vec<raftmq_cluster::session::SessionState>) -> usize {
-        let now = now_ms();
         let mut recovered = 0;
         for state in sessions {
-            let client_id: Arc<str> = Arc::from(state.client_id.as_str());
-            let gone_at = if state.disconnected_at_ms == 0 { now } else { state.disconnected_at_ms.min(now) };
-            let elapsed = Duration::from_millis(now - gone_at);
-            let expiry = Duration::from_secs(u64::from(state.expiry_secs));
-            let will_delay = state.will.as_ref().map(|w| Duration::from_secs(u64::from(w.delay_secs.min(state.expiry_secs))));
+            // A client that connected before this ran restored its session itself.
+            let Some(slot) = self.vacant_slot(&state.client_id) else { continue };
             let filters: Vec<(String, raftmq_cluster::session::SubscriptionOptions)> =
                 state.subscriptions.iter().map(|(f, o)| (f.clone(), *o)).collect();
-            // A client that connected before this ran restored its session itself.
-            let slot = match self.sessions.entry(Arc::clone(&client_id)) {
-                dashmap::mapref::entry::Entry::Occupied(_) => continue,
-                dashmap::mapref::entry::Entry::Vacant(v) => {
-                    Arc::clone(v.insert(Arc::new(SessionSlot::new(client_id, Arc::clone(&self.journal)))).value())
-                }
-            };
-            let generation = slot.recover(state);
+            self.recover_into(&slot, state);
             for (filter, options) in filters {
                 self.index_subscribe(&slot, &filter, options);
             }
-            if let Some(delay) = will_delay {
-                self.spawn_will_timer(Arc::clone(&slot), generation, delay.saturating_sub(elapsed));
-            }
-            self.spawn_expiry_timer(slot, generation, expiry.saturating_sub(elapsed));
             recovered += 1;
         }
         recovered
+    }
+
+    /// A new slot for `client_id`, unless one exists.
+    pub(super) fn vacant_slot(&self, client_id: &str) -> Option<Arc<SessionSlot>> {
+        let client_id: Arc<str> = Arc::from(client_id);
+        match self.sessions.entry(Arc::clone(&client_id)) {
+            dashmap::mapref::entry::Entry::Occupied(_) => None,
+            dashmap::mapref::entry::Entry::Vacant(v) => {
+                Some(Arc::clone(v.insert(Arc::new(SessionSlot::new(client_id, Arc::clone(&self.journal)))).value()))
+            }
+        }
+    }
+
+    /// Restores `state` into `slot`, detached, and starts its expiry and held-will timers
+    /// from the time the client went away (the start, when unknown). Subscriptions are
+    /// indexed by the caller.
+    pub(super) fn recover_into(self: &Arc<Self>, slot: &Arc<SessionSlot>, state: raftmq_cluster::session::SessionState) {
+        let now = now_ms();
+        let gone_at = if state.disconnected_at_ms == 0 { now } else { state.disconnected_at_ms.min(now) };
+        let elapsed = Duration::from_millis(now - gone_at);
+        let expiry = Duration::from_secs(u64::from(state.expiry_secs));
+        let will_delay = state.will.as_ref().map(|w| Duration::from_secs(u64::from(w.delay_secs.min(state.expiry_secs))));
+        let generation = slot.recover(state);
+        if let Some(delay) = will_delay {
+            self.spawn_will_timer(Arc::clone(slot), generation, delay.saturating_sub(elapsed));
+        }
+        self.spawn_expiry_timer(Arc::clone(slot), generation, expiry.saturating_sub(elapsed));
     }
 
     pub(super) fn spawn_will_timer(self: &Arc<Self>, slot: Arc<SessionSlot>, generation: u64, delay: Duration) {

@@ -124,6 +124,11 @@ struct SlotInner {
     /// here and the slot forgotten, a delivery offered to it fails (its publisher is
     /// refused) rather than vanish with a copy the new owner never got.
     moved: bool,
+    /// Restored from the store for a takeover whose claim is not applied yet: the old owner
+    /// may still append to the stored session until then, so the slot is read again after
+    /// the claim, and a delivery offered to it meanwhile fails (its publisher is refused
+    /// and sends again) instead of landing in a copy about to be replaced.
+    claiming: bool,
     /// Messages dropped because the queue was full or they could not be queued.
     dropped: u64,
     /// The queue went over half full while online: publishers feeding it wait on
@@ -450,6 +455,12 @@ impl SessionSlot {
         let mut inner = self.lock();
         inner.moved = true;
         self.state_of(&inner)
+    }
+
+    /// Marks the slot as restored for a takeover not claimed yet (see `claiming`), or no
+    /// longer.
+    pub fn set_claiming(&self, claiming: bool) {
+        self.lock().claiming = claiming;
     }
 
     /// Whether the session was handed to another node ([`SessionSlot::hand_off`]).

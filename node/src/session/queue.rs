@@ -90,7 +90,7 @@ impl SessionSlot {
         if inner.removed {
             return refused();
         }
-        if inner.moved {
+        if inner.moved || inner.claiming {
             return Offered { offer: Offer::Dropped, lost: 0, congested: false, durability: Durability::Moved };
         }
         let online = inner.conn.is_some();

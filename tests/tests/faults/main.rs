@@ -29,8 +29,9 @@ use history::{Event, History};
 
 /// Messages per publisher at scale 1.
 const PER_PUBLISHER: u64 = 100;
-/// No run outlives this.
+/// No run outlives this at scale 1; each further scale step adds [`RUN_DEADLINE_PER_SCALE`].
 const RUN_DEADLINE: Duration = Duration::from_secs(100);
+const RUN_DEADLINE_PER_SCALE: Duration = Duration::from_secs(20);
 
 fn scale() -> u64 {
     std::env::var("RAFTMQ_FAULTS_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1).max(1)
@@ -292,7 +293,7 @@ async fn run(fault: Fault, net: Option<&Testnet>) -> anyhow::Result<Report> {
     };
     let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.mqtt).collect();
     let history = Arc::new(History::new());
-    let deadline = Instant::now() + RUN_DEADLINE;
+    let deadline = Instant::now() + RUN_DEADLINE + RUN_DEADLINE_PER_SCALE * (scale() as u32 - 1);
     let stop = Arc::new(AtomicBool::new(false));
 
     let subscribers: Vec<_> = [("sub-a", 1), ("sub-b", 2)]
