@@ -96,7 +96,7 @@ async fn mqtt_3_3_1_9_every_retained_message_reaches_a_new_subscription_beyond_t
         sub.subscribe(1, "r/#", qos).await?;
         let mut seen = std::collections::HashSet::new();
         while seen.len() < 5000 {
-            let p = sub.recv_publish().await?;
+            let p = sub.recv_publish().await.map_err(|e| anyhow::anyhow!("{e} after {} at {qos:?}", seen.len()))?;
             assert!(p.retain);
             if p.qos == QoS::AtLeastOnce {
                 sub.send(&Packet::PubResponse(PubResponse::new(PubKind::PubAck, p.packet_id, 0))).await?;
