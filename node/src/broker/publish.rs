@@ -123,7 +123,7 @@ impl Broker {
         durable: &mut Durable,
     ) -> bool {
         match group {
-            None => self.route_with(message, &RemoteMatch::default(), &mut Vec::new(), durable).matched > 0,
+            None => self.route_plain(message, durable).matched > 0,
             Some(route) => {
                 let Some(group) = route.group else { return false };
                 let target = Arc::new(ShareTarget { group, filter: route.filter });
@@ -183,6 +183,16 @@ impl Broker {
     /// and groups matched, and names a subscriber whose queue is filling up, so a publishing
     /// client can be held back.
     fn route_with(&self, message: &Arc<Message>, remote: &RemoteMatch, targets: &mut Vec<ForwardTarget>, durable: &mut Durable) -> Routed {
+        let routed = self.route_plain(message, durable);
+        self.route_groups(message, remote, targets, durable, routed)
+    }
+
+    /// The non-shared part of [`Broker::route_with`]: every matching session on this node.
+    /// A copy another node forwarded for its plain subscribers gets only this: the
+    /// publishing node already gave it to one member of each shared group, cluster-wide
+    /// (delivered to this node's members too, a QoS 2 message reached two members; the
+    /// fault suite's shared group caught that).
+    fn route_plain(&self, message: &Arc<Message>, durable: &mut Durable) -> Routed {
         let deliveries = self.index.deliveries(message);
         let mut routed = Routed { matched: deliveries.len(), congested: None };
         let limits = self.queue_limits();
@@ -200,6 +210,19 @@ impl Broker {
             self.stats.drop(reason, lost);
             durable.add(&slot, durability);
         }
+        routed
+    }
+
+    /// The shared part of [`Broker::route_with`]: one member of each matching group, here
+    /// or on the node picked for it.
+    fn route_groups(
+        &self,
+        message: &Arc<Message>,
+        remote: &RemoteMatch,
+        targets: &mut Vec<ForwardTarget>,
+        durable: &mut Durable,
+        mut routed: Routed,
+    ) -> Routed {
         let local_groups = self.index.shared_matches(message);
         routed.matched += local_groups.len();
         for (target, members) in &local_groups {

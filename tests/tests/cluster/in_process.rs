@@ -131,6 +131,51 @@ async fn a_shared_group_balances_across_three_nodes() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Issue 12, item 5 (found by the fault suite): a group member on a node that also has a
+/// plain subscriber to the topic gets each message once. The copy forwarded there for the
+/// plain subscriber was given to that node's group members as well, beside the member the
+/// publishing node picked: with QoS 2, two members had the same message.
+#[tokio::test]
+async fn mqtt_4_8_2_a_shared_message_reaches_one_member_even_where_plain_subscribers_are() -> anyhow::Result<()> {
+    let nodes = start_cluster(3, |_| {}).await?;
+    let mut members = Vec::new();
+    for (n, node) in nodes.iter().enumerate().skip(1) {
+        let (mut m, _) = Raw::connect(node.addr, Protocol::V5, &format!("member{n}"), true).await?;
+        m.subscribe(1, "$share/g/mixed/#", QoS::AtMostOnce).await?;
+        members.push(m);
+    }
+    // A plain subscriber beside each member: every message is forwarded to both nodes.
+    let mut plain = Vec::new();
+    for (n, node) in nodes.iter().enumerate().skip(1) {
+        let (mut p, _) = Raw::connect(node.addr, Protocol::V5, &format!("plain{n}"), true).await?;
+        p.subscribe(1, "mixed/#", QoS::AtMostOnce).await?;
+        plain.push(p);
+    }
+    let (mut publ, _) = Raw::connect(nodes[0].addr, Protocol::V5, "mixer", true).await?;
+    const N: u16 = 40;
+    for i in 1..=N {
+        assert!(publ.publish("mixed/a", format!("{i}").as_bytes(), QoS::AtLeastOnce, false, i).await? < 0x80);
+    }
+    // Every plain subscriber has all of them: whatever the members were to get is there too.
+    for p in &mut plain {
+        for _ in 0..N {
+            p.recv_publish().await?;
+        }
+    }
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for m in &mut members {
+        // Whatever this member has (a short wait is no failure: it may have none).
+        while let Ok(Some(packet)) = m.recv_within(Duration::from_millis(200)).await {
+            let Packet::Publish(p) = packet else { anyhow::bail!("expected PUBLISH, got {packet:?}") };
+            *seen.entry(String::from_utf8_lossy(&p.payload).into_owned()).or_default() += 1;
+        }
+    }
+    assert_eq!(seen.len(), usize::from(N), "every message reached the group");
+    let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "messages two members got: {twice:?}");
+    Ok(())
+}
+
 /// Issue 12, item 2: a node that leaves (graceful shutdown) tells its peers, which drop
 /// its routes at once: a PUBLISH for its former subscribers matches nothing.
 #[tokio::test]

@@ -77,6 +77,16 @@ impl Report {
     }
 }
 
+/// The subscriber a receipt counts for: the members of the shared group count as one
+/// (each message is owed to one of them, and a QoS 2 message to exactly one).
+pub fn logical(subscriber: &str) -> &str {
+    if subscriber.starts_with(super::workload::GROUP_PREFIX) {
+        "$share/g"
+    } else {
+        subscriber
+    }
+}
+
 /// Checks `entries` (in the order they were recorded).
 pub fn check(entries: &[Entry]) -> Report {
     let mut r = Report::default();
@@ -90,7 +100,8 @@ pub fn check(entries: &[Entry]) -> Report {
     for Entry { at, event } in entries {
         match event {
             Event::Subscribed { subscriber } => {
-                subscribed_at.entry(subscriber.clone()).or_insert(*at);
+                // A group is owed messages from its first member's subscription on.
+                subscribed_at.entry(logical(subscriber).to_owned()).or_insert(*at);
             }
             Event::Sent { publisher, id, qos, retain } => {
                 r.sent += 1;
@@ -103,7 +114,8 @@ pub fn check(entries: &[Entry]) -> Report {
             Event::Refused { .. } => r.refused += 1,
             Event::Received { subscriber, publisher, id, qos, .. } => {
                 r.received += 1;
-                let key = (subscriber.clone(), publisher.clone(), *id);
+                let shared = logical(subscriber) != subscriber;
+                let key = (logical(subscriber).to_owned(), publisher.clone(), *id);
                 if !sent.contains_key(&(publisher.clone(), *id)) {
                     r.phantom.push(key.clone());
                 }
@@ -115,6 +127,10 @@ pub fn check(entries: &[Entry]) -> Report {
                     } else {
                         r.redelivered += 1;
                     }
+                    continue;
+                }
+                if shared {
+                    // MQTT promises no order across a group's members.
                     continue;
                 }
                 let last = newest.entry((subscriber.clone(), publisher.clone())).or_insert(0);
@@ -238,6 +254,28 @@ mod tests {
 
         let session = vec![at(1, Event::SessionLost { client: "s".into() })];
         assert_eq!(check(&session).violations().len(), 1);
+    }
+
+    /// A shared group counts as one subscriber: each message is owed to one member, a QoS 2
+    /// one to exactly one, and members may see a publisher's messages in any order.
+    #[test]
+    fn a_shared_group_is_owed_each_message_once() {
+        let joined = |m: &str| Event::Subscribed { subscriber: m.into() };
+        let split = vec![
+            at(0, joined("grp-1")),
+            at(0, joined("grp-2")),
+            at(1, sent("p", 1, 2)),
+            at(2, ack("p", 1)),
+            at(3, sent("p", 2, 2)),
+            at(4, ack("p", 2)),
+            at(5, got("grp-2", "p", 2, 2)),
+            at(6, got("grp-1", "p", 1, 2)),
+        ];
+        assert!(check(&split).violations().is_empty());
+        let neither = vec![at(0, joined("grp-1")), at(1, sent("p", 1, 1)), at(2, ack("p", 1))];
+        assert_eq!(check(&neither).lost, vec![("$share/g".into(), "p".into(), 1)]);
+        let both = vec![at(0, joined("grp-1")), at(1, sent("p", 1, 2)), at(2, got("grp-1", "p", 1, 2)), at(3, got("grp-2", "p", 1, 2))];
+        assert_eq!(check(&both).duplicated.len(), 1);
     }
 
     #[test]

@@ -296,14 +296,14 @@ async fn run(fault: Fault, net: Option<&Testnet>) -> anyhow::Result<Report> {
     let deadline = Instant::now() + RUN_DEADLINE + RUN_DEADLINE_PER_SCALE * (scale() as u32 - 1);
     let stop = Arc::new(AtomicBool::new(false));
 
-    let subscribers: Vec<_> = [("sub-a", 1), ("sub-b", 2)]
+    let subscribers: Vec<_> = [("sub-a", 1), ("sub-b", 2), ("grp-1", 0), ("grp-2", 2)]
         .into_iter()
         .map(|(id, first)| {
             tokio::spawn(workload::subscriber(id.to_owned(), addrs.clone(), first, Arc::clone(&history), Arc::clone(&stop), deadline))
         })
         .collect();
     let subscribed = Instant::now();
-    while history.entries().iter().filter(|e| matches!(e.event, Event::Subscribed { .. })).count() < 2 {
+    while history.entries().iter().filter(|e| matches!(e.event, Event::Subscribed { .. })).count() < subscribers.len() {
         anyhow::ensure!(subscribed.elapsed() < Duration::from_secs(15), "the subscribers never subscribed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -353,8 +353,12 @@ async fn run(fault: Fault, net: Option<&Testnet>) -> anyhow::Result<Report> {
         for e in history.entries() {
             let relevant = match &e.event {
                 Event::Sent { publisher: p, id: n, .. } | Event::Acked { publisher: p, id: n } => p == publisher && n.abs_diff(*id) <= 1,
-                Event::Received { subscriber: s, publisher: p, id: n, .. } => s == subscriber && p == publisher && n.abs_diff(*id) <= 1,
-                Event::Connected { client, .. } | Event::SessionLost { client } => client == subscriber || client == publisher,
+                Event::Received { subscriber: s, publisher: p, id: n, .. } => {
+                    checker::logical(s) == subscriber && p == publisher && n.abs_diff(*id) <= 1
+                }
+                Event::Connected { client, .. } | Event::SessionLost { client } => {
+                    checker::logical(client) == subscriber || client == publisher
+                }
                 Event::Fault { .. } | Event::Healed { .. } => true,
                 _ => false,
             };

@@ -22,6 +22,13 @@ const ANSWER: Duration = Duration::from_secs(4);
 /// The filter every subscriber holds.
 pub const FILTER: &str = "faults/#";
 
+/// The same messages for a shared group: each goes to one member ([`GROUP_PREFIX`]).
+pub const SHARED_FILTER: &str = "$share/g/faults/#";
+
+/// Subscribers whose name starts with this are the members of the one shared group; the
+/// checker counts the group as one subscriber.
+pub const GROUP_PREFIX: &str = "grp-";
+
 /// A client's connection, moved from node to node.
 struct Client {
     id: String,
@@ -158,7 +165,8 @@ async fn wait_for(conn: &mut Raw, packet_id: u16) -> anyhow::Result<PubResponse>
     }
 }
 
-/// A persistent subscriber to [`FILTER`]: records what it receives until `stop`.
+/// A persistent subscriber to [`FILTER`] (or, for a name starting with [`GROUP_PREFIX`], a
+/// member of the group on [`SHARED_FILTER`]): records what it receives until `stop`.
 pub async fn subscriber(
     id: String,
     nodes: Vec<SocketAddr>,
@@ -170,7 +178,8 @@ pub async fn subscriber(
     let mut client = Client::new(&id, &nodes, first, &history, deadline);
     loop {
         let conn = client.conn().await?;
-        if conn.subscribe(1, FILTER, QoS::ExactlyOnce).await.is_ok_and(|codes| codes == vec![2]) {
+        let filter = if id.starts_with(GROUP_PREFIX) { SHARED_FILTER } else { FILTER };
+        if conn.subscribe(1, filter, QoS::ExactlyOnce).await.is_ok_and(|codes| codes == vec![2]) {
             history.record(Event::Subscribed { subscriber: id.clone() });
             break;
         }
