@@ -89,7 +89,15 @@ async fn mqtt_3_3_1_9_every_retained_message_reaches_a_new_subscription_beyond_t
         raftmq_node::codec::encode(&Packet::Publish(p), Protocol::V311, &mut bytes);
     }
     publ.send_bytes(&bytes).await?;
-    publ.ping().await?;
+    // 5,000 retained writes go through the store first (one node's Raft group, on disk):
+    // in a debug build beside the rest of the suite that takes longer than one packet's
+    // usual deadline, so the PINGRESP that follows them gets a longer one (CI once timed
+    // out here).
+    publ.send(&raftmq_node::codec::Packet::PingReq).await?;
+    match publ.recv_within(std::time::Duration::from_secs(60)).await? {
+        Some(raftmq_node::codec::Packet::PingResp) => {}
+        other => anyhow::bail!("expected PINGRESP, got {other:?}"),
+    }
     assert!(b.server.broker.retained_count() >= 5000, "plus the retained $SYS topics");
     for qos in [QoS::AtLeastOnce, QoS::AtMostOnce] {
         let (mut sub, _) = Raw::connect(b.addr, Protocol::V5, "everything", true).await?;
