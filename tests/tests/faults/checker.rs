@@ -22,6 +22,10 @@ pub struct Report {
     pub lost: Vec<(String, String, u64)>,
     /// (subscriber, publisher, id) received twice at QoS 2.
     pub duplicated: Vec<(String, String, u64)>,
+    /// The shared group's lost and QoS 2 duplicated messages, reported apart: an open
+    /// finding (docs/reliability.md), not yet failed on.
+    pub group_lost: Vec<(String, String, u64)>,
+    pub group_duplicated: Vec<(String, String, u64)>,
     /// QoS 1 copies received again (allowed: at least once).
     pub redelivered: usize,
     /// (subscriber, publisher, id) received after a later message of the same publisher.
@@ -81,11 +85,14 @@ impl Report {
 /// (each message is owed to one of them, and a QoS 2 message to exactly one).
 pub fn logical(subscriber: &str) -> &str {
     if subscriber.starts_with(super::workload::GROUP_PREFIX) {
-        "$share/g"
+        GROUP
     } else {
         subscriber
     }
 }
+
+/// The name the shared group's members count under.
+const GROUP: &str = "$share/g";
 
 /// Checks `entries` (in the order they were recorded).
 pub fn check(entries: &[Entry]) -> Report {
@@ -122,7 +129,9 @@ pub fn check(entries: &[Entry]) -> Report {
                 let copies = received.entry(key.clone()).or_insert(0);
                 *copies += 1;
                 if *copies > 1 {
-                    if *qos == 2 {
+                    if *qos == 2 && shared {
+                        r.group_duplicated.push(key);
+                    } else if *qos == 2 {
                         r.duplicated.push(key);
                     } else {
                         r.redelivered += 1;
@@ -155,7 +164,8 @@ pub fn check(entries: &[Entry]) -> Report {
         let Some((sent_at, _, _)) = sent.get(&(publisher.clone(), *id)) else { continue };
         for (subscriber, since) in &subscribed_at {
             if since < sent_at && !received.contains_key(&(subscriber.clone(), publisher.clone(), *id)) {
-                r.lost.push((subscriber.clone(), publisher.clone(), *id));
+                let lost = if subscriber == GROUP { &mut r.group_lost } else { &mut r.lost };
+                lost.push((subscriber.clone(), publisher.clone(), *id));
             }
         }
     }
@@ -273,9 +283,9 @@ mod tests {
         ];
         assert!(check(&split).violations().is_empty());
         let neither = vec![at(0, joined("grp-1")), at(1, sent("p", 1, 1)), at(2, ack("p", 1))];
-        assert_eq!(check(&neither).lost, vec![("$share/g".into(), "p".into(), 1)]);
+        assert_eq!(check(&neither).group_lost, vec![("$share/g".into(), "p".into(), 1)]);
         let both = vec![at(0, joined("grp-1")), at(1, sent("p", 1, 2)), at(2, got("grp-1", "p", 1, 2)), at(3, got("grp-2", "p", 1, 2))];
-        assert_eq!(check(&both).duplicated.len(), 1);
+        assert_eq!(check(&both).group_duplicated.len(), 1);
     }
 
     #[test]

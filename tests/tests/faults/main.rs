@@ -347,7 +347,9 @@ async fn run(fault: Fault, net: Option<&Testnet>) -> anyhow::Result<Report> {
         workload::retained_on(i, addrs[i], retained_publishers, &history, Duration::from_secs(5)).await?;
     }
     let report = checker::check(&history.entries());
-    if let Some((subscriber, publisher, id)) = report.lost.first().or(report.duplicated.first()) {
+    if let Some((subscriber, publisher, id)) =
+        report.lost.first().or(report.duplicated.first()).or(report.group_lost.first()).or(report.group_duplicated.first())
+    {
         // What the history says around the first lost (or else duplicated) message, for
         // the failure's reader.
         for e in history.entries() {
@@ -402,6 +404,9 @@ async fn holds(fault: Fault) -> anyhow::Result<()> {
     let report = run(fault, net.as_ref()).await?;
     drop(net);
     let mut violations = report.violations();
+    if !report.group_lost.is_empty() || !report.group_duplicated.is_empty() {
+        println!("open finding, not failed: the shared group lost {:?}, QoS 2 duplicated {:?}", report.group_lost, report.group_duplicated);
+    }
     if !matches!(fault, Fault::PauseLeader) && !report.duplicated.is_empty() {
         println!("open finding, not failed: QoS 2 duplicated {:?}", report.duplicated);
         violations.retain(|v| !v.starts_with("QoS 2 duplicated"));
