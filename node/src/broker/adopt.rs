@@ -116,13 +116,7 @@ impl Broker {
         slot.set_claiming(true);
         let subscriptions = state.subscriptions.clone();
         slot.restore(state, true);
-        let mut last_change = None;
-        for (filter, options) in &subscriptions {
-            last_change = self.index_subscribe(&slot, filter, *options).1.or(last_change);
-        }
-        if let Some(seq) = last_change {
-            self.routes.settle(seq).await;
-        }
+        self.route_restored(&slot, &subscriptions).await;
         let fresh = match self.registry.claim(client_id, self.node_id, above).await {
             Ok(epoch) => self.load_stored(client_id, true).await.map(|s| s.map(|s| (s, epoch))),
             Err(e) => Err(e),

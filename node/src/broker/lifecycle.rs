@@ -131,14 +131,8 @@ impl Broker {
                 from_store = !handed_over;
                 slot.set_claiming(from_store);
                 slot.restore(state, !handed_over);
-                let mut last_change = None;
-                for (filter, opts) in &subscriptions {
-                    last_change = self.index_subscribe(&slot, filter, *opts).1.or(last_change);
-                }
-                if let Some(seq) = last_change {
-                    // The resumed subscriptions are routed everywhere before the CONNACK.
-                    self.routes.settle(seq).await;
-                }
+                // The resumed subscriptions are routed everywhere before the CONNACK.
+                self.route_restored(&slot, &subscriptions).await;
                 session_present = true;
             }
             // This node owns the client id from now on, under a new epoch: whatever an
@@ -188,6 +182,22 @@ impl Broker {
             self.catch_up_with_cluster().await;
         }
         self.store.load(client_id).await
+    }
+
+    /// Indexes the subscriptions of a session just restored into `slot` and waits until
+    /// every live peer routes them here.
+    pub(super) async fn route_restored(
+        &self,
+        slot: &Arc<SessionSlot>,
+        subscriptions: &std::collections::BTreeMap<String, raftmq_cluster::session::SubscriptionOptions>,
+    ) {
+        let mut last_change = None;
+        for (filter, options) in subscriptions {
+            last_change = self.index_subscribe(slot, filter, *options).1.or(last_change);
+        }
+        if let Some(seq) = last_change {
+            self.routes.settle(seq).await;
+        }
     }
 
     /// Drops the local copy of a session restored for a takeover that did not complete

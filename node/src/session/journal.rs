@@ -53,9 +53,15 @@ pub struct Mark {
 
 impl Mark {
     fn reached(&self) {
-        if self.stored.fetch_max(self.seq, Ordering::AcqRel) < self.seq {
-            self.wake.notify_one();
-        }
+        raise(&self.stored, self.seq, &self.wake);
+    }
+}
+
+/// Raises a slot's stored sequence number to `seq`, waking its connection if that let
+/// anything go out.
+pub(crate) fn raise(stored: &AtomicU64, seq: u64, wake: &tokio::sync::Notify) {
+    if stored.fetch_max(seq, Ordering::AcqRel) < seq {
+        wake.notify_one();
     }
 }
 

@@ -352,9 +352,7 @@ impl SessionSlot {
 
     /// Every delivery up to `seq` is in the store.
     fn stored_up_to(&self, seq: u64) {
-        if self.stored_seq.fetch_max(seq, std::sync::atomic::Ordering::AcqRel) < seq {
-            self.wake.notify_one();
-        }
+        journal::raise(&self.stored_seq, seq, &self.wake);
     }
 
     /// Whether delivery `item` may go out now: anything but a QoS 2 delivery of a stored
